@@ -1,0 +1,346 @@
+"""Typed run configuration: YAML file + dotted command-line overrides -> validated `Config`.
+
+Every section is a dataclass; unknown keys are rejected with the closest valid key suggested, values
+are checked against the field types, and cross-field constraints are checked in `Config.validate`.
+The resolved config is written into the run directory and into every checkpoint (`to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from recurdepth.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the looped model: embedding -> prelude -> core x r -> coda -> head."""
+
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention; None = num_heads
+    ffn_hidden_size: Optional[int] = None  # None = 4h (gelu) or 8h/3 rounded to 64 (swiglu)
+    prelude_layers: int = 1
+    core_layers: int = 2
+    coda_layers: int = 1
+    seq_length: int = 256
+    vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 128  # padded vocab is layout-independent (must divide by TP)
+    adapter: Literal["concat", "add", "gate"] = "concat"
+    block_norm: Literal["sandwich", "pre"] = "sandwich"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_eps: float = 1e-6
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    attention: Literal["sdpa", "megatron"] = "sdpa"  # core attention kernel
+    tie_embeddings: bool = True
+    embedding_scale: float = 1.0  # Huginn uses sqrt(hidden_size)
+    init_std: Optional[float] = None  # None = sqrt(2 / (5 h)) (small init, as Huginn)
+    depth_scaled_init: bool = True  # output projections / sqrt(2 * effective depth)
+    initial_state: Literal["trunc_normal", "zeros"] = "trunc_normal"
+    initial_state_std: Optional[float] = None  # None = init_std; the state is also scaled by embedding_scale
+    rotary_base: float = 10000.0
+
+
+@dataclass
+class RecurrenceConfig:
+    """How many times the core runs (sampled per optimizer step) and how far back gradients flow."""
+
+    sampler: Literal["lognormal_poisson", "fixed", "uniform", "curriculum"] = "lognormal_poisson"
+    mean: float = 4.0  # lognormal_poisson / curriculum: mean recurrence
+    sigma: float = 0.5  # lognormal_poisson / curriculum: log-normal spread
+    depth: int = 4  # fixed
+    low: int = 1  # uniform: inclusive bounds
+    high: int = 8
+    curriculum_start: float = 1.0  # curriculum: mean at step 0, ramped to `mean`
+    curriculum_steps: int = 0
+    curriculum_shape: Literal["linear", "sqrt"] = "linear"
+    max_depth: Optional[int] = None  # cap on sampled r; None = uncapped
+    backprop_depth: int = 4  # k: gradients flow through the last min(r, k) iterations
+    checkpoint_iterations: bool = False  # activation checkpointing of each grad iteration
+    eval_depth: Optional[int] = None  # r for validation; None = round(mean) or depth
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallel is what remains of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data: the bundled offline corpus, or megatron indexed datasets (`prefix` without .bin/.idx)."""
+
+    source: Literal["builtin", "indexed"] = "builtin"
+    builtin_corpus: Literal["stdlib-docs"] = "stdlib-docs"
+    builtin_max_mb: float = 4.0  # how much stdlib text to harvest for the builtin corpus
+    paths: list = field(default_factory=list)  # indexed dataset prefixes (source=indexed)
+    weights: list = field(default_factory=list)  # blend weights, one per path (empty = equal)
+    tokenizer: Literal["byte"] = "byte"
+    cache_dir: str = ".cache/recurdepth"
+    split: str = "98,2,0"  # train, validation, test documents per 100
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's (distributed) optimizer, with warmup then a decay schedule."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant", "wsd", "linear"] = "cosine"
+    decay_steps: Optional[int] = None  # None = train.steps
+    wsd_decay_steps: Optional[int] = None  # wsd: length of the final decay; None = 20% of decay_steps
+    distributed: bool = True  # shard optimizer state over data-parallel ranks
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    run_dir: str = "runs/default"
+    eval_interval: int = 0  # 0 = no periodic validation
+    eval_batches: int = 2
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron-core dist_checkpointing, written atomically (tmp dir, rename, then `latest`)."""
+
+    dir: Optional[str] = None  # None = <run_dir>/checkpoints
+    interval: int = 50  # steps between saves; 0 = only at the end
+    save_final: bool = True
+    resume: Literal["auto", "never", "required"] = "auto"  # auto = resume from latest if one exists
+    keep_last: int = 0  # 0 = keep all
+
+
+@dataclass
+class LoggingConfig:
+    """Progress line, metrics file and TensorBoard."""
+
+    log_interval: int = 10
+    tensorboard: bool = True
+    health_interval: int = 50  # recurrence-health metrics every N steps; 0 = never
+    peak_tflops: Optional[float] = None  # None = measured torch.mm peak on CPU, datasheet bf16 on GPU
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "recurrence": RecurrenceConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole run: one dataclass per section (see SECTIONS)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.run_dir) / "checkpoints"
+
+    def validate(self) -> "Config":
+        """Cross-field constraints that need no process group; layout checks against the world size
+        live in `recurdepth.distributed.check_layout`."""
+        m, r, t, p = self.model, self.recurrence, self.train, self.parallel
+        _require(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "use a positive size")
+        _require(m.core_layers >= 1, "model.core_layers", m.core_layers, "a looped model needs at least 1 core layer")
+        for name in ("prelude_layers", "coda_layers"):
+            _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "use 0 or more")
+        _require(m.num_heads >= 1 and m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+                 f"use a divisor of model.hidden_size={m.hidden_size}")
+        if m.num_query_groups is not None:
+            _require(m.num_query_groups >= 1 and m.num_heads % m.num_query_groups == 0, "model.num_query_groups",
+                     m.num_query_groups, f"use a divisor of model.num_heads={m.num_heads}")
+        _require(m.seq_length >= 2, "model.seq_length", m.seq_length, "use at least 2")
+        _require(r.backprop_depth >= 1, "recurrence.backprop_depth", r.backprop_depth,
+                 "k must be >= 1 (gradients flow through the last k iterations)")
+        _require(r.depth >= 1, "recurrence.depth", r.depth, "use r >= 1")
+        _require(r.mean >= 1, "recurrence.mean", r.mean, "the mean recurrence must be >= 1")
+        _require(r.sigma >= 0, "recurrence.sigma", r.sigma, "use sigma >= 0")
+        _require(1 <= r.low <= r.high, "recurrence.low", r.low, f"use 1 <= low <= high (high={r.high})")
+        if r.max_depth is not None:
+            _require(r.max_depth >= 1, "recurrence.max_depth", r.max_depth, "use a cap >= 1 or null")
+        for name in ("tensor", "pipeline", "expert"):
+            _require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "use a size >= 1")
+        _require(t.steps >= 1, "train.steps", t.steps, "use at least 1 step")
+        _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "use at least 1")
+        _require(t.global_batch_size >= t.micro_batch_size and t.global_batch_size % t.micro_batch_size == 0,
+                 "train.global_batch_size", t.global_batch_size,
+                 f"use a multiple of train.micro_batch_size={t.micro_batch_size}")
+        _require(self.optimizer.lr > 0, "optimizer.lr", self.optimizer.lr, "use a positive learning rate")
+        _require(0 <= self.optimizer.min_lr <= self.optimizer.lr, "optimizer.min_lr", self.optimizer.min_lr,
+                 f"use 0 <= min_lr <= lr={self.optimizer.lr}")
+        _require(self.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", self.optimizer.warmup_steps, "use >= 0")
+        _require(self.logging.log_interval >= 1, "logging.log_interval", self.logging.log_interval, "use >= 1")
+        _require(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "use >= 0")
+        d = self.data
+        if d.source == "indexed":
+            _require(len(d.paths) > 0, "data.paths", d.paths, "list at least one indexed dataset prefix")
+        if d.weights:
+            _require(len(d.weights) == len(d.paths), "data.weights", d.weights,
+                     f"give one weight per path ({len(d.paths)})")
+        return self
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; {fix}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply `section.key=value` overrides,
+    type-check and validate. Raises ConfigError with one line naming the problem and its fix."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must be a mapping of sections (model:, train:, ...)")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a validated Config from a nested dict (as stored in checkpoints)."""
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}{_suggest(name, SECTIONS)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        sections[name] = _build_section(name, SECTIONS[name], value)
+    return Config(**sections).validate()
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, names, prefix=section + '.')}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type hint; ints are accepted for floats. Returns the (converted) value."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
+                              f"{_suggest(str(value), [str(c) for c in choices])}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (str, int, float)):
+            return [value]
+    else:  # pragma: no cover - a field type this loader does not know
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=20)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. model.hidden_size=128)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    node = raw.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping")
+    node[name] = value
+
+
+def _suggest(word: str, options: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(options))}"

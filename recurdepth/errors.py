@@ -1,0 +1,17 @@
+"""Errors meant for people: one line naming the cause and the fix; the CLI turns them into exit status 2."""
+
+
+class RecurdepthError(Exception):
+    """Base class of every error the CLI reports as `error: <message>` with exit status 2."""
+
+
+class ConfigError(RecurdepthError):
+    """The configuration is invalid (unknown key, wrong type, impossible value or layout)."""
+
+
+class DataError(RecurdepthError):
+    """Input data is missing, empty or corrupt."""
+
+
+class CheckpointError(RecurdepthError):
+    """A checkpoint is missing, incomplete or does not match the configuration."""

@@ -1,0 +1,121 @@
+"""From a recurdepth `Config` to a megatron `TransformerConfig` and an initialised `LoopedGPTModel`.
+
+Initialisation is layout-independent: each parameter's *full* (unsharded) tensor is drawn from a
+generator seeded by (seed, parameter name) and the local shard is cut from it, so TP/PP/DP layouts
+start from identical weights and a checkpoint means the same thing under every layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from recurdepth.config import Config
+from recurdepth.model.layers import default_ffn_hidden_size
+from recurdepth.model.looped_gpt import LoopedGPTModel
+from recurdepth.seeding import derive_seed
+
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+_GLU_INPUT = "linear_fc1.weight"
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Vocabulary rounded up to `multiple` (independent of TP, so checkpoints reshard across TP sizes)."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def init_std(cfg: Config) -> float:
+    return cfg.model.init_std or (2.0 / (5.0 * cfg.model.hidden_size)) ** 0.5
+
+
+def effective_depth(cfg: Config) -> float:
+    """Layers a token passes through at the mean recurrence: P + R * mean(r) + C."""
+    m, r = cfg.model, cfg.recurrence
+    mean_r = r.depth if r.sampler == "fixed" else (r.low + r.high) / 2 if r.sampler == "uniform" else r.mean
+    return m.prelude_layers + m.core_layers * mean_r + m.coda_layers
+
+
+def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, on_cpu: bool = True) -> TransformerConfig:
+    """The megatron-core TransformerConfig for the blocks of the looped model."""
+    m, p = cfg.model, cfg.parallel
+    ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)
+    return TransformerConfig(
+        num_layers=m.prelude_layers + m.core_layers + m.coda_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn,
+        kv_channels=m.hidden_size // m.num_heads,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        expert_model_parallel_size=p.expert,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=False,  # `initialize_parameters` draws every weight itself
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        init_method=torch.nn.init.zeros_,
+        output_layer_init_method=torch.nn.init.zeros_,
+    )
+
+
+def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu", use_te: bool = False) -> LoopedGPTModel:
+    """Build and initialise the looped model for this rank (parallel_state must be initialised)."""
+    tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
+    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+                           seed=cfg.train.seed, use_te=use_te)
+    model.to(device)
+    initialize_parameters(model, cfg)
+    return model
+
+
+@torch.no_grad()
+def initialize_parameters(model: torch.nn.Module, cfg: Config) -> None:
+    """Draw every parameter from TruncNormal(0, std^2, +-3 std) seeded by (seed, name); norms = 1.
+
+    std = init_std (default sqrt(2/(5h)), Nguyen & Salazar small init as in Huginn); output projections of
+    attention and MLP use std / sqrt(2 * effective depth) when `depth_scaled_init` (Huginn's "scaled" init).
+    """
+    std = init_std(cfg)
+    out_std = std / math.sqrt(2 * effective_depth(cfg)) if cfg.model.depth_scaled_init else std
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        if param.dim() == 1:  # norm scales and biases
+            param.fill_(1.0 if "norm" in name else 0.0)
+            continue
+        sigma = out_std if name.endswith(_OUTPUT_PROJECTIONS) else std
+        full_shape = list(param.shape)
+        split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        dim = getattr(param, "partition_dim", 0)
+        if split:
+            full_shape[dim] *= tp_size
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, zlib.crc32(name.encode())))
+        full = torch.nn.init.trunc_normal_(torch.empty(full_shape, dtype=torch.float32), 0.0, sigma,
+                                           -3 * sigma, 3 * sigma, generator=gen)
+        if split:
+            if name.endswith(_GLU_INPUT) and cfg.model.activation == "swiglu":
+                # megatron keeps [gate_shard; up_shard] per TP rank of the global [gate; up]
+                full = torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
+            else:
+                full = full.chunk(tp_size, dim)[tp_rank]
+        param.copy_(full.to(param.dtype))

@@ -1,0 +1,82 @@
+"""How many core iterations a step runs, and through how many of them gradients flow.
+
+`DepthSampler.sample(step)` draws r for an optimizer step from a generator seeded by (seed, step) only,
+so every rank draws the same r without communication and a resumed run draws the same sequence.
+`BackpropWindow(r, k)` is the truncated-backprop split: the first max(r-k, 0) iterations run without
+grad, the last min(r, k) with grad (Huginn, arXiv 2502.05171, sec. 3.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from recurdepth.config import RecurrenceConfig
+
+_STREAM = 0x5EED_DE9  # separates the depth stream from any other stream derived from the same seed
+
+
+@dataclass(frozen=True)
+class BackpropWindow:
+    """r iterations in total, gradients through the last `with_grad` of them."""
+
+    total: int
+    with_grad: int
+
+    @classmethod
+    def of(cls, r: int, k: int) -> "BackpropWindow":
+        return cls(total=r, with_grad=min(r, k))
+
+    @property
+    def no_grad(self) -> int:
+        return self.total - self.with_grad
+
+
+class DepthSampler:
+    """Samples the recurrence r per optimizer step; see `RecurrenceConfig.sampler`.
+
+    lognormal_poisson(mean, sigma): tau ~ N(log(mean) - sigma^2/2, sigma), r = Poisson(e^tau) + 1
+      (Huginn's sampler: E[e^tau] = mean). curriculum: the same with the mean ramped from
+      `curriculum_start` to `mean` over `curriculum_steps` (linear or sqrt). fixed: `depth`.
+      uniform: integers in [low, high].
+    """
+
+    def __init__(self, cfg: RecurrenceConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+
+    def mean_at(self, step: int) -> float:
+        c = self.cfg
+        if c.sampler != "curriculum" or c.curriculum_steps <= 0 or step >= c.curriculum_steps:
+            return c.mean
+        frac = step / c.curriculum_steps
+        if c.curriculum_shape == "sqrt":
+            frac = math.sqrt(frac)
+        return c.curriculum_start + (c.mean - c.curriculum_start) * frac
+
+    def sample(self, step: int) -> int:
+        c = self.cfg
+        if c.sampler == "fixed":
+            r = c.depth
+        else:
+            rng = np.random.default_rng([self.seed, step, _STREAM])
+            if c.sampler == "uniform":
+                r = int(rng.integers(c.low, c.high + 1))
+            else:
+                mean = self.mean_at(step)
+                tau = rng.normal(math.log(mean) - 0.5 * c.sigma**2, c.sigma)
+                r = int(rng.poisson(math.exp(tau))) + 1
+        if c.max_depth is not None:
+            r = min(r, c.max_depth)
+        return r
+
+    def window(self, step: int) -> BackpropWindow:
+        return BackpropWindow.of(self.sample(step), self.cfg.backprop_depth)
+
+    def eval_depth(self) -> int:
+        c = self.cfg
+        if c.eval_depth is not None:
+            return c.eval_depth
+        return c.depth if c.sampler == "fixed" else max(1, round(c.mean))

@@ -1,0 +1,140 @@
+"""Building blocks of the looped model, each built from megatron-core submodule specs.
+
+- `LoopedTransformerLayer`: one transformer block with a `sandwich` norm (Huginn, arXiv 2502.05171:
+  `x = n2(x + attn(n1(x))); x = n4(x + mlp(n3(x)))`) or the usual `pre` norm.
+- `SDPACoreAttention`: megatron's core-attention protocol on top of torch's fused
+  `scaled_dot_product_attention` (flash / memory-efficient kernels where available).
+- `InjectionAdapter`: combines the recurrent state with the prelude's output before every core pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention through `torch.nn.functional.scaled_dot_product_attention`.
+
+    Inputs `query [sq, b, np, hn]`, `key`/`value [sk, b, ng, hn]` (ng divides np: grouped-query attention);
+    returns `[sq, b, np * hn]`. `attention_mask` follows megatron's convention (True = masked out), or
+    None for plain causal attention.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, softmax_scale: Optional[float] = None, **_unused):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None, "SDPACoreAttention: unsupported input"
+        sq, b, nq, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if attention_mask is None else ~attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != nq,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+
+
+class LoopedTransformerLayer(MegatronModule):
+    """A transformer block `[s, b, h] -> [s, b, h]` whose attention, MLP and norms come from a megatron
+    `TransformerLayerSubmodules` spec; `block_norm` selects sandwich (Huginn) or pre-norm residuals."""
+
+    def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int,
+                 block_norm: str = "sandwich", post_norm=None, mlp_kwargs: Optional[dict] = None):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.sandwich = block_norm == "sandwich"
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        norm = submodules.input_layernorm
+        self.input_layernorm = build_module(norm, config=config, hidden_size=h, eps=eps)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number)
+        self.pre_mlp_layernorm = build_module(norm, config=config, hidden_size=h, eps=eps)
+        self.mlp = build_module(submodules.mlp, config=config, **(mlp_kwargs or {}))
+        if hasattr(self.mlp, "set_layer_number"):
+            self.mlp.set_layer_number(layer_number)
+        if self.sandwich:  # norms applied to the residual sums (a real norm even where the spec fuses n1/n3)
+            post_norm = post_norm or norm
+            self.post_attention_layernorm = build_module(post_norm, config=config, hidden_size=h, eps=eps)
+            self.post_mlp_layernorm = build_module(post_norm, config=config, hidden_size=h, eps=eps)
+
+    def forward(self, x: torch.Tensor, rotary_pos_emb: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn, attn_bias = self.self_attention(self.input_layernorm(x), attention_mask=attention_mask,
+                                              rotary_pos_emb=rotary_pos_emb)
+        x = x + (attn if attn_bias is None else attn + attn_bias)
+        if self.sandwich:
+            x = self.post_attention_layernorm(x)
+        mlp, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
+        x = x + (mlp if mlp_bias is None else mlp + mlp_bias)
+        if self.sandwich:
+            x = self.post_mlp_layernorm(x)
+        return x
+
+
+class InjectionAdapter(torch.nn.Module):
+    """Input injection `adapter(s, e) -> [s, b, h]` run before every core pass.
+
+    concat: `W [s; e]` (Huginn, W: 2h -> h);  add: `s + e`;  gate: `g * s + (1 - g) * e` with
+    `g = sigmoid(W [s; e])`.
+    """
+
+    def __init__(self, kind: str, hidden_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.kind = kind
+        if kind in ("concat", "gate"):
+            self.proj = torch.nn.Linear(2 * hidden_size, hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, state: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
+        if self.kind == "add":
+            return state + injected
+        mixed = self.proj(torch.cat([state, injected], dim=-1))
+        if self.kind == "concat":
+            return mixed
+        gate = torch.sigmoid(mixed)
+        return gate * state + (1.0 - gate) * injected
+
+
+def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
+    """4h for gelu; 8h/3 rounded up to a multiple of 64 for swiglu (same parameter count)."""
+    if activation == "gelu":
+        return 4 * hidden_size
+    return int(math.ceil(8 * hidden_size / 3 / 64) * 64)
+
+
+def layer_spec_submodules(use_te: bool, attention: str) -> tuple[TransformerLayerSubmodules, type]:
+    """The megatron-core layer spec the looped blocks are made of, and the norm class for sandwich norms:
+    TransformerEngine where importable and asked for (its n1/n3 are fused into the following linear), else
+    the local (pure torch) spec with the core attention swapped for SDPA when asked."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        return spec.submodules, TENorm
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub: TransformerLayerSubmodules = spec.submodules
+    if attention == "sdpa":
+        sub.self_attention.submodules.core_attention = SDPACoreAttention
+    return sub, sub.input_layernorm

@@ -1,0 +1,176 @@
+"""The recurrent-depth language model (Huginn-style, arXiv 2502.05171), as its equations read:
+
+    e   = prelude(embed(x) * embedding_scale)                 # P layers, run once
+    s_0 ~ TruncNormal(0, std^2) * embedding_scale  (or zeros)  # one draw per sample, seeded by its index
+    s_i = core(adapter(s_{i-1}, e))          for i = 1..r      # R layers, looped r times
+    p   = head(norm(coda(s_r)))                                # C layers, run once
+
+Truncated backprop (`BackpropWindow`): iterations 1..r-k run under `torch.no_grad()`, so memory does not
+grow with r; the last min(r, k) iterations carry gradients. Every core weight is used in each of those,
+so every parameter receives a gradient whenever k >= 1: no `find_unused_parameters` workaround.
+
+Tensors are `[seq, batch, hidden]` inside the model (megatron's layout); inputs and losses are `[batch, seq]`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
+
+from recurdepth.config import ModelConfig, RecurrenceConfig
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.seeding import derive_seed
+from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules
+
+_STATE_STREAM = 0x57A7E  # separates the initial-state stream from other per-sample streams
+
+
+class LoopedGPTModel(LanguageModule):
+    """Embedding -> prelude -> (adapter -> core) x r -> coda -> norm -> head, on megatron-core layers.
+
+    `forward(input_ids [b, s], labels [b, s] | None, window, sample_ids)` returns the per-token loss
+    `[b, s]` when labels are given, else logits `[b, s, vocab / tp]`.
+    """
+
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, recurrence_cfg: RecurrenceConfig,
+                 vocab_size: int, seed: int = 0, use_te: bool = False,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=config)
+        self.model_cfg = model_cfg
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = model_cfg.tie_embeddings
+        self.checkpoint_iterations = recurrence_cfg.checkpoint_iterations
+        h = config.hidden_size
+        submodules, norm = layer_spec_submodules(use_te, model_cfg.attention)
+
+        def stack(n: int, first: int) -> torch.nn.ModuleList:
+            return torch.nn.ModuleList(
+                LoopedTransformerLayer(config, submodules, layer_number=first + i + 1,
+                                       block_norm=model_cfg.block_norm, post_norm=norm)
+                for i in range(n))
+
+        P, R, C = model_cfg.prelude_layers, model_cfg.core_layers, model_cfg.coda_layers
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab_size, model_cfg.seq_length,
+                                                    position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent=1.0,
+                                              rotary_base=model_cfg.rotary_base, use_cpu_initialization=True)
+        self.prelude = stack(P, 0)
+        self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype)
+        self.core = stack(R, P)
+        self.coda = stack(C, P + R)
+        self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=config.layernorm_epsilon)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                h, vocab_size, config=config, init_method=config.init_method, bias=False,
+                gather_output=False, skip_bias_add=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
+        self.setup_embeddings_and_output_layer()
+        self.state_std = model_cfg.initial_state_std or model_cfg.init_std or (2.0 / (5.0 * h)) ** 0.5
+        self.last_health: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ the equations
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[b, s]` token ids -> `e = prelude(embed(x) * scale)` as `[s, b, h]`."""
+        e = self.embedding(input_ids=input_ids, position_ids=None)
+        if self.model_cfg.embedding_scale != 1.0:
+            e = e * self.model_cfg.embedding_scale
+        rope = self.rope(input_ids.shape[1])
+        for layer in self.prelude:
+            e = layer(e, rope)
+        return e
+
+    def initial_state(self, e: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """s_0 `[s, b, h]`: zeros, or a truncated normal (+-3 std) drawn per sample from a generator seeded by
+        (seed, sample index), so the draw does not depend on the batch layout, rank or resume point."""
+        if self.model_cfg.initial_state == "zeros":
+            return torch.zeros_like(e)
+        std, (s, b, h) = self.state_std, e.shape
+        if sample_ids is None:
+            state = torch.empty_like(e)
+            torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
+        else:
+            assert len(sample_ids) == b, f"need one sample id per batch row, got {len(sample_ids)} for {b}"
+            draws = []
+            for sid in sample_ids:
+                g = torch.Generator().manual_seed(derive_seed(self.seed, _STATE_STREAM, sid))
+                draws.append(torch.nn.init.trunc_normal_(torch.empty(s, h, dtype=e.dtype), 0.0, std,
+                                                         -3 * std, 3 * std, generator=g))
+            state = torch.stack(draws, dim=1).to(e.device, non_blocking=True)
+        return state * self.model_cfg.embedding_scale
+
+    def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        """One iteration `s_i = core(adapter(s_{i-1}, e))`."""
+        x = self.adapter(state, e)
+        for layer in self.core:
+            x = layer(x, rope)
+        return x
+
+    def recur(self, state: torch.Tensor, e: torch.Tensor, window: BackpropWindow,
+              collect_health: bool = False) -> torch.Tensor:
+        """Run the core `window.total` times: the first `window.no_grad` without autograd."""
+        rope = self.rope(e.shape[0])
+        with torch.no_grad():
+            for _ in range(window.no_grad):
+                state = self.core_step(state, e, rope)
+        previous = state
+        for _ in range(window.with_grad):
+            previous = state
+            if self.checkpoint_iterations and torch.is_grad_enabled():
+                state = checkpoint(self.core_step, state, e, rope, use_reentrant=False)
+            else:
+                state = self.core_step(state, e, rope)
+        if collect_health:
+            self.last_health = recurrence_health(previous.detach(), state.detach())
+        return state
+
+    def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`."""
+        rope = self.rope(state.shape[0])
+        x = state
+        for layer in self.coda:
+            x = layer(x, rope)
+        x = self.final_layernorm(x)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(x, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                window: BackpropWindow = BackpropWindow(4, 4), sample_ids: Optional[Sequence[int]] = None,
+                collect_health: bool = False) -> torch.Tensor:
+        e = self.embed(input_ids)
+        state = self.recur(self.initial_state(e, sample_ids), e, window, collect_health)
+        return self.head(state, labels)
+
+    # ------------------------------------------------------------------ helpers
+
+    def rope(self, seq_len: int) -> torch.Tensor:
+        return self.rotary_pos_emb(seq_len)
+
+
+@torch.no_grad()
+def recurrence_health(previous: torch.Tensor, final: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Convergence of the loop, from the last two states `[s, b, h]`:
+    rel_residual = ||s_r - s_{r-1}|| / ||s_r||; state_norm = mean per-token ||s_r||;
+    token_cosine = mean pairwise cosine similarity between the final-state tokens of a sequence."""
+    final32, previous32 = final.float(), previous.float()
+    rel = (final32 - previous32).norm() / final32.norm().clamp_min(1e-12)
+    norm = final32.norm(dim=-1).mean()
+    unit = torch.nn.functional.normalize(final32.transpose(0, 1), dim=-1)  # [b, s, h]
+    gram = unit @ unit.transpose(1, 2)  # [b, s, s]
+    s = gram.shape[-1]
+    off_diag = (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)) / max(s * (s - 1), 1)
+    return {"rel_residual": rel, "state_norm": norm, "token_cosine": off_diag.mean()}

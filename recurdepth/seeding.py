@@ -1,0 +1,9 @@
+"""Deterministic seeds derived from integers (seed, stream, index, ...), independent of rank and layout."""
+
+import numpy as np
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys by numpy's SeedSequence (stable across Python versions)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFF_FFFF_FFFF_FFFF for k in keys]).generate_state(1, np.uint64)[0]
+               & 0x7FFF_FFFF_FFFF_FFFF)
