@@ -1,0 +1,27 @@
+"""`recurdepth bench SUB`: measurements that print one table each (speed and memory targets live here,
+never in timed unit tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_parser(verbs) -> None:
+    bench = verbs.add_parser("bench", help="benchmarks: recurdepth bench memory CONFIG ...")
+    subs = bench.add_subparsers(dest="bench", required=True)
+    mem = subs.add_parser("memory", help="peak memory of one training step at several recurrences r (fixed k)")
+    mem.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/tiny.yaml)")
+    mem.add_argument("overrides", nargs="*", help="dotted overrides")
+    mem.add_argument("--depths", default="4,32", help="comma-separated r values (default 4,32)")
+    mem.add_argument("--k", type=int, default=4, help="backprop depth k (default 4)")
+    mem.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
+    mem.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    bench.set_defaults(func=None)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "memory":
+        from recurdepth.bench.memory import run_memory_bench
+
+        return run_memory_bench(args)
+    raise SystemExit(f"unknown bench {args.bench}")

@@ -1,0 +1,77 @@
+"""`recurdepth VERB ...`: train, bench. Errors meant for people print one `error: ...` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from recurdepth.errors import RecurdepthError
+
+USAGE_EXIT = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from recurdepth.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume == "never":
+        cfg.checkpoint.resume = "never"
+    from recurdepth.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.maybe_resume(args.resume if args.resume not in (None, "never", "latest") else None)
+    result = trainer.fit()
+    if trainer.is_logger:
+        where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
+        print(f"done: {result.final_step} steps in {cfg.train.run_dir}{where}", flush=True)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from recurdepth.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recurdepth", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train a looped model: recurdepth train CONFIG [section.key=value ...]")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 model.hidden_size=128")
+    train.add_argument("--resume", nargs="?", const="latest", default=None,
+                       help="resume from the latest checkpoint (default when one exists), a given checkpoint "
+                            "directory, or 'never' to start afresh")
+    train.set_defaults(func=_train)
+
+    from recurdepth.bench import add_bench_parser
+
+    add_bench_parser(verbs)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=r".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except RecurdepthError as exc:
+        if os.environ.get("RANK", "0") == "0" or not type(exc).__name__ == "ConfigError":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = USAGE_EXIT
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        from recurdepth.distributed import shutdown_distributed
+
+        try:
+            shutdown_distributed()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    sys.exit(code)

@@ -1,0 +1,204 @@
+"""Checkpoints through megatron-core dist_checkpointing, written atomically.
+
+Layout of `<checkpoint dir>`:
+    step_00000010/          one complete checkpoint (sharded model + optimizer, common state, rng/)
+    step_00000020.tmp/      a save in progress (never read; removed by the next save)
+    latest                  the name of the newest complete checkpoint, replaced atomically last
+
+A save writes into `<name>.tmp/`, renames it to `<name>/` once every rank has finished, and only then
+points `latest` at it, so a crash at any moment leaves the previous checkpoint intact and `latest` valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from recurdepth.errors import CheckpointError
+
+LATEST = "latest"
+# The distributed optimizer's canonical per-parameter layout: reloadable under any TP/PP/DP layout.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "recurdepth.json").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; "
+                              f"point it at a complete step_* directory or remove it to start afresh")
+    return path
+
+
+def _unwrap(model):
+    """The bare model under a DDP wrapper: checkpoint keys are the model's own parameter names."""
+    return getattr(model, "module", model)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core import tensor_parallel
+
+    state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
+                    keep_last: int = 0) -> Path:
+    """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    name = checkpoint_name(state.step)
+    tmp, final = root / (name + ".tmp"), root / name
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    sharded = {"model": _unwrap(model).sharded_state_dict()}
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+    sharded["config"] = config_dict
+    dist_checkpointing.save(sharded, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    torch.save({"world_size": world, "state": rng_state()}, tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "recurdepth.json").write_text(json.dumps(
+            {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": world,
+             "code_version": code_version()}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _atomic_write(root / LATEST, name + "\n")
+        if keep_last > 0:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict]:
+    """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (any DP size)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "recurdepth.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no recurdepth.json); "
+                              f"pick a complete step_* directory")
+    sharded = {"model": _unwrap(model).sharded_state_dict()}
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True, metadata=_OPTIM_METADATA)
+    sharded["scheduler"] = None
+    sharded["train_state"] = None
+    sharded["config"] = None
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # a truncated or foreign checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}; it may be truncated or from another "
+                              f"model shape") from exc
+    _unwrap(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if rng_file.is_file():
+        saved = torch.load(rng_file, weights_only=False)
+        if saved["world_size"] == world:  # RNG streams are per rank: only meaningful in the same layout
+            set_rng_state(saved["state"])
+    ts = loaded["train_state"]
+    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"])), loaded["config"]
+
+
+def saved_config(path: Path) -> dict:
+    """The resolved config stored in a checkpoint (read from its common state, without a model)."""
+    common = Path(path) / "common.pt"
+    if not common.is_file():
+        raise CheckpointError(f"{path} has no common.pt; it is not a recurdepth checkpoint")
+    return torch.load(common, weights_only=False)["config"]
+
+
+def code_version() -> str:
+    """recurdepth's version plus the git commit when running from a checkout."""
+    from recurdepth import __version__
+
+    head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref = (head.parent / ref[5:]).read_text().strip()
+        return f"{__version__}+g{ref[:10]}"
+    except OSError:
+        return __version__

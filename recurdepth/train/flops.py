@@ -1,0 +1,78 @@
+"""FLOPs of the looped model and the peak they are measured against (MFU / HFU).
+
+Per token and forward pass (matmuls only, 2 FLOPs per multiply-add; attention scores counted over the
+full s x s square, megatron's convention):
+    F_layer   = 2h(h + 2 d_kv) + 2h^2 + 4 s h + (6 h f  for swiglu | 4 h f for gelu)
+    F_core    = R F_layer + F_adapter          (F_adapter = 4h^2 for concat/gate, 0 for add)
+    F_prelude = P F_layer,  F_coda = C F_layer,  F_head = 2 h V
+A training step with r iterations, gradients through min(r, k) of them, costs per token
+    MFU FLOPs = 3 (F_prelude + F_coda + F_head) + (r + 2 min(r, k)) F_core
+(no-grad iterations are forward only; backward costs twice a forward). With per-iteration activation
+checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from recurdepth.config import Config
+from recurdepth.model.layers import default_ffn_hidden_size
+
+# Dense bf16 peak FLOP/s of common accelerators (datasheet, without sparsity).
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+@dataclass(frozen=True)
+class LoopedFlops:
+    prelude: float
+    core: float
+    coda: float
+    head: float
+
+    def per_token(self, r: int, k: int, recompute: bool = False) -> float:
+        grad = min(r, k)
+        core_passes = r + 2 * grad + (grad if recompute else 0)
+        return 3 * (self.prelude + self.coda + self.head) + core_passes * self.core
+
+
+def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
+    m = cfg.model
+    h, s = m.hidden_size, m.seq_length
+    kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
+    f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
+    mlp = 6 * h * f if m.activation == "swiglu" else 4 * h * f
+    layer = 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp
+    adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0
+    return LoopedFlops(prelude=m.prelude_layers * layer, core=m.core_layers * layer + adapter,
+                       coda=m.coda_layers * layer, head=2 * h * vocab_size)
+
+
+def measure_matmul_peak(n: int = 1024, seconds: float = 0.3, dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> float:
+    """Achieved FLOP/s of a large square `torch.mm` on this process's share of the machine."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b)
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        iters += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float:
+    """The denominator of MFU: configured, a datasheet bf16 figure on known GPUs, else measured."""
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return measure_matmul_peak(8192, dtype=torch.bfloat16, device=str(device))
+    return measure_matmul_peak()

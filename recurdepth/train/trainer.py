@@ -1,0 +1,207 @@
+"""The training loop: a short `Trainer.fit` that runs steps and hands metrics to callbacks.
+
+One optimizer step = sample r (same on every rank, from seed and step) -> forward/backward over this
+rank's micro-batches with the loss summed per token -> megatron `finalize_model_grads` (data-parallel
+reduction, scaled by the global token count so any layout gives the same update) -> optimizer step ->
+LR schedule step. Engine pieces (DDP, distributed optimizer, scheduler) are megatron-core's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from recurdepth.config import Config
+from recurdepth.data.pipeline import build_datasets, micro_batches
+from recurdepth.distributed import RankInfo, discover_ranks, init_distributed
+from recurdepth.errors import CheckpointError
+from recurdepth.model.build import build_model
+from recurdepth.model.depth import BackpropWindow, DepthSampler
+from recurdepth.train.callbacks import StepMetrics, default_callbacks
+from recurdepth.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from recurdepth.train.flops import looped_flops, peak_flops
+
+_SCHEDULE_NAMES = {"cosine": "cosine", "constant": "constant", "wsd": "WSD", "linear": "linear"}
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)
+    depths: list = field(default_factory=list)
+    final_step: int = 0
+    checkpoint: Optional[Path] = None
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_optimizer(cfg: Config, ddp_model, dtype: torch.dtype):
+    """megatron-core AdamW (distributed: state sharded over data-parallel ranks) + its LR/WD scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+        adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=o.distributed), [ddp_model])
+    decay = o.decay_steps or cfg.train.steps
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(decay, o.warmup_steps + 1), lr_decay_style=_SCHEDULE_NAMES[o.schedule],
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
+        wsd_decay_steps=o.wsd_decay_steps or max(1, decay // 5), lr_wsd_decay_style="linear")
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Owns the model, engine and data of one run; `fit()` trains to `train.steps`."""
+
+    def __init__(self, cfg: Config, info: Optional[RankInfo] = None, callbacks: Optional[list] = None):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        self.cfg = cfg
+        self.info = info or discover_ranks()
+        self.device = init_distributed(cfg, self.info)
+        self.dtype = resolve_dtype(cfg, self.device)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_logger = torch.distributed.get_rank() == 0
+        self.run_dir = Path(cfg.train.run_dir)
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+        t = cfg.train
+        valid_samples = t.eval_batches * t.global_batch_size * max(1, t.steps // max(t.eval_interval, 1) + 1)
+        self.data = build_datasets(cfg, t.steps * t.global_batch_size, valid_samples, self.is_logger)
+        model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
+        model.config.calculate_per_token_loss = True  # grads scaled by the global token count, not 1/dp
+        self.model = DistributedDataParallel(
+            config=model.config, module=model,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=t.overlap_grad_reduce,
+                use_distributed_optimizer=cfg.optimizer.distributed))
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.sampler = DepthSampler(cfg.recurrence, t.seed)
+        self.flops = looped_flops(cfg, model.vocab_size)
+        self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
+        self.state = TrainState()
+        self.callbacks = default_callbacks(self.run_dir, t.steps, cfg.logging.log_interval,
+                                           cfg.logging.tensorboard, self.is_logger, callbacks)
+
+    # ------------------------------------------------------------------ resume
+
+    def maybe_resume(self, path: Optional[str] = None) -> None:
+        """Resume from `path`, or from the latest checkpoint when checkpoint.resume allows it."""
+        mode = self.cfg.checkpoint.resume
+        target = Path(path) if path else (None if mode == "never" else latest_checkpoint(self.cfg.checkpoint_dir))
+        if target is None:
+            if mode == "required":
+                raise CheckpointError(f"checkpoint.resume=required but {self.cfg.checkpoint_dir} has no checkpoint; "
+                                      f"train without it or point checkpoint.dir at one")
+            return
+        self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler)
+        if self.is_logger:
+            print(f"resumed from {target} at step {self.state.step} "
+                  f"({self.state.consumed_samples} samples consumed)", flush=True)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.cfg.checkpoint_dir, self.state, self.model, self.optimizer, self.scheduler,
+                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        cfg, result = self.cfg, TrainResult()
+        last_saved = None
+        while self.state.step < cfg.train.steps:
+            metrics = self.train_step()
+            result.losses.append(metrics.loss)
+            result.depths.append(metrics.depth)
+            for cb in self.callbacks:
+                cb.on_step(metrics)
+            if cfg.train.eval_interval and self.state.step % cfg.train.eval_interval == 0:
+                values = self.evaluate()
+                for cb in self.callbacks:
+                    cb.on_eval(self.state.step, values)
+            if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
+                last_saved = self.save()
+        if cfg.checkpoint.save_final and (last_saved is None or self.state.step % max(cfg.checkpoint.interval, 1)):
+            last_saved = self.save()
+        for cb in self.callbacks:
+            cb.close()
+        result.final_step, result.checkpoint = self.state.step, last_saved
+        return result
+
+    def train_step(self) -> StepMetrics:
+        from megatron.core.distributed import finalize_model_grads
+
+        cfg, t = self.cfg, self.cfg.train
+        start = time.perf_counter()
+        window = self.sampler.window(self.state.step)
+        collect = bool(cfg.logging.health_interval) and (self.state.step + 1) % cfg.logging.health_interval == 0
+        batches = micro_batches(self.data.train, self.state.consumed_samples, t.global_batch_size,
+                                t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        num_tokens = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(batches):
+            per_token = self.model(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
+                                   collect_health=collect and i == 0)
+            mb_loss = (per_token.float() * mb.loss_mask).sum()
+            mb_loss.backward()
+            loss_sum += mb_loss.detach()
+            num_tokens += mb.loss_mask.sum()
+        global_tokens = num_tokens.clone()
+        finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        torch.distributed.all_reduce(loss_sum, group=_dp_group())
+        loss = (loss_sum / global_tokens.clamp_min(1)).item()
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        health = {k: float(v) for k, v in self.model.module.last_health.items()} if collect else {}
+        tokens = t.global_batch_size * cfg.model.seq_length
+        return StepMetrics(
+            step=self.state.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), depth=window.total,
+            backprop_depth=window.with_grad, tokens=tokens, seconds=time.perf_counter() - start,
+            flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
+            peak_flops=self.peak, health=health)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-mean validation loss at the eval depth over `train.eval_batches` global batches."""
+        t = self.cfg.train
+        depth = self.sampler.eval_depth()
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for b in range(t.eval_batches):
+            for mb in micro_batches(self.data.valid, b * t.global_batch_size, t.global_batch_size,
+                                    t.micro_batch_size, self.dp_rank, self.dp_size, self.device):
+                per_token = self.model(mb.tokens, labels=mb.labels, window=BackpropWindow(depth, 0),
+                                       sample_ids=mb.sample_ids)
+                loss_sum += (per_token.float() * mb.loss_mask).sum()
+                tokens += mb.loss_mask.sum()
+        torch.distributed.all_reduce(loss_sum, group=_dp_group())
+        torch.distributed.all_reduce(tokens, group=_dp_group())
+        loss = (loss_sum / tokens.clamp_min(1)).item()
+        return {"loss": loss, "depth": float(depth)}
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
