@@ -30,12 +30,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from recurdepth.bench import run_bench
-
-    return run_bench(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recurdepth", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)

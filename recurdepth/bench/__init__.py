@@ -16,7 +16,7 @@ def add_bench_parser(verbs) -> None:
     mem.add_argument("--k", type=int, default=4, help="backprop depth k (default 4)")
     mem.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
     mem.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    bench.set_defaults(func=None)
+    bench.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -56,13 +56,22 @@ def _measure(config: str, overrides: list, depth: int, k: int) -> dict:
     else:
         _reset_peak()
         before = _rss_bytes("VmRSS")
-    trainer.train_step()
+    storages: dict = {}
+
+    def pack(t):  # what autograd keeps for backward (each storage once): the part that could grow with r
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step()
+    saved = sum(storages.values())
     if gpu:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _rss_bytes("VmHWM")
-    return {"depth": depth, "k": k, "peak_bytes": peak, "step_bytes": peak - before, "device": trainer.device.type}
+    return {"depth": depth, "k": k, "peak_bytes": peak, "step_bytes": peak - before, "saved_bytes": saved,
+            "device": trainer.device.type}
 
 
 def run_memory_bench(args) -> int:
@@ -91,10 +100,11 @@ def run_memory_bench(args) -> int:
             return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"peak memory of one training step, k={args.k}, device={base['device']} "
-          f"(peak = process high-water mark; step = peak - memory before the step)")
-    print(f"{'r':>5} {'peak MiB':>10} {'step MiB':>10} {'peak ratio':>11} {'step ratio':>11}")
+    print(f"peak memory of one training step, k={args.k}, device={base['device']} (peak = process high-water "
+          f"mark; step = peak - resident before the step; saved = tensors autograd keeps for backward)")
+    print(f"{'r':>5} {'peak MiB':>10} {'step MiB':>10} {'saved MiB':>10} {'peak ratio':>11} {'saved ratio':>12}")
     for row in rows:
         print(f"{row['depth']:>5} {row['peak_bytes'] / 2**20:>10.1f} {row['step_bytes'] / 2**20:>10.1f} "
-              f"{row['peak_bytes'] / base['peak_bytes']:>11.3f} {row['step_bytes'] / max(base['step_bytes'], 1):>11.3f}")
+              f"{row['saved_bytes'] / 2**20:>10.1f} {row['peak_bytes'] / base['peak_bytes']:>11.3f} "
+              f"{row['saved_bytes'] / max(base['saved_bytes'], 1):>12.3f}")
     return 0

@@ -83,7 +83,7 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
     model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
                            seed=cfg.train.seed, use_te=use_te)
-    model.to(device)
+    model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     initialize_parameters(model, cfg)
     return model
 

@@ -65,6 +65,9 @@ class LoopedGPTModel(LanguageModule):
                                                     position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent=1.0,
                                               rotary_base=model_cfg.rotary_base, use_cpu_initialization=True)
+        # frequencies in float64: exact angles at any sequence length; cos/sin are cast to the activations' dtype
+        d = config.kv_channels
+        self.rotary_pos_emb.inv_freq = 1.0 / model_cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         self.prelude = stack(P, 0)
         self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype)
         self.core = stack(R, P)

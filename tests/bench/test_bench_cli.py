@@ -1,0 +1,13 @@
+"""The benchmarks keep working (no timing assertions: figures belong in notes, not tests)."""
+
+from tests.conftest import TINY, run_cli
+
+
+def test_memory_bench_quick_prints_its_table(data_cache):
+    out = run_cli(["bench", "memory", str(TINY), f"data.cache_dir={data_cache}", "--quick", "--depths", "2,6",
+                   "--k", "2"], timeout=300)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip() and ln.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["2", "6"]
+    assert all(float(r[1]) > 0 for r in rows)
+    # with k=2 both runs keep the same two iterations for backward
+    assert abs(float(rows[1][5]) - 1.0) < 0.05

@@ -1,0 +1,72 @@
+"""Shared fixtures: a one-process gloo group with megatron's parallel state, a shared data cache, and a
+helper that runs the CLI (optionally under torchrun) and returns its per-step metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# Small shapes that still exercise every part of the model; a CLI run with them takes ~10 s on 2 cores.
+SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "logging.log_interval=1", "train.eval_interval=0",
+         "optimizer.warmup_steps=2", "logging.peak_tflops=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One builtin-corpus cache for the whole session (harvesting it takes a few seconds)."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """torch.distributed (gloo, world 1) + megatron parallel_state (TP=PP=1), for in-process model tests."""
+    import torch
+
+    from recurdepth.compat.megatron_cpu import apply_cpu_compat
+
+    apply_cpu_compat()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.distributed.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    yield
+
+
+def run_cli(args: list, nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`recurdepth ARGS` in a subprocess (under torchrun when nproc > 1); OMP threads split over ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "recurdepth", *args]
+    else:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        cmd = [sys.executable, "-m", "recurdepth", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]

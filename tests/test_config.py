@@ -1,0 +1,41 @@
+"""Config loading: strict keys with suggestions, types, cross-field checks, round trip."""
+
+import pytest
+
+from recurdepth.config import config_from_dict, load_config
+from recurdepth.errors import ConfigError
+from tests.conftest import TINY
+
+
+def test_bundled_config_loads_and_round_trips():
+    cfg = load_config(TINY, ["train.steps=7", "model.hidden_size=96", "recurrence.max_depth=null"])
+    assert cfg.train.steps == 7 and cfg.model.hidden_size == 96 and cfg.recurrence.max_depth is None
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.hiden_size=64"], "unknown config key model.hiden_size; did you mean model.hidden_size?"),
+    (["modle.hidden_size=64"], "unknown config section 'modle'; did you mean model?"),
+    (["train.steps=ten"], "train.steps='ten' has the wrong type; expected an integer"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings=3 has the wrong type; expected true or false"),
+    (["model.adapter=concatenate"], "model.adapter='concatenate' is not one of concat, add, gate; did you mean concat?"),
+    (["recurrence.backprop_depth=0"], "recurrence.backprop_depth=0 is invalid; k must be >= 1"),
+    (["model.core_layers=0"], "model.core_layers=0 is invalid; a looped model needs at least 1 core layer"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], "use a multiple of train.micro_batch_size=4"),
+    (["model.num_heads=5"], "use a divisor of model.hidden_size=128"),
+    (["steps=3"], "must be section.key"),
+])
+def test_bad_values_name_the_key_and_the_fix(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,61 @@
+"""Exact resume (bit for bit on CPU) and what a run leaves behind: metrics, TensorBoard, checkpoints."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL, TINY, read_metrics, run_cli
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_cli(["train", str(TINY), *SMALL, f"train.steps={STEPS}", f"train.run_dir={run_dir}",
+             f"data.cache_dir={data_cache}", "checkpoint.interval=0", "logging.health_interval=5",
+             "train.eval_interval=10"])
+    return run_dir
+
+
+def test_resumed_run_repeats_losses_bit_for_bit(straight_run, tmp_path, data_cache):
+    run_dir = tmp_path / "resumed"
+    common = ["train", str(TINY), *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+              "checkpoint.interval=10", "logging.health_interval=5", "train.eval_interval=10",
+              f"optimizer.decay_steps={STEPS}"]
+    run_cli([*common, "train.steps=10"])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    out = run_cli([*common, f"train.steps={STEPS}"])
+    assert "resumed from" in out.stdout
+    straight, resumed = read_metrics(straight_run), read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["depth"] for r in resumed] == [r["depth"] for r in straight]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exact equality, not a tolerance
+    assert len({r["depth"] for r in straight}) > 1  # the sampled r really varied
+
+
+def test_progress_line_and_tensorboard_scalars(straight_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(straight_run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/depth", "train/tokens_per_sec",
+                "train/tflops", "train/mfu", "health/rel_residual", "health/state_norm", "health/token_cosine",
+                "valid/loss"}
+    assert expected <= tags
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    metrics = read_metrics(straight_run)
+    assert len(losses) == STEPS and losses == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert [e.step for e in acc.Scalars("health/state_norm")] == [5, 10, 15, 20]
+    assert losses[-1] < losses[0]
+
+
+def test_run_directory_contents(straight_run):
+    assert (straight_run / "config.yaml").is_file()
+    ckpt = straight_run / "checkpoints" / (straight_run / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == f"step_{STEPS:08d}" and (ckpt / "recurdepth.json").is_file()
+    from recurdepth.train.checkpoint import saved_config
+
+    assert saved_config(ckpt)["train"]["steps"] == STEPS
+    assert not list(Path(straight_run / "checkpoints").glob("*.tmp"))
