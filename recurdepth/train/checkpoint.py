@@ -47,6 +47,8 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     path = Path(root) / pointer.read_text().strip()
+    if not path.exists() and (path.parent / (path.name + ".old") / "recurdepth.json").is_file():
+        path = path.parent / (path.name + ".old")  # a crash while re-saving the same step
     if not (path / "recurdepth.json").is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; "
                               f"point it at a complete step_* directory or remove it to start afresh")
@@ -133,10 +135,13 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
         (tmp / "recurdepth.json").write_text(json.dumps(
             {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": world,
              "code_version": code_version()}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / (name + ".old")
+        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         _atomic_write(root / LATEST, name + "\n")
         if keep_last > 0:
             _prune(root, keep_last)

@@ -81,8 +81,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
         t = cfg.train
-        valid_samples = t.eval_batches * t.global_batch_size * max(1, t.steps // max(t.eval_interval, 1) + 1)
-        self.data = build_datasets(cfg, t.steps * t.global_batch_size, valid_samples, self.is_logger)
+        # validation always reads the same first `eval_batches` global batches of the validation split
+        self.data = build_datasets(cfg, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
+                                   self.is_logger)
         model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
         model.config.calculate_per_token_loss = True  # grads scaled by the global token count, not 1/dp
         self.model = DistributedDataParallel(
@@ -97,6 +98,23 @@ class Trainer:
         self.state = TrainState()
         self.callbacks = default_callbacks(self.run_dir, t.steps, cfg.logging.log_interval,
                                            cfg.logging.tensorboard, self.is_logger, callbacks)
+        if self.is_logger:
+            print(self.summary(model), flush=True)
+
+    def summary(self, model) -> str:
+        """One line saying what runs where: layout, model size, recurrence, data, precision."""
+        from megatron.core import parallel_state as ps
+
+        cfg, m, r = self.cfg, self.cfg.model, self.cfg.recurrence
+        count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+        core = count(model.core) + count(model.adapter)
+        sampler = f"fixed r={r.depth}" if r.sampler == "fixed" else f"{r.sampler} mean r={r.mean:g}"
+        return (f"recurdepth | world {torch.distributed.get_world_size()} = dp {self.dp_size} x tp "
+                f"{ps.get_tensor_model_parallel_world_size()} x pp {ps.get_pipeline_model_parallel_world_size()} | "
+                f"{self.device.type} {str(self.dtype).replace('torch.', '')} | params {count(model) / 1e6:.2f}M on this rank "
+                f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, h={m.hidden_size} | "
+                f"{sampler}, k={r.backprop_depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens | "
+                f"global batch {cfg.train.global_batch_size} | run dir {self.run_dir}")
 
     # ------------------------------------------------------------------ resume
 
@@ -122,7 +140,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, result = self.cfg, TrainResult()
-        last_saved = None
+        last_saved, first_step = None, self.state.step
         while self.state.step < cfg.train.steps:
             metrics = self.train_step()
             result.losses.append(metrics.loss)
@@ -135,7 +153,8 @@ class Trainer:
                     cb.on_eval(self.state.step, values)
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 last_saved = self.save()
-        if cfg.checkpoint.save_final and (last_saved is None or self.state.step % max(cfg.checkpoint.interval, 1)):
+        ran = self.state.step > first_step  # a run resumed at its last step has nothing new to save
+        if cfg.checkpoint.save_final and ran and (last_saved is None or self.state.step % max(cfg.checkpoint.interval, 1)):
             last_saved = self.save()
         for cb in self.callbacks:
             cb.close()

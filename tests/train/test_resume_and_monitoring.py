@@ -59,3 +59,26 @@ def test_run_directory_contents(straight_run):
 
     assert saved_config(ckpt)["train"]["steps"] == STEPS
     assert not list(Path(straight_run / "checkpoints").glob("*.tmp"))
+
+
+def test_half_written_and_truncated_checkpoints(straight_run, tmp_path, data_cache):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step_00000030.tmp").mkdir()  # a save that died half-way: never read
+    (ckpts / "step_00000030.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    common = ["train", str(TINY), *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"]
+    out = run_cli([*common, f"train.steps={STEPS}"])
+    assert f"resumed from {ckpts / f'step_{STEPS:08d}'}" in out.stdout
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+    shard = sorted((ckpts / f"step_{STEPS:08d}").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated on disk
+    before = sorted(p.name for p in ckpts.iterdir())
+    bad = run_cli([*common, f"train.steps={STEPS + 1}"], check=False)
+    assert bad.returncode == 2
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cannot read checkpoint" in errors[0] and "Traceback" not in bad.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == before  # nothing written, nothing removed
