@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from recurdepth.errors import CheckpointError
 
 LATEST = "latest"
@@ -155,7 +157,21 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict]:
+_SHAPE_KEYS = ("hidden_size", "num_heads", "num_query_groups", "ffn_hidden_size", "prelude_layers", "core_layers",
+               "coda_layers", "adapter", "block_norm", "activation", "tie_embeddings", "make_vocab_size_divisible_by")
+
+
+def check_compatible(path: Path, model_cfg: dict) -> None:
+    """Refuse a checkpoint whose model shape differs from the configured one, naming the keys."""
+    saved = saved_config(path).get("model", {})
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
+            for k in _SHAPE_KEYS if saved.get(k) != model_cfg.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is for another model ({'; '.join(diff)}); "
+                              f"use the checkpoint's model settings or a fresh run directory")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional[dict] = None) -> tuple[TrainState, dict]:
     """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (any DP size)."""
     from megatron.core import dist_checkpointing
 
@@ -163,6 +179,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState
     if not (path / "recurdepth.json").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no recurdepth.json); "
                               f"pick a complete step_* directory")
+    if model_cfg is not None:
+        check_compatible(path, model_cfg)
     sharded = {"model": _unwrap(model).sharded_state_dict()}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True, metadata=_OPTIM_METADATA)
     sharded["scheduler"] = None
@@ -170,10 +188,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState
     sharded["config"] = None
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:  # a truncated or foreign checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}; it may be truncated or from another "
-                              f"model shape") from exc
+    except (Exception, CheckpointException) as exc:  # truncated or foreign (DCP's error is a BaseException)
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated, corrupt or "
+                              f"from another model shape: resume from an earlier step_* directory") from None
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
@@ -192,7 +209,11 @@ def saved_config(path: Path) -> dict:
     common = Path(path) / "common.pt"
     if not common.is_file():
         raise CheckpointError(f"{path} has no common.pt; it is not a recurdepth checkpoint")
-    return torch.load(common, weights_only=False)["config"]
+    try:
+        return torch.load(common, weights_only=False)["config"]
+    except Exception:  # noqa: BLE001 - any unreadable file is the same problem to a user
+        raise CheckpointError(f"{common} is unreadable (truncated or corrupt); resume from an earlier step_* "
+                              f"directory") from None
 
 
 def code_version() -> str:

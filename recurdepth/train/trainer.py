@@ -127,7 +127,8 @@ class Trainer:
                 raise CheckpointError(f"checkpoint.resume=required but {self.cfg.checkpoint_dir} has no checkpoint; "
                                       f"train without it or point checkpoint.dir at one")
             return
-        self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler)
+        self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler,
+                                        model_cfg=self.cfg.to_dict()["model"])
         if self.is_logger:
             print(f"resumed from {target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)
