@@ -40,7 +40,8 @@ class ModelConfig:
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_eps: float = 1e-6
     activation: Literal["swiglu", "gelu"] = "swiglu"
-    attention: Literal["sdpa", "megatron"] = "sdpa"  # core attention kernel
+    attention: Literal["sdpa", "megatron"] = "sdpa"  # core attention kernel of the local spec
+    spec: Literal["auto", "local", "te"] = "auto"  # megatron layer spec; auto = TransformerEngine on GPU if installed
     tie_embeddings: bool = True
     embedding_scale: float = 1.0  # Huginn uses sqrt(hidden_size)
     init_std: Optional[float] = None  # None = sqrt(2 / (5 h)) (small init, as Huginn)

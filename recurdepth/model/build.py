@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from recurdepth.config import Config
+from recurdepth.errors import ConfigError
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
 from recurdepth.seeding import derive_seed
@@ -77,9 +78,24 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, o
     )
 
 
+def use_transformer_engine(cfg: Config, device: torch.device | str) -> bool:
+    """`model.spec`: te, local, or auto (TransformerEngine when on GPU and importable)."""
+    if cfg.model.spec == "local" or (cfg.model.spec == "auto" and torch.device(device).type != "cuda"):
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        if cfg.model.spec == "te":
+            raise ConfigError("model.spec=te but transformer_engine is not installed; install it or use "
+                              "model.spec=local") from None
+        return False
+    return True
+
+
 def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", use_te: bool = False) -> LoopedGPTModel:
+                device: torch.device | str = "cpu") -> LoopedGPTModel:
     """Build and initialise the looped model for this rank (parallel_state must be initialised)."""
+    use_te = use_transformer_engine(cfg, device)
     tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
     model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
                            seed=cfg.train.seed, use_te=use_te)
