@@ -82,16 +82,21 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: the bundled offline corpus, or megatron indexed datasets (`prefix` without .bin/.idx)."""
+    """Training data: a weighted blend of sources, each one of
+    `{builtin: stdlib-docs}` (offline corpus harvested from Python's standard library),
+    `{path: PREFIX}` (a megatron indexed dataset written by `recurdepth data preprocess`), or
+    `{procedural: TASK, n: N, difficulty: {...}}` (verified generated tasks, answer-only loss),
+    with an optional `weight` (default 1)."""
 
-    source: Literal["builtin", "indexed"] = "builtin"
-    builtin_corpus: Literal["stdlib-docs"] = "stdlib-docs"
+    sources: list = field(default_factory=lambda: [{"builtin": "stdlib-docs"}])
+    tokenizer: Literal["byte", "sentencepiece"] = "byte"
+    tokenizer_model: Optional[str] = None  # the .model file for tokenizer=sentencepiece
     builtin_max_mb: float = 4.0  # how much stdlib text to harvest for the builtin corpus
-    paths: list = field(default_factory=list)  # indexed dataset prefixes (source=indexed)
-    weights: list = field(default_factory=list)  # blend weights, one per path (empty = equal)
-    tokenizer: Literal["byte"] = "byte"
     cache_dir: str = ".cache/recurdepth"
     split: str = "98,2,0"  # train, validation, test documents per 100
+
+
+SOURCE_KEYS = {"builtin", "path", "procedural", "weight", "n", "difficulty", "seed"}
 
 
 @dataclass
@@ -218,13 +223,36 @@ class Config:
         _require(self.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", self.optimizer.warmup_steps, "use >= 0")
         _require(self.logging.log_interval >= 1, "logging.log_interval", self.logging.log_interval, "use >= 1")
         _require(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "use >= 0")
-        d = self.data
-        if d.source == "indexed":
-            _require(len(d.paths) > 0, "data.paths", d.paths, "list at least one indexed dataset prefix")
-        if d.weights:
-            _require(len(d.weights) == len(d.paths), "data.weights", d.weights,
-                     f"give one weight per path ({len(d.paths)})")
+        self._validate_sources()
         return self
+
+    def _validate_sources(self) -> None:
+        d = self.data
+        _require(len(d.sources) > 0, "data.sources", d.sources, "list at least one source")
+        for i, src in enumerate(d.sources):
+            key = f"data.sources[{i}]"
+            if not isinstance(src, dict):
+                raise ConfigError(f"{key}={src!r} must be a mapping such as {{path: data/corpus, weight: 1.0}}")
+            unknown = set(src) - SOURCE_KEYS
+            if unknown:
+                bad = sorted(unknown)[0]
+                raise ConfigError(f"unknown key {key}.{bad}{_suggest(bad, SOURCE_KEYS, prefix=key + '.')}")
+            kinds = [k for k in ("builtin", "path", "procedural") if k in src]
+            _require(len(kinds) == 1, key, src, "give exactly one of builtin, path or procedural")
+            if "builtin" in src:
+                _require(src["builtin"] == "stdlib-docs", f"{key}.builtin", src["builtin"], "the builtin corpus is stdlib-docs")
+            weight = src.get("weight", 1.0)
+            ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+            _require(ok and weight >= 0, f"{key}.weight", weight, "use a number >= 0")
+            if "procedural" in src:
+                n = src.get("n", 10000)
+                _require(isinstance(n, int) and n >= 1, f"{key}.n", n, "use a positive number of samples")
+        total = sum(float(s.get("weight", 1.0)) for s in d.sources)
+        _require(total > 0, "data.sources", [s.get("weight", 1.0) for s in d.sources],
+                 "blend weights sum to zero; give at least one source a positive weight")
+        if d.tokenizer == "sentencepiece":
+            _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
+                     "tokenizer=sentencepiece needs the .model file written by `recurdepth data tokenizer`")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:

@@ -7,6 +7,7 @@ ranks, so resuming from `consumed_samples` replays exactly the uninterrupted seq
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from recurdepth.config import Config
 from recurdepth.data.builtin_corpus import prepare_builtin_corpus
+from recurdepth.data.masked import MaskedGPTDataset, has_mask, mask_prefix
 from recurdepth.data.tokenizer import build_tokenizer
 from recurdepth.errors import DataError
 
@@ -26,43 +28,82 @@ class Datasets:
 
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_zero: bool = True) -> Datasets:
-    """Build (or load cached) megatron GPT datasets for training and validation."""
+    """Build (or load cached) blended megatron GPT datasets for training and validation.
+
+    Sources are prepared on rank 0 first (builtin corpus, procedural sets), then every rank opens them.
+    The blend is megatron's `BlendedDataset` (exact proportions, deterministic); its index caches live
+    under a folder named by the *contents* of the inputs, so editing a corpus in place rebuilds them.
+    """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     d = cfg.data
-    tokenizer = build_tokenizer(d.tokenizer)
-    if d.source == "builtin":
-        if is_rank_zero:
-            prefixes = [prepare_builtin_corpus(d.cache_dir, d.builtin_max_mb, tokenizer)]
-        _barrier()
-        prefixes = [prepare_builtin_corpus(d.cache_dir, d.builtin_max_mb, tokenizer)]
-        weights = None
-    else:
-        prefixes = [str(p) for p in d.paths]
-        for p in prefixes:
-            for ext in (".bin", ".idx"):
-                if not Path(p + ext).is_file():
-                    raise DataError(f"indexed dataset file {p + ext!r} not found; run `recurdepth data preprocess` "
-                                    f"or fix data.paths")
-        weights = [float(w) for w in d.weights] if d.weights else None
-    blend = (prefixes, weights)
+    tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model)
+    if is_rank_zero:
+        prefixes = resolve_sources(cfg, tokenizer)
+    _barrier()
+    prefixes = resolve_sources(cfg, tokenizer)
+    weights = [float(src.get("weight", 1.0)) for src in d.sources]
+    # megatron's builder rejects zero weights: drop those sources (a weight of 0 means "not in this run")
+    blend = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=blend,
+        blend=([p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None),
         split=d.split,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=str(Path(d.cache_dir) / "index-cache"),
+        path_to_cache=str(Path(d.cache_dir) / "index-cache" / content_fingerprint([p for p, _ in blend])),
         mmap_bin_files=True,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config).build()
+        MaskedGPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config).build()
     return Datasets(tokenizer=tokenizer, train=train, valid=valid)
+
+
+def resolve_sources(cfg: Config, tokenizer) -> list[str]:
+    """The indexed-dataset prefix of every configured source, preparing builtin/procedural ones on first use."""
+    d = cfg.data
+    prefixes = []
+    for src in d.sources:
+        if "builtin" in src:
+            prefixes.append(prepare_builtin_corpus(d.cache_dir, d.builtin_max_mb, tokenizer))
+        elif "procedural" in src:
+            from recurdepth.data.procedural_corpus import prepare_procedural_corpus
+
+            prefixes.append(prepare_procedural_corpus(
+                src["procedural"], int(src.get("n", 10000)), src.get("difficulty"), int(src.get("seed", 0)),
+                tokenizer, d.cache_dir))
+        else:
+            prefix = str(src["path"])
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise DataError(f"indexed dataset file {prefix + ext!r} not found; run `recurdepth data "
+                                    f"preprocess` to create it or fix data.sources")
+            prefixes.append(prefix)
+    return prefixes
+
+
+def content_fingerprint(prefixes: list[str]) -> str:
+    """A short hash of the datasets' contents: the whole .idx (document lengths and offsets) plus the .bin
+    size and its first and last MiB. Changing a corpus file in place changes the key."""
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        h.update(Path(prefix + ".idx").read_bytes())
+        bin_path = Path(prefix + ".bin")
+        size = bin_path.stat().st_size
+        h.update(str(size).encode())
+        with open(bin_path, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+        if has_mask(prefix):
+            h.update(Path(mask_prefix(prefix) + ".idx").read_bytes())
+            h.update(Path(mask_prefix(prefix) + ".bin").read_bytes()[: 1 << 20])
+    return h.hexdigest()[:16]
 
 
 def _barrier() -> None:

@@ -179,7 +179,7 @@ class Trainer:
         for i, mb in enumerate(batches):
             per_token = self.model(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
                                    collect_health=collect and i == 0)
-            mb_loss = (per_token.float() * mb.loss_mask).sum()
+            mb_loss = masked_loss_sum(per_token, mb.loss_mask)
             mb_loss.backward()
             loss_sum += mb_loss.detach()
             num_tokens += mb.loss_mask.sum()
@@ -213,12 +213,17 @@ class Trainer:
                                     t.micro_batch_size, self.dp_rank, self.dp_size, self.device):
                 per_token = self.model(mb.tokens, labels=mb.labels, window=BackpropWindow(depth, 0),
                                        sample_ids=mb.sample_ids)
-                loss_sum += (per_token.float() * mb.loss_mask).sum()
+                loss_sum += masked_loss_sum(per_token, mb.loss_mask)
                 tokens += mb.loss_mask.sum()
         torch.distributed.all_reduce(loss_sum, group=_dp_group())
         torch.distributed.all_reduce(tokens, group=_dp_group())
         loss = (loss_sum / tokens.clamp_min(1)).item()
         return {"loss": loss, "depth": float(depth)}
+
+
+def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the per-token losses `[b, s]` where `loss_mask` is 1 (answer-only masks, eod rules)."""
+    return (per_token.float() * loss_mask).sum()
 
 
 def _dp_group():

@@ -1,3 +1,5 @@
+import sys
+
 from recurdepth.data.procedural.cli import main
 
-main(["procedural", *__import__("sys").argv[1:]])
+main(["procedural", *sys.argv[1:]])

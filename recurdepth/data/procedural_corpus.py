@@ -1,0 +1,34 @@
+"""Procedural tasks as a training corpus: verified samples -> (tokens, answer-only mask) documents ->
+a masked megatron indexed dataset (see `masked.py`), prepared once and cached by its defining key
+(task, n, difficulty, seed, tokenizer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from recurdepth.data.masked import write_masked_documents
+from recurdepth.data.procedural.base import encode_with_mask
+from recurdepth.data.procedural.splits import generate_split
+
+
+def prepare_procedural_corpus(task: str, n: int, difficulty: Optional[Mapping[str, Any]], seed: int,
+                              tokenizer, cache_dir: str, split: str = "train") -> str:
+    """Write (once) `n` verified samples of `task` as a masked indexed dataset; returns its prefix."""
+    key = hashlib.sha256(json.dumps([task, n, dict(difficulty or {}), seed, split, tokenizer.fingerprint()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"procedural-{task.replace(':', '_')}-{split}-{key}"
+    prefix = folder / "corpus"
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        return str(prefix)
+    samples = generate_split(task, n, split, difficulty, seed)  # each one checked by its verifier
+    counts = write_masked_documents((encode_with_mask(s, tokenizer) for s in samples), str(prefix),
+                                    tokenizer.vocab_size)
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"task": task, "n": n, "difficulty": dict(difficulty or {}), "seed": seed,
+                               "split": split, "tokenizer": tokenizer.fingerprint(), **counts}, indent=1))
+    tmp.replace(manifest)  # the manifest marks the corpus complete
+    return str(prefix)
