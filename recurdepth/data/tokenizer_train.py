@@ -2,8 +2,8 @@
 training objectives use, or add those tokens to an existing model.
 
 Documents are streamed with the same reader as `recurdepth data preprocess` and split into lines (the
-sentences sentencepiece learns from); sentencepiece keeps a uniformly shuffled reservoir sample of at most
-`input_sentence_size` of them, so memory is bounded however large the corpus. Layout of the model:
+sentences sentencepiece learns from); a seeded, shuffled reservoir sample of at most `input_sentence_size`
+of them is what sentencepiece trains on, so memory is bounded however large the corpus. Layout of the model:
 `<pad>`=0, `<unk>`=1, the other specials as control symbols 2..8 (never produced by encoding text), then
 the 256 byte-fallback pieces and the learned pieces. Whitespace is kept as written (NFKC normalisation,
 no collapsing of spaces; newlines and tabs are encoded through byte fallback), so detokenizing gives the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -57,15 +58,24 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], out_prefix: Pat
         raise empty_corpus_error([str(f) for f in files], stats, text_key)
 
     failure: list = []
-    counts = {"sentences": 0}
+    counts = {"sentences": 0, "sampled": 0}
+
+    def lines():
+        for doc in _chain_first(first, docs):
+            for line in doc[2].split("\n"):
+                if line.strip():
+                    counts["sentences"] += 1
+                    yield line
 
     def sentences():
         try:
-            for doc in _chain_first(first, docs):
-                for line in doc[2].split("\n"):
-                    if line.strip():
-                        counts["sentences"] += 1
-                        yield line
+            if input_sentence_size:
+                sample = reservoir_sample(lines(), int(input_sentence_size), int(seed))
+            else:
+                sample = lines()
+            for line in sample:
+                counts["sampled"] += 1
+                yield line
         except BaseException as exc:  # noqa: BLE001 - re-raised after sentencepiece returns
             failure.append(exc)
 
@@ -75,13 +85,15 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], out_prefix: Pat
         pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="<pad>", unk_piece="<unk>",
         control_symbols=[t for t in specials if t != "<pad>"],
         normalization_rule_name=normalization, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, input_sentence_size=int(input_sentence_size),
-        shuffle_input_sentence=True, max_sentence_length=int(max_sentence_length),
+        # the bounded, shuffled sample is drawn above (seeded: sentencepiece's own sampler ignores
+        # set_random_generator_seed in 0.2.x), so sentencepiece takes every sentence it is given, in order
+        allow_whitespace_only_pieces=True, input_sentence_size=0,
+        shuffle_input_sentence=False, max_sentence_length=int(max_sentence_length),
         num_threads=int(num_threads or min(os.cpu_count() or 1, 16)), minloglevel=0 if verbose else 2,
     )
     if not byte_fallback:
         kwargs["user_defined_symbols"] = ["\n"]  # newlines cannot be learned from lines; keep them one piece
-    spm.set_random_generator_seed(int(seed))
+    spm.set_random_generator_seed(int(seed))  # for what else in sentencepiece is random
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=writer, **kwargs)
@@ -106,12 +118,29 @@ def train_tokenizer(inputs: Union[PathLike, Sequence[PathLike]], out_prefix: Pat
         "seed": int(seed),
         "documents": stats.documents,
         "sentences": counts["sentences"],
+        "sampled_sentences": counts["sampled"],
         "skipped_lines": stats.skipped_lines,
         "inputs": stats.files,
         "text_key": text_key,
         "text_docs": text_docs,
     }
     return _write_model(proto, tokenizer, out_prefix, manifest)
+
+
+def reservoir_sample(items, k: int, seed: int) -> list:
+    """A uniform random sample of at most `k` of `items` (streamed; memory bounded by `k`), shuffled,
+    the same for the same seed and input."""
+    rng = random.Random(seed)
+    sample: list = []
+    for i, item in enumerate(items):
+        if i < k:
+            sample.append(item)
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                sample[j] = item
+    rng.shuffle(sample)
+    return sample
 
 
 def _chain_first(first, rest):

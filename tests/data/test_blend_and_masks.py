@@ -101,9 +101,12 @@ def test_index_cache_key_follows_file_contents(blended, tmp_path):
 
     cfg, ds = blended
     prefix = resolve_sources(cfg, ds.tokenizer)[1]
+    from recurdepth.data.masked import mask_prefix
+
     copy = str(tmp_path / "corpus")
     for ext in (".bin", ".idx"):
         shutil.copy(prefix + ext, copy + ext)
+        shutil.copy(mask_prefix(prefix) + ext, mask_prefix(copy) + ext)
     before = content_fingerprint([copy])
     assert before == content_fingerprint([prefix])  # same contents, other name: same key
     data = bytearray(open(copy + ".bin", "rb").read())
