@@ -1,4 +1,4 @@
-"""`recurdepth VERB ...`: train, bench. Errors meant for people print one `error: ...` line and exit 2."""
+"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), bench. Errors meant for people print one `error: ...` line and exit 2."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     from recurdepth.bench import add_bench_parser
+    from recurdepth.data.cli import add_data_parser
 
+    add_data_parser(verbs)
     add_bench_parser(verbs)
     return parser
 

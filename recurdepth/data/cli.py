@@ -70,10 +70,13 @@ def _common_input_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_parser(verbs) -> argparse.ArgumentParser:
-    """Add `data` (with `tokenizer`, `preprocess`, `check`) to the CLI's verb subparsers."""
+    """Add `data` (with `tokenizer`, `preprocess`, `check`, `procedural`) to the CLI's verb subparsers."""
     data = verbs.add_parser("data", help="prepare training data: tokenizer, preprocess, check",
                             description=__doc__)
     sub = data.add_subparsers(dest="data_verb", required=True)
+    from recurdepth.data.procedural.cli import add_procedural_parser
+
+    add_procedural_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer with the special tokens reserved",
                          description="Train a sentencepiece model (BPE or unigram) on a bounded, shuffled sample "

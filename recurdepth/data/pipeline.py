@@ -78,11 +78,16 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
                 src["procedural"], int(src.get("n", 10000)), src.get("difficulty"), int(src.get("seed", 0)),
                 tokenizer, d.cache_dir))
         else:
+            from recurdepth.data.preprocess import check_indexed_dataset, check_tokenizer_matches
+
             prefix = str(src["path"])
             for ext in (".bin", ".idx"):
                 if not Path(prefix + ext).is_file():
                     raise DataError(f"indexed dataset file {prefix + ext!r} not found; run `recurdepth data "
                                     f"preprocess` to create it or fix data.sources")
+            check_indexed_dataset(prefix)  # truncated .idx, .bin/.idx size mismatch
+            # a dataset tokenized by another tokenizer than data.tokenizer (when its manifest says so)
+            check_tokenizer_matches(prefix, tokenizer, require_manifest=False)
             prefixes.append(prefix)
     return prefixes
 

@@ -354,16 +354,16 @@ def preprocess(inputs: Union[PathLike, Sequence[PathLike]], output_prefix: PathL
     final_paths = [Path(str(prefix) + ext) for ext in (".bin", ".idx", ".json")]
     stats = ReadStats()
     docs = tokens = 0
-    bar = None
-    builder = None
+    bar = builder = encoded = None
     t0 = time.perf_counter()
     try:
         builder = IndexedDatasetBuilder(str(tmp_paths[0]), dtype=dtype)
         _compact_index_lists(builder)
         bar = _progress_bar(total_bytes, progress)
         chunks = _chunked(iter_records(files, text_docs, skip_bad_lines, stats), chunk_chars, chunk_docs)
+        encoded = _encoded_chunks(chunks, tokenizer, text_key, dtype, max(1, int(workers)))
         last_postfix = 0.0
-        for ids, lengths, bad, empty in _encoded_chunks(chunks, tokenizer, text_key, dtype, max(1, int(workers))):
+        for ids, lengths, bad, empty in encoded:
             for _, problem in bad:
                 _bad_line(stats, skip_bad_lines, problem)
             stats.empty_documents += empty
@@ -380,6 +380,9 @@ def preprocess(inputs: Union[PathLike, Sequence[PathLike]], output_prefix: PathL
                 if now - last_postfix >= 0.5:
                     bar.set_postfix_str(f"{tokens / max(now - t0, 1e-9):,.0f} tok/s, {docs} docs", refresh=False)
                     last_postfix = now
+        if bar is not None:
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s, {docs} docs",
+                                refresh=False)
         if docs == 0:
             raise empty_corpus_error([str(f) for f in files], stats, text_key)
         builder.finalize(str(tmp_paths[1]))
@@ -420,6 +423,8 @@ def preprocess(inputs: Union[PathLike, Sequence[PathLike]], output_prefix: PathL
                 pass
         raise
     finally:
+        if encoded is not None:
+            encoded.close()  # stops the worker pool now, not when the traceback is freed
         if bar is not None:
             bar.close()
     return dict(manifest, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9), workers=max(1, int(workers)))

@@ -111,7 +111,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, vocab_size: Optional[int] = None) -> Path:
     """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks."""
     from megatron.core import dist_checkpointing
 
@@ -136,6 +136,7 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
     if _rank() == 0:
         (tmp / "recurdepth.json").write_text(json.dumps(
             {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": world,
+             "vocab_size": vocab_size,
              "code_version": code_version()}, indent=1))
         old = root / (name + ".old")
         if final.exists():  # re-saving a step: keep the old copy until the new one is in place
@@ -161,17 +162,21 @@ _SHAPE_KEYS = ("hidden_size", "num_heads", "num_query_groups", "ffn_hidden_size"
                "coda_layers", "adapter", "block_norm", "activation", "tie_embeddings", "make_vocab_size_divisible_by")
 
 
-def check_compatible(path: Path, model_cfg: dict) -> None:
-    """Refuse a checkpoint whose model shape differs from the configured one, naming the keys."""
+def check_compatible(path: Path, model_cfg: dict, vocab_size: Optional[int] = None) -> None:
+    """Refuse a checkpoint whose model shape or vocabulary differs from the configured one, naming the keys."""
     saved = saved_config(path).get("model", {})
     diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}"
             for k in _SHAPE_KEYS if saved.get(k) != model_cfg.get(k)]
+    saved_vocab = json.loads((Path(path) / "recurdepth.json").read_text()).get("vocab_size")
+    if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
+        diff.append(f"tokenizer vocabulary: checkpoint {saved_vocab} vs data.tokenizer {vocab_size}")
     if diff:
         raise CheckpointError(f"checkpoint {path} is for another model ({'; '.join(diff)}); "
                               f"use the checkpoint's model settings or a fresh run directory")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional[dict] = None) -> tuple[TrainState, dict]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional[dict] = None,
+                    vocab_size: Optional[int] = None) -> tuple[TrainState, dict]:
     """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (any DP size)."""
     from megatron.core import dist_checkpointing
 
@@ -180,7 +185,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
         raise CheckpointError(f"{path} is not a complete checkpoint (no recurdepth.json); "
                               f"pick a complete step_* directory")
     if model_cfg is not None:
-        check_compatible(path, model_cfg)
+        check_compatible(path, model_cfg, vocab_size)
     sharded = {"model": _unwrap(model).sharded_state_dict()}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True, metadata=_OPTIM_METADATA)
     sharded["scheduler"] = None

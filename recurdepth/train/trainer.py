@@ -128,14 +128,15 @@ class Trainer:
                                       f"train without it or point checkpoint.dir at one")
             return
         self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler,
-                                        model_cfg=self.cfg.to_dict()["model"])
+                                        model_cfg=self.cfg.to_dict()["model"], vocab_size=self.data.tokenizer.vocab_size)
         if self.is_logger:
             print(f"resumed from {target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)
 
     def save(self) -> Path:
         return save_checkpoint(self.cfg.checkpoint_dir, self.state, self.model, self.optimizer, self.scheduler,
-                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
+                               vocab_size=self.data.tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ the loop
 
