@@ -12,6 +12,9 @@ from tests.conftest import TINY, run_cli
     ([str(TINY), "recurrence.backprop_depth=0"], "k must be >= 1"),
     ([str(TINY), "model.core_layers=0"], "at least 1 core layer"),
     ([str(TINY), "parallel.tensor=3"], "not divisible by parallel.tensor x parallel.pipeline"),
+    ([str(TINY), "data.sources=[{procedural: 'rg:no_such_task'}]"], "no_such_task"),
+    ([str(TINY), "data.sources=[{path: /nonexistent/corpus}]"], "run `recurdepth data preprocess`"),
+    ([str(TINY), "data.sources=[{builtin: stdlib-docs, weight: -2}]"], "use a number >= 0"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     run_dir = tmp_path / "run"

@@ -39,3 +39,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("sources,expected", [
+    ([{"builtin": "stdlib-docs", "weight": -1}], "data.sources[0].weight=-1 is invalid; use a number >= 0"),
+    ([{"builtin": "stdlib-docs", "weight": 0}, {"procedural": "sort", "weight": 0}], "blend weights sum to zero"),
+    ([{"procedural": "sort", "wieght": 1}], "unknown key data.sources[0].wieght; did you mean data.sources[0].weight?"),
+    ([{"path": "a", "procedural": "sort"}], "give exactly one of builtin, path or procedural"),
+    ([], "list at least one source"),
+])
+def test_bad_blends(sources, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [f"data.sources={sources!r}"])
+    assert expected in str(err.value)

@@ -16,6 +16,9 @@ def add_bench_parser(verbs) -> None:
     mem.add_argument("--k", type=int, default=4, help="backprop depth k (default 4)")
     mem.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
     mem.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    from recurdepth.bench.data import add_data_bench_parser
+
+    add_data_bench_parser(subs)
     bench.set_defaults(func=run_bench)
 
 
@@ -24,4 +27,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from recurdepth.bench.memory import run_memory_bench
 
         return run_memory_bench(args)
+    if args.bench == "data":
+        from recurdepth.bench.data import run_data_bench
+
+        if args.quick:
+            args.sizes, args.vocab_size = "0.5,2", 500
+        return run_data_bench(args)
     raise SystemExit(f"unknown bench {args.bench}")

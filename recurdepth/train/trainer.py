@@ -76,9 +76,6 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_logger = torch.distributed.get_rank() == 0
         self.run_dir = Path(cfg.train.run_dir)
-        if self.is_logger:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
         t = cfg.train
         # validation always reads the same first `eval_batches` global batches of the validation split
@@ -96,6 +93,9 @@ class Trainer:
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
         self.state = TrainState()
+        if self.is_logger:  # only once the data and model exist: bad input leaves no run directory behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.callbacks = default_callbacks(self.run_dir, t.steps, cfg.logging.log_interval,
                                            cfg.logging.tensorboard, self.is_logger, callbacks)
         if self.is_logger:

@@ -11,3 +11,11 @@ def test_memory_bench_quick_prints_its_table(data_cache):
     assert all(float(r[1]) > 0 for r in rows)
     # with k=2 both runs keep the same two iterations for backward
     assert abs(float(rows[1][5]) - 1.0) < 0.05
+
+
+def test_data_bench_quick_prints_its_tables():
+    out = run_cli(["bench", "data", "--quick"], timeout=300)
+    assert "raw sp.encode, 1 process" in out.stdout and "preprocess, 2 worker(s)" in out.stdout
+    mem = [ln.split() for ln in out.stdout.split("vs corpus size")[1].splitlines()[2:] if ln.strip()]
+    assert [row[0] for row in mem] == ["0.5", "2"]
+    assert int(mem[1][1].replace(",", "")) > 3 * int(mem[0][1].replace(",", ""))  # 4x the text, ~4x the tokens
