@@ -100,8 +100,31 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
                            seed=cfg.train.seed, use_te=use_te)
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
+    mark_tensor_parallel_params(model)
     initialize_parameters(model, cfg)
     return model
+
+
+def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Set megatron's `tensor_model_parallel` / `partition_dim` attributes on every TP-sharded parameter.
+
+    megatron sets them only inside its own weight initialisation, which we skip (`perform_initialization=False`
+    with CPU init); without them the gradient norm counts sharded weights on one TP rank only, and our own
+    initialisation could not find the full shapes."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            sharded = {"weight": 0, "bias": 0}
+        elif isinstance(module, RowParallelLinear):
+            sharded = {"weight": 1}
+        else:
+            continue
+        for name, dim in sharded.items():
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
 
 @torch.no_grad()

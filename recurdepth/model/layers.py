@@ -90,6 +90,21 @@ class LoopedTransformerLayer(MegatronModule):
         return x
 
 
+class SequenceParallelNorm(torch.nn.Module):
+    """RMSNorm / LayerNorm (per `config.normalization`) for the local spec, usable with sequence parallelism:
+    its parameters are marked `sequence_parallel` so megatron all-reduces their gradients over TP (each TP
+    rank sees only its slice of the sequence). megatron's own torch norm refuses sequence parallelism."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 class InjectionAdapter(torch.nn.Module):
     """Input injection `adapter(s, e) -> [s, b, h]` run before every core pass.
 
@@ -97,11 +112,14 @@ class InjectionAdapter(torch.nn.Module):
     `g = sigmoid(W [s; e])`.
     """
 
-    def __init__(self, kind: str, hidden_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, kind: str, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.kind = kind
         if kind in ("concat", "gate"):
             self.proj = torch.nn.Linear(2 * hidden_size, hidden_size, bias=False, dtype=dtype)
+            # replicated over TP; with sequence parallelism each rank's gradient covers its tokens only
+            self.proj.weight.sequence_parallel = sequence_parallel
 
     def forward(self, state: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
         if self.kind == "add":
@@ -137,4 +155,5 @@ def layer_spec_submodules(use_te: bool, attention: str) -> tuple[TransformerLaye
     sub: TransformerLayerSubmodules = spec.submodules
     if attention == "sdpa":
         sub.self_attention.submodules.core_attention = SDPACoreAttention
-    return sub, sub.input_layernorm
+    sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelNorm
+    return sub, SequenceParallelNorm

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -69,7 +69,8 @@ class LoopedGPTModel(LanguageModule):
         d = config.kv_channels
         self.rotary_pos_emb.inv_freq = 1.0 / model_cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         self.prelude = stack(P, 0)
-        self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype)
+        self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype,
+                                        sequence_parallel=config.sequence_parallel)
         self.core = stack(R, P)
         self.coda = stack(C, P + R)
         self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=config.layernorm_epsilon)
@@ -100,6 +101,8 @@ class LoopedGPTModel(LanguageModule):
         if self.model_cfg.initial_state == "zeros":
             return torch.zeros_like(e)
         std, (s, b, h) = self.state_std, e.shape
+        if self.config.sequence_parallel:
+            s *= parallel_state.get_tensor_model_parallel_world_size()
         if sample_ids is None:
             state = torch.empty_like(e)
             torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
@@ -110,7 +113,11 @@ class LoopedGPTModel(LanguageModule):
                 g = torch.Generator().manual_seed(derive_seed(self.seed, _STATE_STREAM, sid))
                 draws.append(torch.nn.init.trunc_normal_(torch.empty(s, h, dtype=e.dtype), 0.0, std,
                                                          -3 * std, 3 * std, generator=g))
-            state = torch.stack(draws, dim=1).to(e.device, non_blocking=True)
+            state = torch.stack(draws, dim=1)
+            if self.config.sequence_parallel:  # this TP rank's slice of the sequence, as e is
+                state = state.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+                    parallel_state.get_tensor_model_parallel_rank()]
+            state = state.to(e.device, non_blocking=True)
         return state * self.model_cfg.embedding_scale
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
@@ -123,7 +130,7 @@ class LoopedGPTModel(LanguageModule):
     def recur(self, state: torch.Tensor, e: torch.Tensor, window: BackpropWindow,
               collect_health: bool = False) -> torch.Tensor:
         """Run the core `window.total` times: the first `window.no_grad` without autograd."""
-        rope = self.rope(e.shape[0])
+        rope = self.rope(self.full_seq_len(e))
         with torch.no_grad():
             for _ in range(window.no_grad):
                 state = self.core_step(state, e, rope)
@@ -140,7 +147,7 @@ class LoopedGPTModel(LanguageModule):
 
     def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`."""
-        rope = self.rope(state.shape[0])
+        rope = self.rope(self.full_seq_len(state))
         x = state
         for layer in self.coda:
             x = layer(x, rope)
@@ -162,6 +169,11 @@ class LoopedGPTModel(LanguageModule):
 
     def rope(self, seq_len: int) -> torch.Tensor:
         return self.rotary_pos_emb(seq_len)
+
+    def full_seq_len(self, x: torch.Tensor) -> int:
+        """Sequence length of `[s, b, h]` activations, which hold s / tp tokens under sequence parallelism."""
+        tp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        return x.shape[0] * tp
 
 
 @torch.no_grad()
