@@ -49,6 +49,12 @@ class ModelConfig:
     initial_state: Literal["trunc_normal", "zeros"] = "trunc_normal"
     initial_state_std: Optional[float] = None  # None = init_std; the state is also scaled by embedding_scale
     rotary_base: float = 10000.0
+    num_experts: Optional[int] = None  # MoE feed-forward (megatron MoELayer) with this many experts; None = dense
+    moe_layers: Literal["core", "all"] = "core"  # which blocks get experts
+    moe_top_k: int = 2
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_aux_loss_coeff: float = 1e-2  # router load-balancing loss weight
+    moe_ffn_hidden_size: Optional[int] = None  # None = ffn_hidden_size
 
 
 @dataclass
@@ -202,6 +208,13 @@ class Config:
             _require(m.num_query_groups >= 1 and m.num_heads % m.num_query_groups == 0, "model.num_query_groups",
                      m.num_query_groups, f"use a divisor of model.num_heads={m.num_heads}")
         _require(m.seq_length >= 2, "model.seq_length", m.seq_length, "use at least 2")
+        if m.num_experts is not None:
+            _require(m.num_experts >= 1, "model.num_experts", m.num_experts, "use >= 1 experts or null for a dense MLP")
+            _require(1 <= m.moe_top_k <= m.num_experts, "model.moe_top_k", m.moe_top_k,
+                     f"use 1 <= top_k <= num_experts={m.num_experts}")
+            if p.tensor > 1:
+                _require(p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+                         "megatron's MoE layer needs sequence parallelism when parallel.tensor > 1; set it to true")
         _require(r.backprop_depth >= 1, "recurrence.backprop_depth", r.backprop_depth,
                  "k must be >= 1 (gradients flow through the last k iterations)")
         _require(r.depth >= 1, "recurrence.depth", r.depth, "use r >= 1")

@@ -56,14 +56,17 @@ def check_layout(cfg: Config, world_size: int) -> int:
     if m.core_layers % p.pipeline:
         raise ConfigError(f"model.core_layers={m.core_layers} is not divisible by parallel.pipeline={p.pipeline}; "
                           f"use a multiple of {p.pipeline} core layers")
-    if p.expert > 1 and dp % p.expert:
-        raise ConfigError(f"parallel.expert={p.expert} does not divide the data-parallel size {dp}; "
-                          f"expert parallelism is carved out of data parallelism")
+    if p.expert > 1 and not m.num_experts:
+        raise ConfigError(f"parallel.expert={p.expert} needs an MoE model; set model.num_experts or parallel.expert=1")
+    if m.num_experts and m.num_experts % p.expert:
+        raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}; "
+                          f"use a multiple of {p.expert} experts")
+    if p.expert > 1 and (dp * p.tensor) % p.expert:
+        raise ConfigError(f"parallel.expert={p.expert} does not divide data x tensor parallel = {dp} x {p.tensor}; "
+                          f"expert parallelism is carved out of those ranks")
     if p.pipeline > 1:
         raise ConfigError("parallel.pipeline > 1 is not available yet (recurrence-aware pipeline schedule: issue 4); "
                           "use parallel.pipeline=1")
-    if p.expert > 1:
-        raise ConfigError("parallel.expert > 1 is not available yet (MoE core: issue 4); use parallel.expert=1")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
                           f"data-parallel size = {t.micro_batch_size} x {dp}; use a multiple of {t.micro_batch_size * dp}")

@@ -30,6 +30,20 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def _global_name_and_shard(name: str, cfg: Config) -> tuple[str, int, int]:
+    """A parameter's layout-independent name (local expert i -> global expert index) and the TP group it is
+    sharded over (expert weights: megatron's expert-tensor-parallel group)."""
+    if ".local_experts." not in name:
+        return (name, parallel_state.get_tensor_model_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_world_size())
+    head, tail = name.split(".local_experts.", 1)
+    local, rest = tail.split(".", 1)
+    per_rank = cfg.model.num_experts // parallel_state.get_expert_model_parallel_world_size()
+    expert = parallel_state.get_expert_model_parallel_rank() * per_rank + int(local)
+    return (f"{head}.local_experts.{expert}.{rest}", parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size())
+
+
 def init_std(cfg: Config) -> float:
     return cfg.model.init_std or (2.0 / (5.0 * cfg.model.hidden_size)) ** 0.5
 
@@ -73,9 +87,23 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, o
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,  # losses are token sums; finalize_model_grads divides by the global count
         init_method=torch.nn.init.zeros_,
         output_layer_init_method=torch.nn.init.zeros_,
+        **moe_config(cfg),
     )
+
+
+def moe_config(cfg: Config) -> dict:
+    """megatron MoE settings (dropless top-k routing with an auxiliary load-balancing loss)."""
+    m = cfg.model
+    if not m.num_experts:
+        return {}
+    return dict(num_moe_experts=m.num_experts, moe_router_topk=m.moe_top_k,
+                moe_token_dispatcher_type=m.moe_dispatcher, moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+                moe_router_load_balancing_type="aux_loss", moe_grouped_gemm=False,
+                moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size
+                or default_ffn_hidden_size(m.hidden_size, m.activation))
 
 
 def use_transformer_engine(cfg: Config, device: torch.device | str) -> bool:
@@ -136,9 +164,8 @@ def initialize_parameters(model: torch.nn.Module, cfg: Config) -> None:
     """
     std = init_std(cfg)
     out_std = std / math.sqrt(2 * effective_depth(cfg)) if cfg.model.depth_scaled_init else std
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for name, param in model.named_parameters():
+    for local_name, param in model.named_parameters():
+        name, tp_rank, tp_size = _global_name_and_shard(local_name, cfg)
         if param.dim() == 1:  # norm scales and biases
             param.fill_(1.0 if "norm" in name else 0.0)
             continue

@@ -138,7 +138,8 @@ def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
     return int(math.ceil(8 * hidden_size / 3 / 64) * 64)
 
 
-def layer_spec_submodules(use_te: bool, attention: str) -> tuple[TransformerLayerSubmodules, type]:
+def layer_spec_submodules(use_te: bool, attention: str, num_experts: Optional[int] = None
+                          ) -> tuple[TransformerLayerSubmodules, type]:
     """The megatron-core layer spec the looped blocks are made of, and the norm class for sandwich norms:
     TransformerEngine where importable and asked for (its n1/n3 are fused into the following linear), else
     the local (pure torch) spec with the core attention swapped for SDPA when asked."""
@@ -149,9 +150,9 @@ def layer_spec_submodules(use_te: bool, attention: str) -> tuple[TransformerLaye
 
         from megatron.core.extensions.transformer_engine import TENorm
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
         return spec.submodules, TENorm
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     sub: TransformerLayerSubmodules = spec.submodules
     if attention == "sdpa":
         sub.self_attention.submodules.core_attention = SDPACoreAttention

@@ -51,9 +51,10 @@ class LoopedGPTModel(LanguageModule):
         self.share_embeddings_and_output_weights = model_cfg.tie_embeddings
         self.checkpoint_iterations = recurrence_cfg.checkpoint_iterations
         h = config.hidden_size
-        submodules, norm = layer_spec_submodules(use_te, model_cfg.attention)
+        dense, norm = layer_spec_submodules(use_te, model_cfg.attention)
+        moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts)[0] if model_cfg.num_experts else dense
 
-        def stack(n: int, first: int) -> torch.nn.ModuleList:
+        def stack(n: int, first: int, submodules) -> torch.nn.ModuleList:
             return torch.nn.ModuleList(
                 LoopedTransformerLayer(config, submodules, layer_number=first + i + 1,
                                        block_norm=model_cfg.block_norm, post_norm=norm)
@@ -68,11 +69,12 @@ class LoopedGPTModel(LanguageModule):
         # frequencies in float64: exact angles at any sequence length; cos/sin are cast to the activations' dtype
         d = config.kv_channels
         self.rotary_pos_emb.inv_freq = 1.0 / model_cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        self.prelude = stack(P, 0)
+        outer = moe if model_cfg.moe_layers == "all" else dense
+        self.prelude = stack(P, 0, outer)
         self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype,
                                         sequence_parallel=config.sequence_parallel)
-        self.core = stack(R, P)
-        self.coda = stack(C, P + R)
+        self.core = stack(R, P, moe)  # experts, like every core weight, are shared by all iterations
+        self.coda = stack(C, P + R, outer)
         self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=config.layernorm_epsilon)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -193,9 +193,10 @@ def expected_ops(stage: int, p: int, m: int, window: BackpropWindow) -> list[Op]
 
 
 def default_cap(p: int, stage: int, window: BackpropWindow) -> int:
-    """Chunks holding activations on `stage` before it must wait for a backward: a full group's grad chunks
-    (p k) plus the forwards it can run while the first gradient travels back to it (2 units per hop)."""
-    return p * window.with_grad + 2 * (p - 1 - stage) + 1
+    """Most grad chunks holding activations on `stage` at once: p k - stage (stage 0 holds one group's
+    grad trips). The smallest cap that still reaches the fill/drain-only bubble when p divides m (searched
+    over p <= 8, r <= 8, m <= 16: one less always costs bubble or cannot complete)."""
+    return max(1, p * window.with_grad - stage)
 
 
 class ScheduleDeadlock(RuntimeError):
@@ -231,7 +232,7 @@ def _greedy(p: int, m: int, window: BackpropWindow, caps: Sequence[int]) -> tupl
             ends[(s, orders[s][-1])] = end
         time[s] = end
 
-    def decide(s: int, t: float) -> Optional[Op]:
+    def try_b(s: int, t: float) -> Optional[Op]:
         if bi[s] < len(bseq):
             mb, j = bseq[bi[s]]
             op = Op("B", mb, j)
@@ -239,6 +240,9 @@ def _greedy(p: int, m: int, window: BackpropWindow, caps: Sequence[int]) -> tupl
                 bi[s] += 1
                 inflight[s] -= 1
                 return op
+        return None
+
+    def try_f(s: int, t: float) -> Optional[Op]:
         if fi[s] < len(fseq):
             mb, j = fseq[fi[s]]
             op = Op(_fkind(window, j), mb, j)
@@ -247,6 +251,9 @@ def _greedy(p: int, m: int, window: BackpropWindow, caps: Sequence[int]) -> tupl
                 inflight[s] += op.kind == "F"
                 return op
         return None
+
+    def decide(s: int, t: float) -> Optional[Op]:
+        return try_f(s, t) or try_b(s, t)
 
     done = [0] * p
     while any(done[s] < total[s] for s in range(p)):
@@ -352,3 +359,281 @@ def max_in_flight(orders: Sequence[Sequence[Op]]) -> list[int]:
             peak = max(peak, cur)
         out.append(peak)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# messages between stages
+
+
+def produced_message(op: Op, stage: int, p: int, window: BackpropWindow) -> Optional[tuple[int, tuple]]:
+    """(destination stage, key) of what `op` on `stage` sends, or None. Keys: ("f", mb, j) = state after
+    iteration j's chunk on the sender; ("b", mb, j) = grad wrt the input of the sender's chunk of iteration j."""
+    r, n = window.total, window.no_grad
+    mb, j = op.micro_batch, op.iteration
+    if op.kind in "fF":
+        if stage < p - 1:
+            return stage + 1, ("f", mb, j)
+        return (0, ("f", mb, j)) if j < r else None
+    if op.kind == "B":
+        if stage > 0:
+            return stage - 1, ("b", mb, j)
+        return (p - 1, ("b", mb, j)) if j > n + 1 else None
+    return None
+
+
+def needed_message(op: Op, stage: int, p: int, window: BackpropWindow) -> Optional[tuple[int, tuple]]:
+    """(source stage, key) of the message `op` on `stage` consumes, or None (E, H, local inputs)."""
+    r = window.total
+    mb, j = op.micro_batch, op.iteration
+    if op.kind in "fF":
+        if stage > 0:
+            return stage - 1, ("f", mb, j)
+        return (p - 1, ("f", mb, j - 1)) if j > 1 else None
+    if op.kind == "B":
+        if stage < p - 1:
+            return stage + 1, ("b", mb, j)
+        return (0, ("b", mb, j + 1)) if j < r else None
+    return None
+
+
+def message_tag(key: tuple, r: int, time: bool = False) -> int:
+    """Unique per (direction, micro-batch, iteration) within a run; the logical-time companion gets +1."""
+    direction, mb, j = key
+    return ((mb * (r + 1) + j) * 2 + (direction == "b")) * 2 + int(time)
+
+
+class LoopedPipelineSchedule:
+    """Runs one optimizer step's micro-batches through the ring of stages; see the module docstring.
+
+    `stage`: this rank's `LoopedStage`; `pp_group`: the pipeline group (stage index = rank in the group,
+    stage 0 = first); `tensor_shape`/`dtype`: of the state passed between stages ([s, b, h]).
+    `record_timeline` (same on every stage) keeps `timeline` and `bubble_fraction()` for the last run.
+    """
+
+    LOOKAHEAD = 2  # receives are posted for the inputs of the current and the next LOOKAHEAD ops
+
+    def __init__(self, stage: LoopedStage, pp_group, tensor_shape: tuple, dtype: torch.dtype, device,
+                 record_timeline: bool = True):
+        self.stage, self.group = stage, pp_group
+        self.tensor_shape, self.dtype, self.device = tuple(tensor_shape), dtype, torch.device(device)
+        self.record_timeline = record_timeline
+        self.p = dist.get_world_size(pp_group)
+        self.rank = dist.get_rank(pp_group)
+        self.ranks = dist.get_process_group_ranks(pp_group)
+        if bool(stage.is_first) != (self.rank == 0) or bool(stage.is_last) != (self.rank == self.p - 1):
+            raise ValueError(f"stage {self.rank} of {self.p}: is_first={stage.is_first}, is_last={stage.is_last} "
+                             "do not match its rank in the pipeline group")
+        self.timeline: list[TimelineSlot] = []
+        self.last_orders: Optional[list[list[Op]]] = None
+        self._orders_cache: dict = {}
+
+    # -------------------------------------------------------------- public
+
+    def orders(self, m: int, window: BackpropWindow) -> list[list[Op]]:
+        key = (m, window.total, window.with_grad)
+        if key not in self._orders_cache:
+            self._orders_cache[key] = build_order(self.p, m, window)
+        return self._orders_cache[key]
+
+    def bubble_fraction(self) -> float:
+        """Idle time over all stages / (p * makespan), from the last run's timeline."""
+        return timeline_bubble(self.timeline, self.p)
+
+    def run(self, micro_batches: list, window: BackpropWindow, loss_fn: Callable[[Tensor, object], Tensor]) -> Tensor:
+        m = len(micro_batches)
+        orders = self.orders(m, window)
+        self.last_orders = orders
+        run = _Run(self, orders, micro_batches, window, loss_fn)
+        total = run.execute()
+        if self.record_timeline:
+            mine = [(self.rank, op.kind, op.micro_batch, op.iteration, s, e)
+                    for op, (s, e) in zip(orders[self.rank], run.slot_times())]
+            gathered: list = [None] * self.p
+            if self.p > 1:
+                dist.all_gather_object(gathered, mine, group=self.group)
+            else:
+                gathered = [mine]
+            self.timeline = [TimelineSlot(*row) for rows in gathered for row in rows]
+        return total
+
+
+class _Run:
+    """The state of one `LoopedPipelineSchedule.run`."""
+
+    def __init__(self, sched: LoopedPipelineSchedule, orders, micro_batches, window: BackpropWindow, loss_fn):
+        self.s, self.orders, self.mbs, self.window, self.loss_fn = sched, orders, micro_batches, window, loss_fn
+        self.p, self.me = sched.p, sched.rank
+        self.order: list[Op] = orders[self.me]
+        self.grad = window.with_grad > 0
+        # receives from each source stage, in the order that stage sends them
+        self.incoming: dict[int, list[tuple]] = {}
+        for src in range(self.p):
+            if src == self.me:
+                continue
+            keys = []
+            for op in orders[src]:
+                msg = produced_message(op, src, self.p, window)
+                if msg is not None and msg[0] == self.me:
+                    keys.append(msg[1])
+            self.incoming[src] = keys
+        self.next_post = {src: 0 for src in self.incoming}
+        self.posted: dict[tuple[int, tuple], tuple] = {}  # (src, key) -> (data buf, data work, time buf, time work)
+        self.local: dict[tuple, tuple] = {}  # messages to self: key -> (tensor, time)
+        self.sends: list = []
+        self.acts: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (mb, j) -> (input leaf, output)
+        self.e: dict[int, tuple[Tensor, Tensor]] = {}  # mb -> (e with its graph, e leaf used by the chunks)
+        self.head_grad: dict[int, Tensor] = {}
+        rec = sched.record_timeline
+        self.zero_t = torch.zeros((), dtype=torch.float64, device=sched.device) if rec else None
+        self.free = self.zero_t
+        self.times: list[tuple[Tensor, Tensor]] = []
+        self.total = torch.zeros((), dtype=torch.float64, device=sched.device)
+        self.total_set = False
+
+    # ------------------------------------------------------------ communication
+
+    def _post_upto(self, src: int, key: tuple) -> None:
+        keys = self.incoming[src]
+        while (src, key) not in self.posted:
+            i = self.next_post[src]
+            if i >= len(keys):
+                raise RuntimeError(f"stage {self.me}: stage {src} never sends {key}")
+            k = keys[i]
+            self.next_post[src] = i + 1
+            grp, peer, r = self.s.group, self.s.ranks[src], self.window.total
+            buf = torch.empty(self.s.tensor_shape, dtype=self.s.dtype, device=self.s.device)
+            work = dist.irecv(buf, src=peer, group=grp, tag=message_tag(k, r))
+            tbuf = twork = None
+            if self.s.record_timeline:
+                tbuf = torch.empty(1, dtype=torch.float64, device=self.s.device)
+                twork = dist.irecv(tbuf, src=peer, group=grp, tag=message_tag(k, r, time=True))
+            self.posted[(src, k)] = (buf, work, tbuf, twork)
+
+    def _prepost(self, idx: int) -> None:
+        for op in self.order[idx: idx + 1 + self.s.LOOKAHEAD]:
+            msg = needed_message(op, self.me, self.p, self.window)
+            if msg is not None and msg[0] != self.me:
+                self._post_upto(*msg)
+
+    def _receive(self, op: Op) -> tuple[Tensor, Optional[Tensor]]:
+        src, key = needed_message(op, self.me, self.p, self.window)
+        if src == self.me:
+            return self.local.pop(key)
+        self._post_upto(src, key)
+        buf, work, tbuf, twork = self.posted.pop((src, key))
+        work.wait()
+        if twork is not None:
+            twork.wait()
+            return buf, tbuf[0]
+        return buf, None
+
+    def _send(self, op: Op, tensor: Tensor, end_time: Optional[Tensor]) -> None:
+        dst, key = produced_message(op, self.me, self.p, self.window)
+        tensor = tensor.detach()
+        if dst == self.me:
+            self.local[key] = (tensor, end_time)
+            return
+        grp, peer, r = self.s.group, self.s.ranks[dst], self.window.total
+        tensor = tensor.contiguous()
+        self.sends.append((dist.isend(tensor, dst=peer, group=grp, tag=message_tag(key, r)), tensor))
+        if self.s.record_timeline:
+            t = end_time.reshape(1).clone()
+            self.sends.append((dist.isend(t, dst=peer, group=grp, tag=message_tag(key, r, time=True)), t))
+        if len(self.sends) > 64:  # drop completed sends
+            self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
+
+    # ------------------------------------------------------------ logical time
+
+    def _clock(self, op: Op, arrival: Optional[Tensor]) -> Optional[Tensor]:
+        """Record op's slot: start = max(free, arrival), end = start + duration; returns end."""
+        if self.zero_t is None:
+            return None
+        start = self.free if arrival is None else torch.maximum(self.free, arrival)
+        end = start + DURATION[op.kind]
+        self.times.append((start, end))
+        self.free = end
+        return end
+
+    def slot_times(self) -> list[tuple[float, float]]:
+        if not self.times:
+            return []
+        return [tuple(x) for x in torch.stack([torch.stack(t) for t in self.times]).tolist()]
+
+    # ------------------------------------------------------------ ops
+
+    def execute(self) -> Tensor:
+        st = self.s.stage
+        for idx, op in enumerate(self.order):
+            self._prepost(idx)
+            getattr(self, "_op_" + ("f" if op.kind in "fF" else op.kind))(op, st)
+        for work, _ in self.sends:
+            work.wait()
+        leftovers = (self.acts, self.e, self.head_grad, self.local, self.posted)
+        assert not any(leftovers), f"stage {self.me}: state left after the run: {[len(x) for x in leftovers]}"
+        out = self.total
+        return out if self.total_set else out.to(self.s.dtype)
+
+    def _op_E(self, op: Op, st) -> None:
+        mb = self.mbs[op.micro_batch]
+        with torch.set_grad_enabled(self.grad):
+            e = st.embed(mb.tokens)
+        with torch.no_grad():
+            s0 = st.initial_state(e.detach(), mb.sample_ids)
+        e_leaf = e.detach().requires_grad_(self.grad and e.requires_grad)
+        self.e[op.micro_batch] = (e, e_leaf)
+        end = self._clock(op, None)
+        self.local[("f", op.micro_batch, 0)] = (s0.detach(), end)
+
+    def _op_f(self, op: Op, st) -> None:
+        mb, j = op.micro_batch, op.iteration
+        if self.me == 0 and j == 1:
+            x, arrival = self.local.pop(("f", mb, 0))
+        else:
+            x, arrival = self._receive(op)
+        e = self.e[mb][1] if self.me == 0 else None
+        if op.kind == "f":
+            with torch.no_grad():
+                out = st.core_chunk(x, e)
+        else:
+            # the first grad iteration's input on stage 0 is the truncation point: no grad flows into it
+            x = x.detach().requires_grad_(not (self.me == 0 and j == self.window.no_grad + 1))
+            with torch.enable_grad():
+                out = st.core_chunk(x, e)
+            self.acts[(mb, j)] = (x, out)
+        end = self._clock(op, arrival)
+        if produced_message(op, self.me, self.p, self.window) is not None:
+            self._send(op, out, end)
+        if self.me == self.p - 1 and j == self.window.total:
+            self.head_input = out
+        if self.me == 0 and j == self.window.total and not self.grad:
+            del self.e[mb]  # forward only: e is not needed after the last trip
+
+    def _op_H(self, op: Op, st) -> None:
+        mb = self.mbs[op.micro_batch]
+        out = self.head_input
+        del self.head_input
+        x = out.detach().requires_grad_(self.grad)
+        with torch.set_grad_enabled(self.grad):
+            loss = self.loss_fn(st.head(x, mb.labels), mb)
+        if self.grad:
+            torch.autograd.backward(loss)
+            self.head_grad[op.micro_batch] = x.grad if x.grad is not None else torch.zeros_like(x)
+        self.total = loss.detach() if not self.total_set else self.total + loss.detach()
+        self.total_set = True
+        self._clock(op, None)
+
+    def _op_B(self, op: Op, st) -> None:
+        mb, j = op.micro_batch, op.iteration
+        if self.me == self.p - 1 and j == self.window.total:
+            grad_out, arrival = self.head_grad.pop(mb), None
+        else:
+            grad_out, arrival = self._receive(op)
+        x, out = self.acts.pop((mb, j))
+        torch.autograd.backward(out, grad_out)
+        if self.me == 0 and j == self.window.no_grad + 1:  # the micro-batch's last backward trip on stage 0
+            e, e_leaf = self.e.pop(mb)
+            if e_leaf.grad is not None and e.requires_grad:
+                torch.autograd.backward(e, e_leaf.grad)
+        end = self._clock(op, arrival)
+        if produced_message(op, self.me, self.p, self.window) is not None:
+            self._send(op, x.grad if x.grad is not None else torch.zeros_like(x), end)

@@ -82,7 +82,6 @@ class Trainer:
         self.data = build_datasets(cfg, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
                                    self.is_logger)
         model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
-        model.config.calculate_per_token_loss = True  # grads scaled by the global token count, not 1/dp
         self.model = DistributedDataParallel(
             config=model.config, module=model,
             ddp_config=DistributedDataParallelConfig(
@@ -193,6 +192,8 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         health = {k: float(v) for k, v in self.model.module.last_health.items()} if collect else {}
+        if cfg.model.num_experts:
+            health["moe_load_balancing_loss"] = self.router_balance_loss(window.with_grad * len(batches))
         tokens = t.global_batch_size * cfg.model.seq_length
         return StepMetrics(
             step=self.state.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
@@ -200,6 +201,21 @@ class Trainer:
             backprop_depth=window.with_grad, tokens=tokens, seconds=time.perf_counter() - start,
             flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
             peak_flops=self.peak, health=health)
+
+    def router_balance_loss(self, calls_per_layer: int) -> float:
+        """Mean load-balancing loss of the MoE routers over this step's grad passes (megatron's tracker holds
+        the per-layer sums; each core layer's router runs once per grad iteration and micro-batch)."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        if entry is None:
+            return float("nan")
+        values = entry["values"]
+        layers = int((values != 0).sum().clamp_min(1))
+        mean = (values.sum() / (layers * max(calls_per_layer, 1))).reshape(1).float()
+        torch.distributed.all_reduce(mean, group=_dp_group())
+        clear_aux_losses_tracker()
+        return float(mean) / self.dp_size
 
     @torch.no_grad()
     def evaluate(self) -> dict:

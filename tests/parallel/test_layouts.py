@@ -10,11 +10,22 @@ COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interv
           "logging.tensorboard=false", "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"]
 
 
+MOE = ["model.num_experts=4", "model.moe_top_k=2"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    run_dir = tmp_path_factory.mktemp("one-process")
-    run_cli([*COMMON, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"])
-    return read_metrics(run_dir)
+def references(tmp_path_factory, data_cache):
+    """One-process runs, computed on first use: the dense model and the MoE model."""
+    cache = {}
+
+    def get(model_overrides: tuple):
+        if model_overrides not in cache:
+            run_dir = tmp_path_factory.mktemp("one-process")
+            run_cli([*COMMON, *model_overrides, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"])
+            cache[model_overrides] = read_metrics(run_dir)
+        return cache[model_overrides]
+
+    return get
 
 
 def assert_same_losses(reference, rows):
@@ -26,11 +37,16 @@ def assert_same_losses(reference, rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout", [
-    (2, ["parallel.tensor=2"]),
-    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    (4, ["parallel.tensor=2"]),  # DP=2 x TP=2
-], ids=["tp2", "tp2-sp", "dp2xtp2"])
-def test_layout_matches_one_process(reference, tmp_path, data_cache, nproc, layout):
-    run_cli([*COMMON, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=nproc)
-    assert_same_losses(reference, read_metrics(tmp_path))
+@pytest.mark.parametrize("nproc,model,layout", [
+    (2, (), ["parallel.tensor=2"]),
+    (2, (), ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    (4, (), ["parallel.tensor=2"]),  # DP=2 x TP=2
+    (2, tuple(MOE), ["parallel.expert=2", "model.moe_dispatcher=alltoall"]),
+    (2, tuple(MOE), ["parallel.expert=2", "model.moe_dispatcher=allgather"]),
+], ids=["tp2", "tp2-sp", "dp2xtp2", "ep2-alltoall", "ep2-allgather"])
+def test_layout_matches_one_process(references, tmp_path, data_cache, nproc, model, layout):
+    run_cli([*COMMON, *model, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=nproc)
+    rows = read_metrics(tmp_path)
+    assert_same_losses(references(model), rows)
+    if model:  # the router's load-balancing loss is logged (and is ~1 for a balanced router: E * sum f_i p_i)
+        assert all(0.5 < r["health/moe_load_balancing_loss"] < 4 for r in rows)
