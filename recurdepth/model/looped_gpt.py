@@ -54,11 +54,12 @@ class LoopedGPTModel(LanguageModule):
         dense, norm = layer_spec_submodules(use_te, model_cfg.attention)
         moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts)[0] if model_cfg.num_experts else dense
 
-        def stack(n: int, first: int, submodules) -> torch.nn.ModuleList:
-            return torch.nn.ModuleList(
-                LoopedTransformerLayer(config, submodules, layer_number=first + i + 1,
-                                       block_norm=model_cfg.block_norm, post_norm=norm)
-                for i in range(n))
+        def stack(n: int, first: int, submodules) -> torch.nn.ModuleDict:
+            # keyed by the layer's index within its block, so names are the same under every layout
+            return torch.nn.ModuleDict({
+                str(i): LoopedTransformerLayer(config, submodules, layer_number=first + i + 1,
+                                               block_norm=model_cfg.block_norm, post_norm=norm)
+                for i in range(n)})
 
         P, R, C = model_cfg.prelude_layers, model_cfg.core_layers, model_cfg.coda_layers
         if pre_process:
@@ -93,7 +94,7 @@ class LoopedGPTModel(LanguageModule):
         if self.model_cfg.embedding_scale != 1.0:
             e = e * self.model_cfg.embedding_scale
         rope = self.rope(input_ids.shape[1])
-        for layer in self.prelude:
+        for layer in self.prelude.values():
             e = layer(e, rope)
         return e
 
@@ -125,7 +126,7 @@ class LoopedGPTModel(LanguageModule):
     def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
         """One iteration `s_i = core(adapter(s_{i-1}, e))`."""
         x = self.adapter(state, e)
-        for layer in self.core:
+        for layer in self.core.values():
             x = layer(x, rope)
         return x
 
@@ -151,7 +152,7 @@ class LoopedGPTModel(LanguageModule):
         """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`."""
         rope = self.rope(self.full_seq_len(state))
         x = state
-        for layer in self.coda:
+        for layer in self.coda.values():
             x = layer(x, rope)
         x = self.final_layernorm(x)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
@@ -168,6 +169,21 @@ class LoopedGPTModel(LanguageModule):
         return self.head(state, labels)
 
     # ------------------------------------------------------------------ helpers
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharded state dict, with the layer stacks entered layer by layer: megatron's default
+        recursion treats a plain ModuleList as replicated local tensors, which would save TP shards under one
+        key (and lose all but one). Layer keys are global (`core.<i>`), so a checkpoint reshards across layouts."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for stack in ("prelude", "core", "coda"):
+            head = f"{prefix}{stack}."
+            for key in [k for k in sd if k.startswith(head)]:
+                del sd[key]
+            for index, layer in getattr(self, stack).items():
+                sd.update(sharded_state_dict_default(layer, f"{head}{index}.", sharded_offsets, metadata))
+        return sd
 
     def rope(self, seq_len: int) -> torch.Tensor:
         return self.rotary_pos_emb(seq_len)

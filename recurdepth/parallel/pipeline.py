@@ -25,15 +25,25 @@ forward sequence of (micro_batch, iteration) chunks, megatron's interleaved orde
 of p, and within a group all r iterations, iteration-major (j=1: mb g*p..g*p+p-1, j=2: ..., j=r). With
 groups of p the ring is exactly full: stage 0 starts iteration j+1 of a micro-batch just when stage p-1
 finishes iteration j. The backward sequence is the same per group with the grad iterations reversed
-(j = r .. r-k+1). Each stage interleaves the two sequences greedily in logical time (F/f = 1 unit, B = 2,
-E/H = 0, communication free): when the stage is free it runs the next B if its gradient has arrived, else
-the next forward if its input has arrived and (for "F") fewer than `cap` chunks hold activations, else it
-idles until one becomes ready. That yields warm-up (forwards of the first group(s) until the first
-gradient comes back round the ring), a steady state where B's (every 2 units) and forwards of the next
-group alternate as they become ready, and a cool-down of B's. `build_order` runs that simulation once,
-globally, and returns each stage's op order; the executor then simply follows its order, so the
-timeline it records (each op starts at max(stage free, arrival of its input), arrival = the logical end
-time carried by the message) reproduces the simulated one exactly.
+(j = r .. r-k+1); the backward ring is exactly full too (B = 2 units per hop). Each stage interleaves the
+two sequences greedily in logical time (F/f = 1 unit, B = 2, E/H = 0, communication free): when free, it
+runs the next forward if its input has arrived and, for an "F", fewer than `cap` = p k - stage chunks
+hold activations; else the next B if its gradient has arrived; else it idles until one is ready.
+  warm-up:   forwards only: the first group's no-grad trips and grad trips (stage s stops at p k - s
+             chunks with activations, i.e. stage 0 holds exactly one group's grad trips);
+  steady:    the cap is reached, so every B frees one slot for one "F": B and F alternate, while the
+             next group's no-grad trips ("f", no slot needed) run in the gaps as their inputs arrive;
+  cool-down: the last group's B's.
+E.g. p=2, r=k=4, m=4 (kinds in order): stage 0 F x8, (B F) x8, B x8; stage 1 F x7, (B F) x9, B x7.
+`build_order` runs that simulation once, globally, and returns each stage's op order (if a cap were too
+small to complete, it is raised by one until the order completes; not needed for any case tried); the
+executor then simply follows its order, so the timeline it records (each op starts at max(stage free,
+arrival of its input), arrival = the logical end time carried by the message) reproduces the simulated
+one exactly. For p | m this reaches the fill/drain-only bubble below (checked for p <= 8, r <= 8,
+m <= 16); a partial last group (p not dividing m) leaves holes in the ring.
+
+Forward only: with k = 0 (`BackpropWindow(r, 0)`, evaluation) `run` does no backward at all and leaves
+gradients untouched (training always has k >= 1).
 
 Bubble: with k >= r every micro-batch costs each stage 3r units and the only idle time is the ring's fill
 and drain, 3(p-1) units, so idle / ideal = (p-1)/(r m) (`expected_bubble`); idle / (p * makespan),
@@ -48,13 +58,17 @@ PP=2, where next and previous stage are the same rank, is unambiguous), each wit
 transports that match by order rather than by tag. Sends are not waited for until the end of `run`.
 Logical times travel as a one-element float64 tensor next to each message (only if `record_timeline`;
 it must then be the same on all stages) and stay on the device until `run` ends, so timing adds no
-host-device sync; the finished timeline is all-gathered over `pp_group` once per `run`.
+host-device sync; the finished timeline is all-gathered over `pp_group` once per `run`. Checked on
+gloo/CPU only: on NCCL, where p2p ops between a pair are matched in order on one stream, a large send
+could wait for its receive; receives are posted ahead, but that has not been run.
+
+Integration notes: `run` only accumulates gradients through autograd (no zeroing, no grad sync); with
+megatron DDP, wrap it in `no_sync()` and finish the grad sync afterwards as megatron's own schedules do.
 """
 
 from __future__ import annotations
 
-import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
@@ -153,7 +167,7 @@ def _fkind(window: BackpropWindow, j: int) -> str:
 
 def op_inputs(op: Op, stage: int, p: int, window: BackpropWindow) -> list[tuple[int, Op]]:
     """The ops (stage, op) whose results `op` on `stage` consumes (besides earlier ops of its own stage)."""
-    r, n = window.total, window.no_grad
+    r = window.total
     mb, j = op.micro_batch, op.iteration
     if op.kind == "E":
         return []
@@ -204,7 +218,7 @@ class ScheduleDeadlock(RuntimeError):
 
 
 def _greedy(p: int, m: int, window: BackpropWindow, caps: Sequence[int]) -> tuple[list[list[Op]], dict]:
-    r, n, k = window.total, window.no_grad, window.with_grad
+    r = window.total
     fseq, bseq = forward_sequence(p, m, r), backward_sequence(p, m, window)
     orders: list[list[Op]] = [[] for _ in range(p)]
     ends: dict[tuple[int, Op], float] = {}
@@ -214,7 +228,7 @@ def _greedy(p: int, m: int, window: BackpropWindow, caps: Sequence[int]) -> tupl
 
     def ready(s: int, op: Op, t: float) -> bool:
         for dep in op_inputs(op, s, p, window):
-            if dep[1].kind == "E" or (dep[1].kind == "H"):
+            if dep[1].kind in ("E", "H"):
                 continue  # E / H are run together with the op they are attached to
             if dep not in ends or ends[dep] > t:
                 return False
@@ -289,6 +303,8 @@ def build_order(p: int, m: int, window: BackpropWindow, caps: Optional[Sequence[
         try:
             return _greedy(p, m, window, caps)[0]
         except ScheduleDeadlock:
+            if min(caps) > m * window.total:  # unbounded already: not a matter of memory (cannot happen)
+                raise
             caps = [c + 1 for c in caps]
 
 
@@ -308,7 +324,6 @@ def _execute(orders: Sequence[Sequence[Op]], p: int, window: BackpropWindow) -> 
     {(stage, op): (start, end)}; AssertionError on a dependency that is never satisfied."""
     pos, free = [0] * p, [0.0] * p
     times: dict[tuple[int, Op], tuple[float, float]] = {}
-    local_done: list[set] = [set() for _ in range(p)]
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
@@ -321,7 +336,6 @@ def _execute(orders: Sequence[Sequence[Op]], p: int, window: BackpropWindow) -> 
                 start = max([free[s]] + [times[d][1] for d in deps])
                 end = start + DURATION[op.kind]
                 times[(s, op)] = (start, end)
-                local_done[s].add(op)
                 free[s] = end
                 pos[s] += 1
                 remaining -= 1

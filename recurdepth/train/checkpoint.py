@@ -195,7 +195,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
         loaded = dist_checkpointing.load(sharded, str(path))
     except (Exception, CheckpointException) as exc:  # truncated or foreign (DCP's error is a BaseException)
         raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated, corrupt or "
-                              f"from another model shape: resume from an earlier step_* directory") from None
+                              f"from another model shape: resume from an earlier step_* directory") from exc
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])

@@ -1,0 +1,44 @@
+"""A checkpoint saved under one layout resumes under another with the uninterrupted run's losses."""
+
+import shutil
+
+import pytest
+
+from tests.conftest import SMALL, TINY, read_metrics, run_cli
+
+STEPS, SAVED = 6, 3
+COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "logging.tensorboard=false",
+          "data.sources=[{builtin: stdlib-docs}]", f"optimizer.decay_steps={STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("tp2")
+    run_cli([*COMMON, "parallel.tensor=2", f"checkpoint.interval={SAVED}", f"train.run_dir={run_dir}",
+             f"data.cache_dir={data_cache}"], nproc=2)
+    return run_dir
+
+
+def resume_from_step(tp2_run, tmp_path, name):
+    run_dir = tmp_path / name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    ckpt = f"step_{SAVED:08d}"
+    shutil.copytree(tp2_run / "checkpoints" / ckpt, run_dir / "checkpoints" / ckpt)
+    (run_dir / "checkpoints" / "latest").write_text(ckpt + "\n")
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, [])], ids=["tp1-dp1", "tp1-dp2"])
+def test_tp2_checkpoint_resumes_under_other_layouts(tp2_run, tmp_path, data_cache, nproc, layout):
+    run_dir = resume_from_step(tp2_run, tmp_path, f"resume-{nproc}")
+    out = run_cli([*COMMON, *layout, "checkpoint.interval=0", "checkpoint.save_final=false",
+                   f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"], nproc=nproc)
+    assert "resumed from" in out.stdout
+    straight = {r["step"]: r for r in read_metrics(tp2_run)}
+    resumed = read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(SAVED + 1, STEPS + 1))
+    for r in resumed:
+        ref = straight[r["step"]]
+        assert r["depth"] == ref["depth"]
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (r["step"], r["loss"], ref["loss"])
