@@ -31,8 +31,11 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 def _global_name_and_shard(name: str, cfg: Config) -> tuple[str, int, int]:
-    """A parameter's layout-independent name (local expert i -> global expert index) and the TP group it is
-    sharded over (expert weights: megatron's expert-tensor-parallel group)."""
+    """A parameter's layout-independent name (local expert i -> global expert index; the last pipeline stage's
+    copy of tied embeddings -> the embedding) and the TP group it is sharded over (expert weights: megatron's
+    expert-tensor-parallel group)."""
+    if name == "output_layer.weight" and cfg.model.tie_embeddings:
+        name = "embedding.word_embeddings.weight"
     if ".local_experts." not in name:
         return (name, parallel_state.get_tensor_model_parallel_rank(),
                 parallel_state.get_tensor_model_parallel_world_size())
@@ -125,8 +128,14 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     """Build and initialise the looped model for this rank (parallel_state must be initialised)."""
     use_te = use_transformer_engine(cfg, device)
     tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
-    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
-                           seed=cfg.train.seed, use_te=use_te)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    per_stage = cfg.model.core_layers // pp_size
+    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence,
+                           padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+                           seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
+                           post_process=pp_rank == pp_size - 1,
+                           core_range=(pp_rank * per_stage, (pp_rank + 1) * per_stage))
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
     initialize_parameters(model, cfg)

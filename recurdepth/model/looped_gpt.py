@@ -42,7 +42,7 @@ class LoopedGPTModel(LanguageModule):
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, recurrence_cfg: RecurrenceConfig,
                  vocab_size: int, seed: int = 0, use_te: bool = False,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, core_range: Optional[tuple] = None):
         super().__init__(config=config)
         self.model_cfg = model_cfg
         self.vocab_size = vocab_size
@@ -54,14 +54,17 @@ class LoopedGPTModel(LanguageModule):
         dense, norm = layer_spec_submodules(use_te, model_cfg.attention)
         moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts)[0] if model_cfg.num_experts else dense
 
-        def stack(n: int, first: int, submodules) -> torch.nn.ModuleDict:
+        def stack(indices, first: int, submodules) -> torch.nn.ModuleDict:
             # keyed by the layer's index within its block, so names are the same under every layout
             return torch.nn.ModuleDict({
                 str(i): LoopedTransformerLayer(config, submodules, layer_number=first + i + 1,
                                                block_norm=model_cfg.block_norm, post_norm=norm)
-                for i in range(n)})
+                for i in indices})
 
         P, R, C = model_cfg.prelude_layers, model_cfg.core_layers, model_cfg.coda_layers
+        # pipeline stage s of p holds core layers [s R/p, (s+1) R/p); the first stage also embedding, prelude and
+        # adapter, the last coda, final norm and head
+        self.core_range = core_range or (0, R)
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, vocab_size, model_cfg.seq_length,
                                                     position_embedding_type="rope")
@@ -71,13 +74,14 @@ class LoopedGPTModel(LanguageModule):
         d = config.kv_channels
         self.rotary_pos_emb.inv_freq = 1.0 / model_cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         outer = moe if model_cfg.moe_layers == "all" else dense
-        self.prelude = stack(P, 0, outer)
-        self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype,
-                                        sequence_parallel=config.sequence_parallel)
-        self.core = stack(R, P, moe)  # experts, like every core weight, are shared by all iterations
-        self.coda = stack(C, P + R, outer)
-        self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=config.layernorm_epsilon)
+        self.prelude = stack(range(P) if pre_process else (), 0, outer)
+        if pre_process:
+            self.adapter = InjectionAdapter(model_cfg.adapter, h, dtype=config.params_dtype,
+                                            sequence_parallel=config.sequence_parallel)
+        self.core = stack(range(*self.core_range), P, moe)  # experts, like every core weight, are shared by all iterations
+        self.coda = stack(range(C) if post_process else (), P + R, outer)
         if post_process:
+            self.final_layernorm = build_module(norm, config=config, hidden_size=h, eps=config.layernorm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 h, vocab_size, config=config, init_method=config.init_method, bias=False,
                 gather_output=False, skip_bias_add=False,
@@ -124,11 +128,15 @@ class LoopedGPTModel(LanguageModule):
         return state * self.model_cfg.embedding_scale
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
-        """One iteration `s_i = core(adapter(s_{i-1}, e))`."""
-        x = self.adapter(state, e)
+        """One iteration `s_i = core(adapter(s_{i-1}, e))` (on one pipeline stage: its share of it)."""
+        x = self.adapter(state, e) if self.pre_process else state
         for layer in self.core.values():
             x = layer(x, rope)
         return x
+
+    def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
+        """This pipeline stage's part of one iteration (the pipeline schedule's `LoopedStage` interface)."""
+        return self.core_step(x, e, self.rope(self.full_seq_len(x)))
 
     def recur(self, state: torch.Tensor, e: torch.Tensor, window: BackpropWindow,
               collect_health: bool = False) -> torch.Tensor:
