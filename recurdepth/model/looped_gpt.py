@@ -196,6 +196,16 @@ class LoopedGPTModel(LanguageModule):
     def rope(self, seq_len: int) -> torch.Tensor:
         return self.rotary_pos_emb(seq_len)
 
+    @property
+    def is_first(self) -> bool:
+        """First pipeline stage (embedding, prelude, adapter, s_0)."""
+        return self.pre_process
+
+    @property
+    def is_last(self) -> bool:
+        """Last pipeline stage (coda, final norm, head)."""
+        return self.post_process
+
     def full_seq_len(self, x: torch.Tensor) -> int:
         """Sequence length of `[s, b, h]` activations, which hold s / tp tokens under sequence parallelism."""
         tp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1

@@ -88,6 +88,7 @@ class Trainer:
                 grad_reduce_in_fp32=True, overlap_grad_reduce=t.overlap_grad_reduce,
                 use_distributed_optimizer=cfg.optimizer.distributed))
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.schedule = self.build_pipeline_schedule(model)
         self.sampler = DepthSampler(cfg.recurrence, t.seed)
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
@@ -99,6 +100,19 @@ class Trainer:
                                            cfg.logging.tensorboard, self.is_logger, callbacks)
         if self.is_logger:
             print(self.summary(model), flush=True)
+
+    def build_pipeline_schedule(self, model):
+        """The recurrence-aware pipeline schedule driving this rank's stage, or None without PP."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return None
+        from recurdepth.parallel.pipeline import LoopedPipelineSchedule
+
+        m, t = self.cfg.model, self.cfg.train
+        seq = m.seq_length // (ps.get_tensor_model_parallel_world_size() if self.cfg.parallel.sequence_parallel else 1)
+        return LoopedPipelineSchedule(model, ps.get_pipeline_model_parallel_group(),
+                                      (seq, t.micro_batch_size, m.hidden_size), self.dtype, self.device)
 
     def summary(self, model) -> str:
         """One line saying what runs where: layout, model size, recurrence, data, precision."""
@@ -174,20 +188,12 @@ class Trainer:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        num_tokens = torch.zeros((), dtype=torch.float32, device=self.device)
-        for i, mb in enumerate(batches):
-            per_token = self.model(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
-                                   collect_health=collect and i == 0)
-            mb_loss = masked_loss_sum(per_token, mb.loss_mask)
-            mb_loss.backward()
-            loss_sum += mb_loss.detach()
-            num_tokens += mb.loss_mask.sum()
-        global_tokens = num_tokens.clone()
+        loss_sum = self.forward_backward(batches, window, collect)
+        global_tokens = sum(mb.loss_mask.sum() for mb in batches).float()
         finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        torch.distributed.all_reduce(loss_sum, group=_dp_group())
+        self.reduce_loss(loss_sum)
         loss = (loss_sum / global_tokens.clamp_min(1)).item()
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
@@ -201,6 +207,29 @@ class Trainer:
             backprop_depth=window.with_grad, tokens=tokens, seconds=time.perf_counter() - start,
             flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
             peak_flops=self.peak, health=health)
+
+    def forward_backward(self, batches: list, window: BackpropWindow, collect: bool = False) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; returns the summed masked token loss (on the last
+        pipeline stage; zero on others). Under pipeline parallelism the looped schedule drives the stages."""
+        if self.schedule is not None:
+            return self.schedule.run(batches, window, lambda per_token, mb: masked_loss_sum(per_token, mb.loss_mask))
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(batches):
+            per_token = self.model(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
+                                   collect_health=collect and i == 0)
+            mb_loss = masked_loss_sum(per_token, mb.loss_mask)
+            if torch.is_grad_enabled():
+                mb_loss.backward()
+            loss_sum += mb_loss.detach()
+        return loss_sum
+
+    def reduce_loss(self, loss_sum: torch.Tensor) -> None:
+        """Sum the loss over data-parallel ranks, and from the last pipeline stage to all (in place)."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.all_reduce(loss_sum, group=_dp_group())
 
     def router_balance_loss(self, calls_per_layer: int) -> float:
         """Mean load-balancing loss of the MoE routers over this step's grad passes (megatron's tracker holds
@@ -226,13 +255,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for b in range(t.eval_batches):
-            for mb in micro_batches(self.data.valid, b * t.global_batch_size, t.global_batch_size,
-                                    t.micro_batch_size, self.dp_rank, self.dp_size, self.device):
-                per_token = self.model(mb.tokens, labels=mb.labels, window=BackpropWindow(depth, 0),
-                                       sample_ids=mb.sample_ids)
-                loss_sum += masked_loss_sum(per_token, mb.loss_mask)
-                tokens += mb.loss_mask.sum()
-        torch.distributed.all_reduce(loss_sum, group=_dp_group())
+            batches = micro_batches(self.data.valid, b * t.global_batch_size, t.global_batch_size,
+                                    t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
+            loss_sum += self.forward_backward(batches, BackpropWindow(depth, 0))
+            tokens += sum(mb.loss_mask.sum() for mb in batches)
+        self.reduce_loss(loss_sum)
         torch.distributed.all_reduce(tokens, group=_dp_group())
         loss = (loss_sum / tokens.clamp_min(1)).item()
         return {"loss": loss, "depth": float(depth)}
