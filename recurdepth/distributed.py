@@ -64,9 +64,9 @@ def check_layout(cfg: Config, world_size: int) -> int:
     if p.expert > 1 and (dp * p.tensor) % p.expert:
         raise ConfigError(f"parallel.expert={p.expert} does not divide data x tensor parallel = {dp} x {p.tensor}; "
                           f"expert parallelism is carved out of those ranks")
-    if p.pipeline > 1:
-        raise ConfigError("parallel.pipeline > 1 is not available yet (recurrence-aware pipeline schedule: issue 4); "
-                          "use parallel.pipeline=1")
+    if p.pipeline > 1 and t.overlap_grad_reduce:
+        raise ConfigError("train.overlap_grad_reduce is not supported with parallel.pipeline > 1 (the looped schedule "
+                          "runs several backward passes per micro-batch); set it to false")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
                           f"data-parallel size = {t.micro_batch_size} x {dp}; use a multiple of {t.micro_batch_size * dp}")

@@ -11,6 +11,8 @@ COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interv
 
 
 MOE = ["model.num_experts=4", "model.moe_top_k=2"]
+R1 = ["recurrence.sampler=fixed", "recurrence.depth=1", "recurrence.backprop_depth=1"]
+R4K2 = ["recurrence.sampler=fixed", "recurrence.depth=4", "recurrence.backprop_depth=2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,15 @@ def assert_same_losses(reference, rows):
     (4, (), ["parallel.tensor=2"]),  # DP=2 x TP=2
     (2, tuple(MOE), ["parallel.expert=2", "model.moe_dispatcher=alltoall"]),
     (2, tuple(MOE), ["parallel.expert=2", "model.moe_dispatcher=allgather"]),
-], ids=["tp2", "tp2-sp", "dp2xtp2", "ep2-alltoall", "ep2-allgather"])
+    (2, tuple(R1), ["parallel.pipeline=2"]),
+    (2, tuple(R4K2), ["parallel.pipeline=2"]),  # the looped schedule: 4 trips around the ring, 2 with grad
+    (2, (), ["parallel.pipeline=2"]),  # sampled r (lognormal-Poisson) on every stage
+    (4, (), ["parallel.tensor=2", "parallel.pipeline=2"]),
+], ids=["tp2", "tp2-sp", "dp2xtp2", "ep2-alltoall", "ep2-allgather", "pp2-r1", "pp2-r4k2", "pp2-sampled",
+        "tp2xpp2"])
 def test_layout_matches_one_process(references, tmp_path, data_cache, nproc, model, layout):
     run_cli([*COMMON, *model, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=nproc)
     rows = read_metrics(tmp_path)
     assert_same_losses(references(model), rows)
-    if model:  # the router's load-balancing loss is logged (and is ~1 for a balanced router: E * sum f_i p_i)
+    if model == tuple(MOE):  # the router's load-balancing loss is logged (and is ~1 for a balanced router: E * sum f_i p_i)
         assert all(0.5 < r["health/moe_load_balancing_loss"] < 4 for r in rows)

@@ -29,7 +29,8 @@ def resume_from_step(tp2_run, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, [])], ids=["tp1-dp1", "tp1-dp2"])
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, []), (4, ["parallel.pipeline=2"])],
+                         ids=["tp1-dp1", "tp1-dp2", "tp1-pp2-dp2"])
 def test_tp2_checkpoint_resumes_under_other_layouts(tp2_run, tmp_path, data_cache, nproc, layout):
     run_dir = resume_from_step(tp2_run, tmp_path, f"resume-{nproc}")
     out = run_cli([*COMMON, *layout, "checkpoint.interval=0", "checkpoint.save_final=false",
