@@ -84,6 +84,10 @@ class ParallelConfig:
     pipeline: int = 1
     expert: int = 1
     sequence_parallel: bool = False
+    # looped: the core's layers split over stages, one iteration per trip around the ring (recurdepth's schedule);
+    # naive: the whole core on the first stage, all r iterations in one trip (a baseline for comparisons)
+    pipeline_split: Literal["looped", "naive"] = "looped"
+    record_timeline: bool = False  # keep the pipeline schedule's timeline of every step (costs one gather per step)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def check_layout(cfg: Config, world_size: int) -> int:
     if groups % p.tensor:
         raise ConfigError(f"parallel.tensor={p.tensor} does not divide model.num_query_groups={groups}; "
                           f"use a tensor size that divides the query groups")
-    if m.core_layers % p.pipeline:
+    if p.pipeline_split == "looped" and m.core_layers % p.pipeline:
         raise ConfigError(f"model.core_layers={m.core_layers} is not divisible by parallel.pipeline={p.pipeline}; "
                           f"use a multiple of {p.pipeline} core layers")
     if p.expert > 1 and not m.num_experts:

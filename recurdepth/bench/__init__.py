@@ -17,8 +17,10 @@ def add_bench_parser(verbs) -> None:
     mem.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
     mem.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     from recurdepth.bench.data import add_data_bench_parser
+    from recurdepth.bench.pipeline import add_pipeline_bench_parser
 
     add_data_bench_parser(subs)
+    add_pipeline_bench_parser(subs)
     bench.set_defaults(func=run_bench)
 
 
@@ -33,4 +35,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.quick:
             args.sizes, args.vocab_size = "0.5,2", 500
         return run_data_bench(args)
+    if args.bench == "pipeline":
+        from recurdepth.bench.pipeline import run_pipeline_bench
+
+        if args.quick and not args.child:
+            args.overrides = list(args.overrides) + ["model.hidden_size=64", "model.seq_length=64",
+                                                     "train.global_batch_size=8", "train.micro_batch_size=2"]
+            args.depth, args.k, args.steps = 4, 2, 1
+        return run_pipeline_bench(args)
     raise SystemExit(f"unknown bench {args.bench}")

@@ -131,11 +131,15 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     per_stage = cfg.model.core_layers // pp_size
+    if cfg.parallel.pipeline_split == "naive":  # baseline: the whole core on the first stage
+        core_range = (0, cfg.model.core_layers) if pp_rank == 0 else (cfg.model.core_layers,) * 2
+    else:
+        core_range = (pp_rank * per_stage, (pp_rank + 1) * per_stage)
     model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence,
                            padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
                            seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
                            post_process=pp_rank == pp_size - 1,
-                           core_range=(pp_rank * per_stage, (pp_rank + 1) * per_stage))
+                           core_range=core_range)
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
     initialize_parameters(model, cfg)

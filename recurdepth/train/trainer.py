@@ -107,12 +107,14 @@ class Trainer:
 
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return None
+        from recurdepth.parallel.naive import NaivePipelineSchedule
         from recurdepth.parallel.pipeline import LoopedPipelineSchedule
 
-        m, t = self.cfg.model, self.cfg.train
-        seq = m.seq_length // (ps.get_tensor_model_parallel_world_size() if self.cfg.parallel.sequence_parallel else 1)
-        return LoopedPipelineSchedule(model, ps.get_pipeline_model_parallel_group(),
-                                      (seq, t.micro_batch_size, m.hidden_size), self.dtype, self.device)
+        m, t, p = self.cfg.model, self.cfg.train, self.cfg.parallel
+        seq = m.seq_length // (ps.get_tensor_model_parallel_world_size() if p.sequence_parallel else 1)
+        cls = NaivePipelineSchedule if p.pipeline_split == "naive" else LoopedPipelineSchedule
+        return cls(model, ps.get_pipeline_model_parallel_group(), (seq, t.micro_batch_size, m.hidden_size),
+                   self.dtype, self.device, record_timeline=p.record_timeline)
 
     def summary(self, model) -> str:
         """One line saying what runs where: layout, model size, recurrence, data, precision."""

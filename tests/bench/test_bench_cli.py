@@ -19,3 +19,10 @@ def test_data_bench_quick_prints_its_tables():
     mem = [ln.split() for ln in out.stdout.split("vs corpus size")[1].splitlines()[2:] if ln.strip()]
     assert [row[0] for row in mem] == ["0.5", "2"]
     assert int(mem[1][1].replace(",", "")) > 3 * int(mem[0][1].replace(",", ""))  # 4x the text, ~4x the tokens
+
+
+def test_pipeline_bench_quick_prints_both_splits():
+    out = run_cli(["bench", "pipeline", "--quick"], timeout=300)
+    rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines() if ln.startswith(("looped", "naive"))}
+    assert set(rows) == {"looped", "naive"}
+    assert rows["naive"][4] == "1.00" and 0 < float(rows["looped"][5]) < 0.5  # bubble from the timeline
