@@ -147,12 +147,18 @@ def _rand_digits(rng: random.Random, digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-class AdditionTask(Task):
-    name = "addition"
-    description = "add two multi-digit non-negative integers"
-    default_difficulty = {"min_digits": 1, "max_digits": 5}
+class _TwoOperandTask(Task):
+    """`What is a <symbol> b?` over random multi-digit operands; subclasses give the operation and its steps."""
+
+    symbol = ""
     difficulty_keys = {"min_digits": "fewest digits of each operand", "max_digits": "most digits of each operand"}
-    _re = re.compile(r"What is (\d+) \+ (\d+)\?" + ANSWER)
+
+    @staticmethod
+    def apply(a: int, b: int) -> int:
+        raise NotImplementedError
+
+    def __init__(self):
+        self._re = re.compile(rf"What is (\d+) {re.escape(self.symbol)} (\d+)\?" + ANSWER)
 
     def check_difficulty(self, d):
         super().check_difficulty(d)
@@ -162,7 +168,22 @@ class AdditionTask(Task):
         d = self.resolve(difficulty)
         a = _rand_digits(rng, rng.randint(d["min_digits"], d["max_digits"]))
         b = _rand_digits(rng, rng.randint(d["min_digits"], d["max_digits"]))
-        return Sample(self.name, f"What is {a} + {b}?{ANSWER}", str(a + b), self.steps(a, b))
+        return Sample(self.name, f"What is {a} {self.symbol} {b}?{ANSWER}", str(self.apply(a, b)), self.steps(a, b))
+
+    def solve(self, prompt):
+        m = _body(prompt, self._re)
+        return str(self.apply(int(m.group(1)), int(m.group(2)))) if m else None
+
+    def corrupt(self, sample, rng):
+        return change_digit(sample.answer, rng)
+
+
+class AdditionTask(_TwoOperandTask):
+    name = "addition"
+    description = "add two multi-digit non-negative integers"
+    default_difficulty = {"min_digits": 1, "max_digits": 5}
+    symbol = "+"
+    apply = staticmethod(lambda a, b: a + b)
 
     @staticmethod
     def steps(a: int, b: int) -> tuple[str, ...]:
@@ -180,30 +201,13 @@ class AdditionTask(Task):
             out.append(f"carry {carry}, write {carry}{written}")
         return tuple(out)
 
-    def solve(self, prompt):
-        m = _body(prompt, self._re)
-        return str(int(m.group(1)) + int(m.group(2))) if m else None
 
-    def corrupt(self, sample, rng):
-        return change_digit(sample.answer, rng)
-
-
-class MultiplicationTask(Task):
+class MultiplicationTask(_TwoOperandTask):
     name = "multiplication"
     description = "multiply two multi-digit non-negative integers"
     default_difficulty = {"min_digits": 1, "max_digits": 3}
-    difficulty_keys = {"min_digits": "fewest digits of each operand", "max_digits": "most digits of each operand"}
-    _re = re.compile(r"What is (\d+) \* (\d+)\?" + ANSWER)
-
-    def check_difficulty(self, d):
-        super().check_difficulty(d)
-        _positive(self, d, "min_digits")
-
-    def generate(self, rng, difficulty=None):
-        d = self.resolve(difficulty)
-        a = _rand_digits(rng, rng.randint(d["min_digits"], d["max_digits"]))
-        b = _rand_digits(rng, rng.randint(d["min_digits"], d["max_digits"]))
-        return Sample(self.name, f"What is {a} * {b}?{ANSWER}", str(a * b), self.steps(a, b))
+    symbol = "*"
+    apply = staticmethod(lambda a, b: a * b)
 
     @staticmethod
     def steps(a: int, b: int) -> tuple[str, ...]:
@@ -214,13 +218,6 @@ class MultiplicationTask(Task):
             total += part
             out.append(f"{a}*{int(ch) * 10 ** i}={part}, total {total}")
         return tuple(out)
-
-    def solve(self, prompt):
-        m = _body(prompt, self._re)
-        return str(int(m.group(1)) * int(m.group(2))) if m else None
-
-    def corrupt(self, sample, rng):
-        return change_digit(sample.answer, rng)
 
 
 # ---------------------------------------------------------------------------------------------------------
