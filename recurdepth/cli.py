@@ -58,6 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         code = args.func(args)
     except RecurdepthError as exc:
+        if os.environ.get("RECURDEPTH_DEBUG"):  # the full traceback, chained causes included
+            raise
         if os.environ.get("RANK", "0") == "0" or not type(exc).__name__ == "ConfigError":
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = USAGE_EXIT
