@@ -12,3 +12,8 @@ if ! .venv/bin/python -c "import torch, megatron.core, recurdepth" >/dev/null 2>
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   .venv/bin/python -m pip install -q -e ".[test]"
 fi
+# Optional (RECURDEPTH_MPI=1, as CI sets it): MPI for `mpirun` launches, from PyPI so a fresh machine needs no
+# system packages: mpi4py's binary wheel plus MPICH's runtime wheel, which puts mpirun/mpiexec in .venv/bin.
+if [ "${RECURDEPTH_MPI:-0}" = 1 ] && ! { [ -x .venv/bin/mpirun ] && .venv/bin/python -c "from mpi4py import MPI" >/dev/null 2>&1; }; then
+  .venv/bin/python -m pip install -q "mpi4py>=4.0" "mpich>=4.3"
+fi

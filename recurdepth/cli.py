@@ -1,4 +1,4 @@
-"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), bench. Errors meant for people print one `error: ...` line and exit 2."""
+"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), plan, launch, bench. Errors meant for people print one `error: ...` line and exit 2."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launcher_rank() -> int:
+    """This process's rank as any launcher (torchrun, slurm, mpirun) exported it; 0 when none did."""
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recurdepth", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -44,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from recurdepth.bench import add_bench_parser
     from recurdepth.data.cli import add_data_parser
+    from recurdepth.launch import add_launch_parser
+    from recurdepth.plan import add_plan_parser
 
     add_data_parser(verbs)
+    add_plan_parser(verbs)
+    add_launch_parser(verbs)
     add_bench_parser(verbs)
     return parser
 
@@ -60,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except RecurdepthError as exc:
         if os.environ.get("RECURDEPTH_DEBUG"):  # the full traceback, chained causes included
             raise
-        if os.environ.get("RANK", "0") == "0" or not type(exc).__name__ == "ConfigError":
+        if _launcher_rank() == 0 or not type(exc).__name__ == "ConfigError":  # the same error on every rank: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = USAGE_EXIT
     except KeyboardInterrupt:

@@ -140,6 +140,10 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = no periodic validation
     eval_batches: int = 2
     overlap_grad_reduce: bool = False
+    exit_after_minutes: Optional[float] = None  # time budget: checkpoint and exit 0 once it is spent
+    on_bad_step: Literal["halt", "skip", "rollback"] = "halt"  # non-finite loss/gradient or a loss spike
+    spike_sigma: float = 0.0  # a loss above mean + sigma * std of the last spike_window steps is bad; 0 = off
+    spike_window: int = 50
 
 
 @dataclass
@@ -150,7 +154,8 @@ class CheckpointConfig:
     interval: int = 50  # steps between saves; 0 = only at the end
     save_final: bool = True
     resume: Literal["auto", "never", "required"] = "auto"  # auto = resume from latest if one exists
-    keep_last: int = 0  # 0 = keep all
+    keep_last: int = 0  # 0 = keep all; otherwise keep the newest N ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this, permanently
 
 
 @dataclass

@@ -15,3 +15,7 @@ class DataError(RecurdepthError):
 
 class CheckpointError(RecurdepthError):
     """A checkpoint is missing, incomplete or does not match the configuration."""
+
+
+class TrainingHalted(RecurdepthError):
+    """Training stopped on a bad step (non-finite loss or gradient, loss spike) with `on_bad_step=halt`."""

@@ -52,15 +52,23 @@ def megatron_single_process():
     yield
 
 
-def run_cli(args: list, nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """`recurdepth ARGS` in a subprocess (under torchrun when nproc > 1); OMP threads split over ranks."""
+def cli_command(args: list, nproc: int = 1, env_extra: dict | None = None, torchrun_args: tuple = ()):
+    """The command line and environment of `recurdepth ARGS` (under torchrun when nproc > 1)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), PYTHONUNBUFFERED="1")
-    if nproc > 1:
+    env.update(env_extra or {})
+    if nproc > 1 or torchrun_args:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "recurdepth", *args]
+               *torchrun_args, "-m", "recurdepth", *args]
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmd = [sys.executable, "-m", "recurdepth", *args]
+    return cmd, env
+
+
+def run_cli(args: list, nproc: int = 1, timeout: int = 600, check: bool = True, env_extra: dict | None = None,
+            torchrun_args: tuple = ()) -> subprocess.CompletedProcess:
+    """`recurdepth ARGS` in a subprocess (under torchrun when nproc > 1); OMP threads split over ranks."""
+    cmd, env = cli_command(args, nproc, env_extra, torchrun_args)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")

@@ -24,6 +24,7 @@ class StepMetrics:
     flops: float  # model FLOPs of this step, all ranks
     peak_flops: float  # all ranks
     health: dict = field(default_factory=dict)
+    guard: str = ""  # why the numerical guard rejected this step ("" = accepted)
 
     @property
     def tokens_per_sec(self) -> float:
@@ -54,6 +55,8 @@ class ProgressLine(Callback):
         if m.step % self.interval and m.step != self.total:
             return
         health = "".join(f" | {k} {v:.3g}" for k, v in m.health.items())
+        if m.guard:
+            health += f" | BAD STEP: {m.guard}"
         print(f"step {m.step:>6}/{self.total} | loss {m.loss:.4f} | lr {m.lr:.3e} | grad_norm {m.grad_norm:.3f} | "
               f"r {m.depth} (k {m.backprop_depth}) | {m.tokens_per_sec:,.0f} tok/s | {m.tflops:.3f} TFLOP/s | "
               f"MFU {100 * m.mfu:.1f}%{health}", file=self.stream, flush=True)
@@ -70,7 +73,9 @@ class MetricsFile(Callback):
         self.file = open(path, "a", buffering=1)
 
     def on_step(self, m: StepMetrics) -> None:
-        row = {k: v for k, v in asdict(m).items() if k != "health"}
+        row = {k: v for k, v in asdict(m).items() if k not in ("health", "guard")}
+        if m.guard:
+            row["guard"] = m.guard
         row.update({f"health/{k}": v for k, v in m.health.items()})
         row["time"] = time.time()
         self.file.write(json.dumps(row) + "\n")
@@ -89,6 +94,7 @@ class TensorBoard(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.bad_steps = 0
 
     def on_step(self, m: StepMetrics) -> None:
         w, s = self.writer, m.step
@@ -98,6 +104,8 @@ class TensorBoard(Callback):
             w.add_scalar(name, value, s)
         for name, value in m.health.items():
             w.add_scalar(f"health/{name}", value, s)
+        self.bad_steps += bool(m.guard)
+        w.add_scalar("guard/bad_steps", self.bad_steps, s)
 
     def on_eval(self, step: int, values: dict) -> None:
         for name, value in values.items():

@@ -15,7 +15,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from recurdepth.errors import CheckpointError
 
 LATEST = "latest"
+CRASH_IN_SAVE_ENV = "RECURDEPTH_CRASH_IN_SAVE_AT_STEP"
 # The distributed optimizer's canonical per-parameter layout: reloadable under any TP/PP/DP layout.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -37,6 +38,7 @@ class TrainState:
 
     step: int = 0
     consumed_samples: int = 0
+    skipped_batches: list = field(default_factory=list)  # consumed-sample offsets of batches never to train on
 
 
 def checkpoint_name(step: int) -> str:
@@ -89,6 +91,15 @@ def _atomic_write(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _crash_now() -> None:
+    """Die like a killed process (no cleanup), taking megatron's writer helper processes along."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(17)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -111,7 +122,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
-                    keep_last: int = 0, vocab_size: Optional[int] = None) -> Path:
+                    keep_last: int = 0, vocab_size: Optional[int] = None, keep_every: int = 0) -> Path:
     """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks."""
     from megatron.core import dist_checkpointing
 
@@ -126,9 +137,12 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
     sharded = {"model": _unwrap(model).sharded_state_dict()}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
     sharded["scheduler"] = scheduler.state_dict()
-    sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+    sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
+                              "skipped_batches": list(state.skipped_batches)}
     sharded["config"] = config_dict
     dist_checkpointing.save(sharded, str(tmp))
+    if os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):  # test hook: die half-way through a save
+        _crash_now()
     (tmp / "rng").mkdir(exist_ok=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     torch.save({"world_size": world, "state": rng_state()}, tmp / "rng" / f"rank_{_rank():05d}.pt")
@@ -147,14 +161,18 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
         shutil.rmtree(old, ignore_errors=True)
         _atomic_write(root / LATEST, name + "\n")
         if keep_last > 0:
-            _prune(root, keep_last)
+            _prune(root, keep_last, keep_every)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Remove complete checkpoints older than the newest `keep_last`, except steps that are multiples of
+    `keep_every` (kept permanently)."""
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
     for old in complete[:-keep_last]:
+        if keep_every and int(old.name[5:]) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -198,6 +216,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
                               f"from another model shape: resume from an earlier step_* directory") from exc
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved step count to the current one
     scheduler.load_state_dict(loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -206,7 +225,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
         if saved["world_size"] == world:  # RNG streams are per rank: only meaningful in the same layout
             set_rng_state(saved["state"])
     ts = loaded["train_state"]
-    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"])), loaded["config"]
+    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
+                      skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
 
 
 def saved_config(path: Path) -> dict:

@@ -8,6 +8,7 @@ LR schedule step. Engine pieces (DDP, distributed optimizer, scheduler) are mega
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,13 @@ import torch
 from recurdepth.config import Config
 from recurdepth.data.pipeline import build_datasets, micro_batches
 from recurdepth.distributed import RankInfo, discover_ranks, init_distributed
-from recurdepth.errors import CheckpointError
+from recurdepth.errors import CheckpointError, TrainingHalted
 from recurdepth.model.build import build_model
 from recurdepth.model.depth import BackpropWindow, DepthSampler
 from recurdepth.train.callbacks import StepMetrics, default_callbacks
 from recurdepth.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from recurdepth.train.flops import looped_flops, peak_flops
+from recurdepth.train.guards import NumericalGuard, StopRequest, grads_finite, injected_nan, maybe_kill
 
 _SCHEDULE_NAMES = {"cosine": "cosine", "constant": "constant", "wsd": "WSD", "linear": "linear"}
 
@@ -93,6 +95,7 @@ class Trainer:
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
         self.state = TrainState()
+        self.guard = NumericalGuard(t.spike_window, t.spike_sigma)
         if self.is_logger:  # only once the data and model exist: bad input leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -151,6 +154,7 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.cfg.checkpoint_dir, self.state, self.model, self.optimizer, self.scheduler,
                                self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
+                               keep_every=self.cfg.checkpoint.keep_every,
                                vocab_size=self.data.tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ the loop
@@ -158,8 +162,23 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, result = self.cfg, TrainResult()
         last_saved, first_step = None, self.state.step
+        stop = StopRequest(cfg.train.exit_after_minutes)
+        try:
+            return self._fit(result, stop, first_step)
+        finally:
+            stop.restore()
+
+    def _fit(self, result: TrainResult, stop: StopRequest, first_step: int) -> TrainResult:
+        cfg, last_saved = self.cfg, None
         while self.state.step < cfg.train.steps:
+            reason = stop.agree(self.device)
+            if reason is not None:
+                last_saved = self.save()
+                if self.is_logger:
+                    print(f"stopping after step {self.state.step} on {reason}; checkpoint {last_saved}", flush=True)
+                break
             metrics = self.train_step()
+            maybe_kill(self.state.step)
             result.losses.append(metrics.loss)
             result.depths.append(metrics.depth)
             for cb in self.callbacks:
@@ -171,7 +190,8 @@ class Trainer:
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 last_saved = self.save()
         ran = self.state.step > first_step  # a run resumed at its last step has nothing new to save
-        if cfg.checkpoint.save_final and ran and (last_saved is None or self.state.step % max(cfg.checkpoint.interval, 1)):
+        if (cfg.checkpoint.save_final and ran and self.state.step >= cfg.train.steps
+                and (last_saved is None or self.state.step % max(cfg.checkpoint.interval, 1))):
             last_saved = self.save()
         for cb in self.callbacks:
             cb.close()
@@ -185,18 +205,28 @@ class Trainer:
         start = time.perf_counter()
         window = self.sampler.window(self.state.step)
         collect = bool(cfg.logging.health_interval) and (self.state.step + 1) % cfg.logging.health_interval == 0
+        while self.state.consumed_samples in self.state.skipped_batches:  # batches a rollback ruled out
+            self.state.consumed_samples += t.global_batch_size
         batches = micro_batches(self.data.train, self.state.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_sum = self.forward_backward(batches, window, collect)
+        if injected_nan(self.state.step + 1):
+            loss_sum = loss_sum * float("nan")
         global_tokens = sum(mb.loss_mask.sum() for mb in batches).float()
         finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
         self.reduce_loss(loss_sum)
         loss = (loss_sum / global_tokens.clamp_min(1)).item()
+        bad = self.guard.verdict(loss, grads_finite(self.model, self.device))
+        if bad is None:
+            _, grad_norm, _ = self.optimizer.step()
+            self.guard.accept(loss)
+        else:
+            grad_norm = float("nan")
+            self.on_bad_step(bad, loss)  # halt raises; rollback reloads and returns
+        self.scheduler.step(increment=1)
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         health = {k: float(v) for k, v in self.model.module.last_health.items()} if collect else {}
@@ -208,7 +238,41 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), depth=window.total,
             backprop_depth=window.with_grad, tokens=tokens, seconds=time.perf_counter() - start,
             flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
-            peak_flops=self.peak, health=health)
+            peak_flops=self.peak, health=health, guard=bad or "")
+
+    def on_bad_step(self, reason: str, loss: float) -> None:
+        """Act on a bad step (before its update is applied), per `train.on_bad_step`."""
+        action, step = self.cfg.train.on_bad_step, self.state.step + 1
+        self.record_bad_step(step, reason, action)
+        if action == "rollback":
+            target = latest_checkpoint(self.cfg.checkpoint_dir)
+            if target is not None:
+                bad_batch = self.state.consumed_samples
+                self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler)
+                self.state.skipped_batches.append(bad_batch)
+                self.state.step -= 1  # train_step's bookkeeping then lands exactly on the checkpoint's step
+                self.state.consumed_samples -= self.cfg.train.global_batch_size
+                self.scheduler.step(increment=-1)
+                self.guard.history.clear()
+                if self.is_logger:
+                    print(f"step {step}: {reason}; rolled back to {target.name}, batch at sample {bad_batch} "
+                          f"will be skipped", flush=True)
+                return
+            action = "halt"  # nothing to roll back to
+        if action == "halt":
+            saved = self.save()
+            raise TrainingHalted(f"step {step}: {reason}; halted before applying it (checkpoint {saved}); resume "
+                                 f"with train.on_bad_step=skip or rollback to continue past it")
+        self.state.skipped_batches.append(self.state.consumed_samples)
+        if self.is_logger:
+            print(f"step {step}: {reason}; update skipped, batch at sample {self.state.consumed_samples} recorded",
+                  flush=True)
+
+    def record_bad_step(self, step: int, reason: str, action: str) -> None:
+        if self.is_logger:
+            with open(self.run_dir / "bad_steps.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "reason": reason, "action": action,
+                                    "consumed_samples": self.state.consumed_samples, "time": time.time()}) + "\n")
 
     def forward_backward(self, batches: list, window: BackpropWindow, collect: bool = False) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; returns the summed masked token loss (on the last

@@ -1,0 +1,116 @@
+"""What keeps a long run safe: an agreed graceful stop, and a guard against non-finite or spiking losses.
+
+`StopRequest`: SIGTERM or SIGUSR1 on *any* rank (or the time budget `train.exit_after_minutes`) sets a
+local flag; `agree()` at every step boundary takes the maximum over all ranks, so every rank stops after
+the same step, checkpoints and exits 0.
+
+`NumericalGuard`: after the backward pass and before the optimizer step, a non-finite loss or gradient, or a
+loss above `mean + spike_sigma * std` of the last `spike_window` steps, is a *bad step*; the configured
+action is `halt` (checkpoint the state before the update, stop with an error), `skip` (drop the update,
+record the batch) or `rollback` (reload the last checkpoint and skip the offending batch when it comes
+round again). The verdict is reduced over all ranks, so every rank takes the same action.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import deque
+from typing import Optional
+
+import torch
+
+# test hooks (documented in docs/operations.md): make step N's loss NaN / kill this rank at step N
+INJECT_NAN_ENV = "RECURDEPTH_INJECT_NAN_AT_STEP"
+KILL_AT_STEP_ENV = "RECURDEPTH_KILL_AT_STEP"
+
+
+class StopRequest:
+    """A graceful-stop flag set by SIGTERM/SIGUSR1 or a time budget, agreed across ranks."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, exit_after_minutes: Optional[float] = None):
+        self.reason: Optional[str] = None
+        self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
+        self._previous = {}
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agree(self, device) -> Optional[str]:
+        """The stop reason if any rank wants to stop now (collective over the world), else None."""
+        if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "time budget (train.exit_after_minutes)"
+        flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            return self.reason or "a stop request on another rank"
+        return None
+
+
+class NumericalGuard:
+    """Detects bad steps from the global loss and the local gradients; see the module docstring."""
+
+    def __init__(self, window: int, sigma: float):
+        self.sigma = sigma
+        self.history: deque = deque(maxlen=window)
+
+    def verdict(self, loss: float, grads_finite: bool) -> Optional[str]:
+        """Why this step is bad (agreed: `loss` is global, `grads_finite` already reduced), or None."""
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        if not grads_finite:
+            return "non-finite gradient"
+        if self.sigma > 0 and len(self.history) == self.history.maxlen:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            if loss > mean + self.sigma * max(std, 1e-8):
+                return f"loss spike ({loss:.4f} > mean {mean:.4f} + {self.sigma:g} x std {std:.4f})"
+        return None
+
+    def accept(self, loss: float) -> None:
+        self.history.append(loss)
+
+
+def grads_finite(model, device) -> bool:
+    """Whether every gradient in megatron's DDP buffers is finite on every rank (collective)."""
+    ok = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in _grad_buffers(model))
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _grad_buffers(model):
+    return list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
+
+
+_INJECTED: set = set()
+
+
+def injected_nan(step: int) -> bool:
+    """Test hook: RECURDEPTH_INJECT_NAN_AT_STEP=N makes the loss of step N (1-based) NaN, once per process
+    (a rolled-back run reaches step N again and must then see a good batch)."""
+    if os.environ.get(INJECT_NAN_ENV) != str(step) or step in _INJECTED:
+        return False
+    _INJECTED.add(step)
+    return True
+
+
+def maybe_kill(step: int) -> None:
+    """Test hook: RECURDEPTH_KILL_AT_STEP=N:RANK SIGKILLs global rank RANK after step N, on the first attempt
+    only (torchrun sets TORCHELASTIC_RESTART_COUNT on restarts)."""
+    spec = os.environ.get(KILL_AT_STEP_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, rank = (int(x) for x in spec.split(":"))
+    if step == at and torch.distributed.get_rank() == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
