@@ -140,14 +140,6 @@ class Plan:
     stages: list
     worst_stage: int
     capacity: int
-    # per-rank bytes of the worst stage
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    allocator: int
-    runtime: int
-    total: int
     fits: bool
     # speed
     model_flops_per_token: float
@@ -166,6 +158,19 @@ class Plan:
     notes: list = field(default_factory=list)
     suggestion: Optional[list] = None  # overrides that make it fit
     suggestion_plan: Optional["Plan"] = None
+
+    @property
+    def worst(self) -> StageMemory:
+        """Per-rank memory of the pipeline stage that needs the most (the one that must fit)."""
+        return self.stages[self.worst_stage]
+
+    params = property(lambda self: self.worst.params)
+    grads = property(lambda self: self.worst.grads)
+    optimizer = property(lambda self: self.worst.optimizer)
+    activations = property(lambda self: self.worst.activations)
+    allocator = property(lambda self: self.worst.allocator)
+    runtime = property(lambda self: self.worst.runtime)
+    total = property(lambda self: self.worst.total)
 
     @property
     def per_rank_params(self) -> int:
@@ -525,8 +530,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, vocab_size: Opti
         dtype="bf16" if bf16 else "fp32", micro_batch_size=t.micro_batch_size, micro_batches=micro_batches,
         global_batch_size=t.global_batch_size, seq_length=m_cfg.seq_length, vocab_size=vocab,
         total_params=total_params(cfg, vocab), r=r_mean, k=k, grad_iterations=g, checkpoint_iterations=checkpointing,
-        stages=stages, worst_stage=worst, capacity=capacity, params=w.params, grads=w.grads,
-        optimizer=w.optimizer, activations=w.activations, allocator=w.allocator, runtime=w.runtime, total=w.total,
+        stages=stages, worst_stage=worst, capacity=capacity,
         fits=w.total <= capacity, model_flops_per_token=model_fpt, hardware_flops_per_token=hw_fpt, peak_flops=peak,
         peak_source=peak_source, assumed_mfu=mfu_assumed, bubble=bubble, imbalance=imbalance, step_time=step_time,
         tokens_per_step=tokens, tokens_per_s=tokens / step_time, mfu=mfu, runtime_source=runtime_source,
@@ -624,7 +628,7 @@ def _duration(seconds: float) -> str:
 
 
 def format_plan(pl: Plan) -> str:
-    w = pl.stages[pl.worst_stage]
+    w = pl.worst
     cap_what = ("RAM / processes per node" if pl.device == "cpu" else "device memory")
     lines = [
         f"plan: {pl.config_name or 'config'} on {pl.nodes} node(s) x {pl.gpus_per_node} {pl.device} = {pl.world} "
