@@ -140,6 +140,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = no periodic validation
     eval_batches: int = 2
     overlap_grad_reduce: bool = False
+    engine: Literal["megatron", "deepspeed"] = "megatron"  # megatron: DDP + distributed optimizer; deepspeed: ZeRO
     exit_after_minutes: Optional[float] = None  # time budget: checkpoint and exit 0 once it is spent
     on_bad_step: Literal["halt", "skip", "rollback"] = "halt"  # non-finite loss/gradient or a loss spike
     spike_sigma: float = 0.0  # a loss above mean + sigma * std of the last spike_window steps is bad; 0 = off
@@ -168,6 +169,27 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None  # None = measured torch.mm peak on CPU, datasheet bf16 on GPU
 
 
+@dataclass
+class ObjectiveConfig:
+    """What a micro-batch's loss is (recurdepth/objectives): the plain LM loss, or a thought-token objective
+    that gives the model extra computation through tokens. See docs/objectives.md."""
+
+    kind: Literal["lm", "pause", "quiet_star", "coconut"] = "lm"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (`train.engine: deepspeed`): ZeRO data parallelism; this section maps onto the
+    DeepSpeed config written into the run directory (`deepspeed_config.json`)."""
+
+    zero_stage: Literal[1, 2, 3] = 1
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    reduce_bucket_size: int = 50_000_000  # elements per gradient-reduction bucket
+    overlap_comm: bool = False  # overlap gradient reduction with backward
+    contiguous_gradients: bool = True
+
+
 SECTIONS = {
     "model": ModelConfig,
     "recurrence": RecurrenceConfig,
@@ -177,6 +199,8 @@ SECTIONS = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "objective": ObjectiveConfig,
+    "deepspeed": DeepSpeedConfig,
 }
 
 
@@ -192,6 +216,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -344,8 +370,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
-                              f"{_suggest(str(value), [str(c) for c in choices])}")
+                              + (f"; did you mean {close[0]}?" if close else ""))
         return value
     if hint is bool:
         if isinstance(value, bool):

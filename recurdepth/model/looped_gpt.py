@@ -92,15 +92,28 @@ class LoopedGPTModel(LanguageModule):
 
     # ------------------------------------------------------------------ the equations
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[b, s]` token ids -> `e = prelude(embed(x) * scale)` as `[s, b, h]`."""
-        e = self.embedding(input_ids=input_ids, position_ids=None)
+    def embed(self, input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor] = None,
+              position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+        """`[b, s]` token ids (or ready token embeddings `inputs_embeds [b, s, h]`) -> `e = prelude(embed(x) *
+        scale)` as `[s, b, h]` (this rank's sequence slice under sequence parallelism)."""
+        if inputs_embeds is None:
+            e = self.embedding(input_ids=input_ids, position_ids=None)
+        else:
+            e = inputs_embeds.transpose(0, 1).contiguous()
+            if self.config.sequence_parallel:
+                e = tensor_parallel.scatter_to_sequence_parallel_region(e)
         if self.model_cfg.embedding_scale != 1.0:
             e = e * self.model_cfg.embedding_scale
-        rope = self.rope(input_ids.shape[1])
+        rope = self.rope(self.full_seq_len(e), position_ids)
         for layer in self.prelude.values():
-            e = layer(e, rope)
+            e = layer(e, rope, attention_mask)
         return e
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The word embeddings `[b, s, h]` of `input_ids` (reduced over TP, whole sequence, unscaled): what
+        `inputs_embeds` expects, for objectives that splice other vectors in (continuous thoughts)."""
+        return self.embedding.word_embeddings(input_ids)
 
     def initial_state(self, e: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """s_0 `[s, b, h]`: zeros, or a truncated normal (+-3 std) drawn per sample from a generator seeded by
@@ -127,54 +140,69 @@ class LoopedGPTModel(LanguageModule):
             state = state.to(e.device, non_blocking=True)
         return state * self.model_cfg.embedding_scale
 
-    def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+    def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor],
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One iteration `s_i = core(adapter(s_{i-1}, e))` (on one pipeline stage: its share of it)."""
         x = self.adapter(state, e) if self.pre_process else state
         for layer in self.core.values():
-            x = layer(x, rope)
+            x = layer(x, rope, attention_mask)
         return x
 
-    def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
+    def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This pipeline stage's part of one iteration (the pipeline schedule's `LoopedStage` interface)."""
-        return self.core_step(x, e, self.rope(self.full_seq_len(x)))
+        return self.core_step(x, e, self.rope(self.full_seq_len(x), position_ids), attention_mask)
 
     def recur(self, state: torch.Tensor, e: torch.Tensor, window: BackpropWindow,
-              collect_health: bool = False) -> torch.Tensor:
+              collect_health: bool = False, position_ids: Optional[torch.Tensor] = None,
+              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the core `window.total` times: the first `window.no_grad` without autograd."""
-        rope = self.rope(self.full_seq_len(e))
+        rope = self.rope(self.full_seq_len(e), position_ids)
         with torch.no_grad():
             for _ in range(window.no_grad):
-                state = self.core_step(state, e, rope)
+                state = self.core_step(state, e, rope, attention_mask)
         previous = state
         for _ in range(window.with_grad):
             previous = state
             if self.checkpoint_iterations and torch.is_grad_enabled():
-                state = checkpoint(self.core_step, state, e, rope, use_reentrant=False)
+                state = checkpoint(self.core_step, state, e, rope, attention_mask, use_reentrant=False)
             else:
-                state = self.core_step(state, e, rope)
+                state = self.core_step(state, e, rope, attention_mask)
         if collect_health:
             self.last_health = recurrence_health(previous.detach(), state.detach())
         return state
 
-    def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`."""
-        rope = self.rope(self.full_seq_len(state))
+    def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None,
+             position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+             return_hidden: bool = False):
+        """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`.
+        With `return_hidden`, also the final-norm output `[b, s, h]` (whole sequence): (output, hidden)."""
+        rope = self.rope(self.full_seq_len(state), position_ids)
         x = state
         for layer in self.coda.values():
-            x = layer(x, rope)
+            x = layer(x, rope, attention_mask)
         x = self.final_layernorm(x)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(x, weight=weight)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        out = logits.transpose(0, 1).contiguous() if labels is None else self.compute_language_model_loss(labels, logits)
+        if not return_hidden:
+            return out
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return out, x.transpose(0, 1)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
                 window: BackpropWindow = BackpropWindow(4, 4), sample_ids: Optional[Sequence[int]] = None,
-                collect_health: bool = False) -> torch.Tensor:
-        e = self.embed(input_ids)
-        state = self.recur(self.initial_state(e, sample_ids), e, window, collect_health)
-        return self.head(state, labels)
+                collect_health: bool = False, *, inputs_embeds: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                return_hidden: bool = False):
+        """The whole model (one pipeline stage holds it all). Optional, for objectives and inference:
+        `inputs_embeds [b, s, h]` instead of `input_ids` (see `token_embeddings`); `position_ids [s]` (shared by
+        the batch; RoPE positions, default 0..s-1, each < max(s, model.seq_length)); `attention_mask` boolean,
+        broadcastable to `[b, 1, s, s]`, True = masked out (default causal); `return_hidden` -> (output, hidden)."""
+        e = self.embed(input_ids, inputs_embeds, position_ids, attention_mask)
+        state = self.recur(self.initial_state(e, sample_ids), e, window, collect_health, position_ids, attention_mask)
+        return self.head(state, labels, position_ids, attention_mask, return_hidden)
 
     # ------------------------------------------------------------------ helpers
 
@@ -193,8 +221,12 @@ class LoopedGPTModel(LanguageModule):
                 sd.update(sharded_state_dict_default(layer, f"{head}{index}.", sharded_offsets, metadata))
         return sd
 
-    def rope(self, seq_len: int) -> torch.Tensor:
-        return self.rotary_pos_emb(seq_len)
+    def rope(self, seq_len: int, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RoPE frequencies `[s, 1, 1, d]` for positions 0..seq_len-1, or for `position_ids [s]`."""
+        if position_ids is None:
+            return self.rotary_pos_emb(seq_len)
+        table = self.rotary_pos_emb(max(seq_len, self.model_cfg.seq_length))
+        return table[position_ids.to(table.device)]
 
     @property
     def is_first(self) -> bool:

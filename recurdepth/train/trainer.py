@@ -22,6 +22,7 @@ from recurdepth.distributed import RankInfo, discover_ranks, init_distributed
 from recurdepth.errors import CheckpointError, TrainingHalted
 from recurdepth.model.build import build_model
 from recurdepth.model.depth import BackpropWindow, DepthSampler
+from recurdepth.objectives import build_objective
 from recurdepth.train.callbacks import StepMetrics, default_callbacks
 from recurdepth.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from recurdepth.train.flops import looped_flops, peak_flops
@@ -91,6 +92,7 @@ class Trainer:
                 use_distributed_optimizer=cfg.optimizer.distributed))
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.schedule = self.build_pipeline_schedule(model)
+        self.objective = build_objective(cfg, self.data.tokenizer)
         self.sampler = DepthSampler(cfg.recurrence, t.seed)
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
@@ -215,7 +217,7 @@ class Trainer:
         loss_sum = self.forward_backward(batches, window, collect)
         if injected_nan(self.state.step + 1):
             loss_sum = loss_sum * float("nan")
-        global_tokens = sum(mb.loss_mask.sum() for mb in batches).float()
+        global_tokens = sum(self.objective.loss_tokens(mb) for mb in batches).float()
         finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
         self.reduce_loss(loss_sum)
         loss = (loss_sum / global_tokens.clamp_min(1)).item()
@@ -278,12 +280,10 @@ class Trainer:
         """Forward and backward of this rank's micro-batches; returns the summed masked token loss (on the last
         pipeline stage; zero on others). Under pipeline parallelism the looped schedule drives the stages."""
         if self.schedule is not None:
-            return self.schedule.run(batches, window, lambda per_token, mb: masked_loss_sum(per_token, mb.loss_mask))
+            return self.schedule.run(batches, window, self.objective.pipeline_loss)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(batches):
-            per_token = self.model(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
-                                   collect_health=collect and i == 0)
-            mb_loss = masked_loss_sum(per_token, mb.loss_mask)
+            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0)
             if torch.is_grad_enabled():
                 mb_loss.backward()
             loss_sum += mb_loss.detach()
@@ -324,16 +324,11 @@ class Trainer:
             batches = micro_batches(self.data.valid, b * t.global_batch_size, t.global_batch_size,
                                     t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
             loss_sum += self.forward_backward(batches, BackpropWindow(depth, 0))
-            tokens += sum(mb.loss_mask.sum() for mb in batches)
+            tokens += sum(self.objective.loss_tokens(mb) for mb in batches)
         self.reduce_loss(loss_sum)
         torch.distributed.all_reduce(tokens, group=_dp_group())
         loss = (loss_sum / tokens.clamp_min(1)).item()
         return {"loss": loss, "depth": float(depth)}
-
-
-def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the per-token losses `[b, s]` where `loss_mask` is 1 (answer-only masks, eod rules)."""
-    return (per_token.float() * loss_mask).sum()
 
 
 def _dp_group():

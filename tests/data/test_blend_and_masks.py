@@ -57,7 +57,7 @@ def test_prompt_tokens_contribute_zero_gradient(blended):
     changing an answer label does."""
     from recurdepth.model.build import build_model
     from recurdepth.model.depth import BackpropWindow
-    from recurdepth.train.trainer import masked_loss_sum
+    from recurdepth.objectives import masked_loss_sum
 
     cfg, ds = blended
     cfg = load_config(None, ["model.seq_length=64", "model.hidden_size=32", "model.num_heads=4"])
