@@ -122,8 +122,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
-                    keep_last: int = 0, vocab_size: Optional[int] = None, keep_every: int = 0) -> Path:
-    """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks."""
+                    keep_last: int = 0, vocab_size: Optional[int] = None, keep_every: int = 0,
+                    engine: str = "megatron") -> Path:
+    """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks.
+    With the deepspeed engine, model and optimizer are DeepSpeed's own files (in `deepspeed/`) and the rest
+    is a `common.pt` beside them; the directory layout, atomicity and `latest` are the same."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -134,13 +137,19 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    sharded = {"model": _unwrap(model).sharded_state_dict()}
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
-                              "skipped_batches": list(state.skipped_batches)}
-    sharded["config"] = config_dict
-    dist_checkpointing.save(sharded, str(tmp))
+    common = {"scheduler": scheduler.state_dict(), "config": config_dict,
+              "train_state": {"step": state.step, "consumed_samples": state.consumed_samples,
+                              "skipped_batches": list(state.skipped_batches)}}
+    if engine == "deepspeed":
+        from recurdepth.train.deepspeed_engine import save_deepspeed
+
+        save_deepspeed(model, tmp)
+        if _rank() == 0:
+            torch.save(common, tmp / "common.pt")
+    else:
+        sharded = {"model": _unwrap(model).sharded_state_dict(), **common}
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
+        dist_checkpointing.save(sharded, str(tmp))
     if os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):  # test hook: die half-way through a save
         _crash_now()
     (tmp / "rng").mkdir(exist_ok=True)
@@ -150,7 +159,7 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
     if _rank() == 0:
         (tmp / "recurdepth.json").write_text(json.dumps(
             {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": world,
-             "vocab_size": vocab_size,
+             "vocab_size": vocab_size, "engine": engine,
              "code_version": code_version()}, indent=1))
         old = root / (name + ".old")
         if final.exists():  # re-saving a step: keep the old copy until the new one is in place
@@ -194,16 +203,47 @@ def check_compatible(path: Path, model_cfg: dict, vocab_size: Optional[int] = No
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional[dict] = None,
-                    vocab_size: Optional[int] = None) -> tuple[TrainState, dict]:
-    """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (any DP size)."""
-    from megatron.core import dist_checkpointing
-
+                    vocab_size: Optional[int] = None, engine: str = "megatron") -> tuple[TrainState, dict]:
+    """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (megatron engine: any
+    TP/PP/DP layout; deepspeed engine: the same data-parallel size)."""
     path = Path(path)
     if not (path / "recurdepth.json").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no recurdepth.json); "
                               f"pick a complete step_* directory")
     if model_cfg is not None:
         check_compatible(path, model_cfg, vocab_size)
+    meta = json.loads((path / "recurdepth.json").read_text())
+    saved_engine = meta.get("engine", "megatron")
+    if saved_engine != engine:
+        raise CheckpointError(f"{path} was written by the {saved_engine} engine and cannot be resumed by the {engine} "
+                              f"engine; set train.engine={saved_engine} or start a fresh run directory")
+    if engine == "deepspeed":
+        from recurdepth.train.deepspeed_engine import load_deepspeed
+
+        load_deepspeed(model, path, int(meta.get("world_size", 0)))
+        try:
+            loaded = torch.load(path / "common.pt", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - truncated or missing: the same problem to a user
+            raise CheckpointError(f"cannot read {path / 'common.pt'} ({type(exc).__name__}); the checkpoint is "
+                                  f"truncated or corrupt: resume from an earlier step_* directory") from exc
+    else:
+        loaded = _load_megatron(path, model, optimizer)
+    scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved step count to the current one
+    scheduler.load_state_dict(loaded["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if rng_file.is_file():
+        saved = torch.load(rng_file, weights_only=False)
+        if saved["world_size"] == world:  # RNG streams are per rank: only meaningful in the same layout
+            set_rng_state(saved["state"])
+    ts = loaded["train_state"]
+    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
+                      skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
+
+
+def _load_megatron(path: Path, model, optimizer) -> dict:
+    from megatron.core import dist_checkpointing
+
     sharded = {"model": _unwrap(model).sharded_state_dict()}
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True, metadata=_OPTIM_METADATA)
     sharded["scheduler"] = None
@@ -216,17 +256,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
                               f"from another model shape: resume from an earlier step_* directory") from exc
     _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved step count to the current one
-    scheduler.load_state_dict(loaded["scheduler"])
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if rng_file.is_file():
-        saved = torch.load(rng_file, weights_only=False)
-        if saved["world_size"] == world:  # RNG streams are per rank: only meaningful in the same layout
-            set_rng_state(saved["state"])
-    ts = loaded["train_state"]
-    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
-                      skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
+    return loaded
 
 
 def saved_config(path: Path) -> dict:

@@ -55,13 +55,20 @@ def build_optimizer(cfg: Config, ddp_model, dtype: torch.dtype):
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
         adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
         params_dtype=dtype, use_distributed_optimizer=o.distributed), [ddp_model])
+    return optimizer, build_scheduler(cfg, optimizer)
+
+
+def build_scheduler(cfg: Config, optimizer):
+    """megatron-core's LR (warmup + decay) and weight-decay schedule over `optimizer.param_groups` (any engine)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
     decay = o.decay_steps or cfg.train.steps
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=max(decay, o.warmup_steps + 1), lr_decay_style=_SCHEDULE_NAMES[o.schedule],
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
         wsd_decay_steps=o.wsd_decay_steps or max(1, decay // 5), lr_wsd_decay_style="linear")
-    return optimizer, scheduler
 
 
 class Trainer:
@@ -84,13 +91,22 @@ class Trainer:
         # validation always reads the same first `eval_batches` global batches of the validation split
         self.data = build_datasets(cfg, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
                                    self.is_logger)
-        model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
-        self.model = DistributedDataParallel(
-            config=model.config, module=model,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=t.overlap_grad_reduce,
-                use_distributed_optimizer=cfg.optimizer.distributed))
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.engine = t.engine
+        self.ds_config = None
+        if self.engine == "deepspeed":  # DeepSpeed keeps fp32 master weights itself and casts the module for bf16
+            from recurdepth.train.deepspeed_engine import build_deepspeed
+
+            model = build_model(cfg, self.data.tokenizer.vocab_size, torch.float32, self.device)
+            self.model, self.optimizer, self.scheduler, self.ds_config = build_deepspeed(cfg, model, self.dtype,
+                                                                                        self.dp_size)
+        else:
+            model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
+            self.model = DistributedDataParallel(
+                config=model.config, module=model,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True, overlap_grad_reduce=t.overlap_grad_reduce,
+                    use_distributed_optimizer=cfg.optimizer.distributed))
+            self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.schedule = self.build_pipeline_schedule(model)
         self.objective = build_objective(cfg, self.data.tokenizer)
         self.sampler = DepthSampler(cfg.recurrence, t.seed)
@@ -101,6 +117,10 @@ class Trainer:
         if self.is_logger:  # only once the data and model exist: bad input leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            if self.ds_config is not None:
+                from recurdepth.train.deepspeed_engine import write_config
+
+                write_config(self.ds_config, self.run_dir)
         self.callbacks = default_callbacks(self.run_dir, t.steps, cfg.logging.log_interval,
                                            cfg.logging.tensorboard, self.is_logger, callbacks)
         if self.is_logger:
@@ -134,7 +154,14 @@ class Trainer:
                 f"{self.device.type} {str(self.dtype).replace('torch.', '')} | params {count(model) / 1e6:.2f}M on this rank "
                 f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, h={m.hidden_size} | "
                 f"{sampler}, k={r.backprop_depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens | "
-                f"global batch {cfg.train.global_batch_size} | run dir {self.run_dir}")
+                f"global batch {cfg.train.global_batch_size} | {self.engine_label()} | run dir {self.run_dir}")
+
+    def engine_label(self) -> str:
+        if self.engine == "deepspeed":
+            d = self.cfg.deepspeed
+            offload = "+".join(n for n, on in (("optimizer", d.offload_optimizer), ("params", d.offload_params)) if on)
+            return f"deepspeed ZeRO-{d.zero_stage}" + (f" offload {offload}" if offload else "")
+        return "megatron " + ("distributed optimizer" if self.cfg.optimizer.distributed else "DDP")
 
     # ------------------------------------------------------------------ resume
 
@@ -148,7 +175,8 @@ class Trainer:
                                       f"train without it or point checkpoint.dir at one")
             return
         self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler,
-                                        model_cfg=self.cfg.to_dict()["model"], vocab_size=self.data.tokenizer.vocab_size)
+                                        model_cfg=self.cfg.to_dict()["model"], vocab_size=self.data.tokenizer.vocab_size,
+                                        engine=self.engine)
         if self.is_logger:
             print(f"resumed from {target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)
@@ -157,7 +185,7 @@ class Trainer:
         return save_checkpoint(self.cfg.checkpoint_dir, self.state, self.model, self.optimizer, self.scheduler,
                                self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
                                keep_every=self.cfg.checkpoint.keep_every,
-                               vocab_size=self.data.tokenizer.vocab_size)
+                               vocab_size=self.data.tokenizer.vocab_size, engine=self.engine)
 
     # ------------------------------------------------------------------ the loop
 
@@ -201,8 +229,6 @@ class Trainer:
         return result
 
     def train_step(self) -> StepMetrics:
-        from megatron.core.distributed import finalize_model_grads
-
         cfg, t = self.cfg, self.cfg.train
         start = time.perf_counter()
         window = self.sampler.window(self.state.step)
@@ -212,21 +238,13 @@ class Trainer:
         batches = micro_batches(self.data.train, self.state.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
         self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        loss_sum = self.forward_backward(batches, window, collect)
-        if injected_nan(self.state.step + 1):
-            loss_sum = loss_sum * float("nan")
-        global_tokens = sum(self.objective.loss_tokens(mb) for mb in batches).float()
-        finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
-        self.reduce_loss(loss_sum)
-        loss = (loss_sum / global_tokens.clamp_min(1)).item()
-        bad = self.guard.verdict(loss, grads_finite(self.model, self.device))
+        if self.engine == "deepspeed":
+            loss, grad_norm, bad = self.deepspeed_update(batches, window, collect)
+        else:
+            loss, grad_norm, bad = self.megatron_update(batches, window, collect)
         if bad is None:
-            _, grad_norm, _ = self.optimizer.step()
             self.guard.accept(loss)
         else:
-            grad_norm = float("nan")
             self.on_bad_step(bad, loss)  # halt raises; rollback reloads and returns
         self.scheduler.step(increment=1)
         self.state.step += 1
@@ -242,6 +260,60 @@ class Trainer:
             flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
             peak_flops=self.peak, health=health, guard=bad or "")
 
+    def megatron_update(self, batches: list, window: BackpropWindow, collect: bool) -> tuple:
+        """Forward/backward, megatron's grad finalisation, and the optimizer step unless the step is bad;
+        returns (loss, grad norm, bad-step reason or None)."""
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_sum = self.forward_backward(batches, window, collect)
+        if injected_nan(self.state.step + 1):
+            loss_sum = loss_sum * float("nan")
+        global_tokens = sum(self.objective.loss_tokens(mb) for mb in batches).float()
+        finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
+        self.reduce_loss(loss_sum)
+        loss = (loss_sum / global_tokens.clamp_min(1)).item()
+        bad = self.guard.verdict(loss, grads_finite(self.model, self.device))
+        if bad is not None:
+            return loss, float("nan"), bad
+        _, grad_norm, _ = self.optimizer.step()
+        return loss, grad_norm, None
+
+    def deepspeed_update(self, batches: list, window: BackpropWindow, collect: bool) -> tuple:
+        """The same step through DeepSpeed (see recurdepth/train/deepspeed_engine.py): each micro-batch's summed
+        loss scaled by dp / global tokens; the verdict before the last backward, whose loss a bad step poisons
+        so that DeepSpeed's overflow path drops the update."""
+        if hasattr(self.objective, "set_step"):
+            self.objective.set_step(self.state.step)
+        global_tokens = sum(self.objective.loss_tokens(mb) for mb in batches).float()
+        torch.distributed.all_reduce(global_tokens, group=_dp_group())
+        scale = self.dp_size / global_tokens.clamp_min(1)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(batches):
+            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0)
+            if i == len(batches) - 1:
+                break
+            self.model.backward(mb_loss * scale, scale_wrt_gas=False)
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
+            loss_sum += mb_loss.detach()
+        if injected_nan(self.state.step + 1):
+            mb_loss = mb_loss * float("nan")
+        total = loss_sum + mb_loss.detach()
+        self.reduce_loss(total)
+        loss = (total / global_tokens.clamp_min(1)).item()
+        bad = self.guard.verdict(loss, True)
+        if bad is not None:
+            mb_loss = mb_loss * float("nan")
+        skipped = self.model.skipped_steps
+        self.model.backward(mb_loss * scale, scale_wrt_gas=False)
+        self.model.step()  # the boundary: reduction, clipping and the update (dropped on non-finite gradients)
+        if bad is None and self.model.skipped_steps > skipped:
+            bad = "non-finite gradient norm"
+        if bad is not None:
+            return loss, float("nan"), bad
+        return loss, float(self.model.get_global_grad_norm()), None
+
     def on_bad_step(self, reason: str, loss: float) -> None:
         """Act on a bad step (before its update is applied), per `train.on_bad_step`."""
         action, step = self.cfg.train.on_bad_step, self.state.step + 1
@@ -250,7 +322,7 @@ class Trainer:
             target = latest_checkpoint(self.cfg.checkpoint_dir)
             if target is not None:
                 bad_batch = self.state.consumed_samples
-                self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler)
+                self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler, engine=self.engine)
                 self.state.skipped_batches.append(bad_batch)
                 self.state.step -= 1  # train_step's bookkeeping then lands exactly on the checkpoint's step
                 self.state.consumed_samples -= self.cfg.train.global_batch_size
@@ -278,8 +350,13 @@ class Trainer:
 
     def forward_backward(self, batches: list, window: BackpropWindow, collect: bool = False) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; returns the summed masked token loss (on the last
-        pipeline stage; zero on others). Under pipeline parallelism the looped schedule drives the stages."""
+        pipeline stage; zero on others). Under pipeline parallelism the looped schedule drives the stages, or the
+        objective itself when it runs several passes per micro-batch (`pipeline_run`, objectives/pipelined.py)."""
+        if hasattr(self.objective, "set_step"):  # objectives with a schedule of their own (Coconut's stages)
+            self.objective.set_step(self.state.step)
         if self.schedule is not None:
+            if hasattr(self.objective, "pipeline_run"):
+                return self.objective.pipeline_run(self.model, batches, window)
             return self.schedule.run(batches, window, self.objective.pipeline_loss)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(batches):
