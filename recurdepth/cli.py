@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(verbs)
     add_launch_parser(verbs)
     add_bench_parser(verbs)
+    from recurdepth.export.cli import add_export_parsers
+    from recurdepth.infer.evaluate import add_eval_parser
+    from recurdepth.infer.generate import add_generate_parser
+
+    add_eval_parser(verbs)
+    add_generate_parser(verbs)
+    add_export_parsers(verbs)
     return parser
 
 

@@ -44,6 +44,7 @@ class ModelConfig:
     spec: Literal["auto", "local", "te"] = "auto"  # megatron layer spec; auto = TransformerEngine on GPU if installed
     tie_embeddings: bool = True
     embedding_scale: float = 1.0  # Huginn uses sqrt(hidden_size)
+    norm_before_coda: bool = False  # Huginn: the final norm (same weights) also normalises s_r before the coda
     init_std: Optional[float] = None  # None = sqrt(2 / (5 h)) (small init, as Huginn)
     depth_scaled_init: bool = True  # output projections / sqrt(2 * effective depth)
     initial_state: Literal["trunc_normal", "zeros"] = "trunc_normal"
@@ -140,6 +141,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = no periodic validation
     eval_batches: int = 2
     overlap_grad_reduce: bool = False
+    compile: bool = False  # torch.compile each transformer block (inductor); the loop itself stays eager
     engine: Literal["megatron", "deepspeed"] = "megatron"  # megatron: DDP + distributed optimizer; deepspeed: ZeRO
     exit_after_minutes: Optional[float] = None  # time budget: checkpoint and exit 0 once it is spent
     on_bad_step: Literal["halt", "skip", "rollback"] = "halt"  # non-finite loss/gradient or a loss spike
@@ -175,6 +177,22 @@ class ObjectiveConfig:
     that gives the model extra computation through tokens. See docs/objectives.md."""
 
     kind: Literal["lm", "pause", "quiet_star", "coconut"] = "lm"
+    # quiet_star (Zelikman et al. 2024): T thought tokens after every position, scored on the next n_ahead tokens
+    thought_length: int = 8  # quiet_star: T sampled thought tokens between <|start_thought|> and <|end_thought|>
+    n_ahead: int = 4  # quiet_star: true tokens predicted (teacher-forced) after each thought
+    n_passes: int = 2  # quiet_star: thoughts sampled per position; their mean reward is the REINFORCE baseline
+    reinforce_weight: float = 1.0  # quiet_star: weight of the REINFORCE term on the thought tokens
+    thought_temperature: float = 1.0  # quiet_star: sampling temperature of thought tokens (and of their log-probs)
+    base_loss_weight: float = 0.5  # quiet_star: share of the plain LM loss in the NLL (the rest: the mixed loss)
+    checkpoint_thoughts: bool = False  # quiet_star: recompute each thought pass in backward instead of storing it
+    # pause (Goyal et al. 2023): learned <pause> tokens; no loss where the next token is a pause
+    pause_fraction: float = 0.1  # pause: share of every pretraining sequence that is pauses, at random positions
+    pause_count: int = 0  # pause: M pauses between prompt and answer of procedural samples (finetuning)
+    pause_variant: Literal["pause", "filler"] = "pause"  # filler: "." instead of <pause>, and a target (Pfau et al.)
+    # coconut (Hao et al. 2024): stage k replaces the first k reasoning steps by k*c continuous thoughts
+    coconut_thoughts_per_step: int = 1  # coconut: c latents per replaced step
+    coconut_max_stage: int = 3  # coconut: most steps replaced; the stage after it drops every language step
+    coconut_stage_steps: int = 100  # coconut: optimizer steps per curriculum stage (stage = step // this)
 
 
 @dataclass
@@ -271,8 +289,23 @@ class Config:
         _require(self.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", self.optimizer.warmup_steps, "use >= 0")
         _require(self.logging.log_interval >= 1, "logging.log_interval", self.logging.log_interval, "use >= 1")
         _require(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "use >= 0")
+        if t.engine == "deepspeed":
+            self._validate_deepspeed()
         self._validate_sources()
+        self._validate_quiet_star()
+        self._validate_pause_and_coconut()
         return self
+
+    def _validate_deepspeed(self) -> None:
+        p, d = self.parallel, self.deepspeed
+        if p.tensor > 1 or p.pipeline > 1 or p.expert > 1:
+            raise ConfigError(f"train.engine=deepspeed runs data parallelism only (got parallel.tensor={p.tensor}, "
+                              f"pipeline={p.pipeline}, expert={p.expert}); set them to 1 or use train.engine=megatron")
+        _require(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", d.offload_params,
+                 f"parameter offload needs ZeRO stage 3 (deepspeed.zero_stage={d.zero_stage}); set zero_stage=3")
+        _require(not self.train.overlap_grad_reduce, "train.overlap_grad_reduce", True,
+                 "it is the megatron engine's option; with train.engine=deepspeed use deepspeed.overlap_comm")
+        _require(d.reduce_bucket_size >= 1, "deepspeed.reduce_bucket_size", d.reduce_bucket_size, "use >= 1")
 
     def _validate_sources(self) -> None:
         d = self.data
@@ -301,6 +334,44 @@ class Config:
         if d.tokenizer == "sentencepiece":
             _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
                      "tokenizer=sentencepiece needs the .model file written by `recurdepth data tokenizer`")
+
+
+    def _validate_quiet_star(self) -> None:
+        o = self.objective
+        if o.kind != "quiet_star":
+            return
+        _require(o.thought_length >= 1, "objective.thought_length", o.thought_length, "use at least 1 thought token")
+        _require(1 <= o.n_ahead < self.model.seq_length, "objective.n_ahead", o.n_ahead,
+                 f"use 1 <= n_ahead < model.seq_length={self.model.seq_length}")
+        _require(o.n_passes >= 1, "objective.n_passes", o.n_passes, "use at least 1 thought per position")
+        _require(o.reinforce_weight >= 0, "objective.reinforce_weight", o.reinforce_weight, "use a weight >= 0")
+        _require(o.n_passes >= 2 or o.reinforce_weight == 0, "objective.n_passes", o.n_passes,
+                 "REINFORCE needs n_passes >= 2 (their mean reward is the baseline), or set reinforce_weight=0")
+        _require(o.thought_temperature > 0, "objective.thought_temperature", o.thought_temperature,
+                 "use a temperature > 0")
+        _require(0 <= o.base_loss_weight <= 1, "objective.base_loss_weight", o.base_loss_weight, "use 0 <= w <= 1")
+        _require(not self.parallel.sequence_parallel, "parallel.sequence_parallel", True,
+                 "objective.kind=quiet_star does not support sequence parallelism yet; set it to false")
+        _require(not (o.checkpoint_thoughts and self.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
+                 "per-thought checkpointing is single-stage only; set it to false with parallel.pipeline > 1")
+
+
+    def _validate_pause_and_coconut(self) -> None:
+        o, s = self.objective, self.model.seq_length
+        if o.kind == "pause":
+            _require(0 <= o.pause_fraction < 1, "objective.pause_fraction", o.pause_fraction,
+                     "use a share 0 <= f < 1 of each sequence")
+            _require(round(o.pause_fraction * s) < s - 1, "objective.pause_fraction", o.pause_fraction,
+                     f"leave at least 2 real tokens per sequence of model.seq_length={s}")
+            _require(o.pause_count >= 0, "objective.pause_count", o.pause_count, "use 0 or more pauses")
+            _require(o.pause_fraction > 0 or o.pause_count > 0, "objective.pause_fraction", o.pause_fraction,
+                     "objective.kind=pause inserts no pause; set pause_fraction > 0 (pretraining) or pause_count > 0")
+        if o.kind == "coconut":
+            _require(o.coconut_thoughts_per_step >= 1, "objective.coconut_thoughts_per_step",
+                     o.coconut_thoughts_per_step, "use at least 1 latent per step")
+            _require(o.coconut_max_stage >= 0, "objective.coconut_max_stage", o.coconut_max_stage, "use 0 or more")
+            _require(o.coconut_stage_steps >= 1, "objective.coconut_stage_steps", o.coconut_stage_steps,
+                     "use at least 1 optimizer step per stage")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:

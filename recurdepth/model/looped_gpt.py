@@ -4,6 +4,7 @@
     s_0 ~ TruncNormal(0, std^2) * embedding_scale  (or zeros)  # one draw per sample, seeded by its index
     s_i = core(adapter(s_{i-1}, e))          for i = 1..r      # R layers, looped r times
     p   = head(norm(coda(s_r)))                                # C layers, run once
+                                 (norm(coda(norm(s_r))) with model.norm_before_coda, as Huginn)
 
 Truncated backprop (`BackpropWindow`): iterations 1..r-k run under `torch.no_grad()`, so memory does not
 grow with r; the last min(r, k) iterations carry gradients. Every core weight is used in each of those,
@@ -178,7 +179,7 @@ class LoopedGPTModel(LanguageModule):
         """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`.
         With `return_hidden`, also the final-norm output `[b, s, h]` (whole sequence): (output, hidden)."""
         rope = self.rope(self.full_seq_len(state), position_ids)
-        x = state
+        x = self.final_layernorm(state) if self.model_cfg.norm_before_coda else state  # Huginn's ln_f, used twice
         for layer in self.coda.values():
             x = layer(x, rope, attention_mask)
         x = self.final_layernorm(x)

@@ -1,0 +1,1 @@
+"""Model export and import (Hugging Face Huginn format)."""

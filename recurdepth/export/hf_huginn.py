@@ -1,0 +1,349 @@
+"""Hugging Face directories in the format of the published Huginn-0125 model (`model_type: huginn_raven`,
+seal-rg/recurrent-pretraining `raven_modeling_minimal.py`), written from and read back into recurdepth weights.
+
+    recurdepth                                    huginn_raven
+    embedding.word_embeddings.weight              transformer.wte.weight (lm_head.weight tied to it)
+    prelude.i / core.j / coda.i                   transformer.prelude.i / core_block.j / coda.i
+      input_layernorm / post_attention_layernorm    norm_1 / norm_2
+      pre_mlp_layernorm / post_mlp_layernorm        norm_3 / norm_4
+      self_attention.linear_qkv  [h0:q k v | h1:q k v | ...], RoPE rotate-half
+                                                    attn.Wqkv  [Q; K; V], RoPE on interleaved pairs (rows permuted)
+      self_attention.linear_proj                    attn.proj
+      mlp.linear_fc1 [gate; up] / linear_fc2        mlp.fc [gate; up] / mlp.proj
+    adapter.proj.weight  W [s; e]                 transformer.adapter.weight  W [state; embeds]
+    final_layernorm.weight                        transformer.ln_f.weight (Huginn applies it to s_r and after the coda)
+
+Huginn's forward fixes some choices that are options in recurdepth; a model exports only with those
+(`huginn_incompatibilities` names the others). Huginn's q/k bias is not a recurdepth option: exported as
+`qk_bias: false`; an import with a non-zero q/k bias is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from recurdepth.config import Config, config_from_dict
+from recurdepth.errors import CheckpointError, ConfigError, RecurdepthError
+
+MODEL_TYPE = "huginn_raven"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.model"
+# parameter names inside one block: recurdepth -> huginn_raven
+_BLOCK = {
+    "input_layernorm.weight": "norm_1.weight",
+    "self_attention.linear_qkv.weight": "attn.Wqkv.weight",
+    "self_attention.linear_proj.weight": "attn.proj.weight",
+    "post_attention_layernorm.weight": "norm_2.weight",
+    "pre_mlp_layernorm.weight": "norm_3.weight",
+    "mlp.linear_fc1.weight": "mlp.fc.weight",
+    "mlp.linear_fc2.weight": "mlp.proj.weight",
+    "post_mlp_layernorm.weight": "norm_4.weight",
+}
+_STACKS = {"prelude": "transformer.prelude", "core": "transformer.core_block", "coda": "transformer.coda"}
+_TOP = {"embedding.word_embeddings.weight": "transformer.wte.weight", "adapter.proj.weight": "transformer.adapter.weight",
+        "final_layernorm.weight": "transformer.ln_f.weight", "output_layer.weight": "lm_head.weight"}
+
+
+class ExportError(RecurdepthError):
+    """A model or directory that the Huginn format cannot represent, or that is not in it."""
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+def huginn_incompatibilities(cfg: Config) -> list[str]:
+    """Each model option whose value Huginn's architecture cannot represent, with the value it needs."""
+    m = cfg.model
+    need = []
+    for key, value in (("block_norm", "sandwich"), ("adapter", "concat"), ("normalization", "RMSNorm"),
+                       ("activation", "swiglu"), ("norm_before_coda", True)):
+        if getattr(m, key) != value:
+            need.append(f"model.{key}={getattr(m, key)!r} (Huginn: {value!r})")
+    if m.num_query_groups not in (None, m.num_heads):
+        need.append(f"model.num_query_groups={m.num_query_groups} (Huginn: one key/value head per head)")
+    if not math.isclose(m.embedding_scale, math.sqrt(m.hidden_size), rel_tol=1e-6):
+        need.append(f"model.embedding_scale={m.embedding_scale:g} (Huginn: sqrt(hidden_size) = "
+                    f"{math.sqrt(m.hidden_size):.10g})")
+    if m.num_experts:
+        need.append(f"model.num_experts={m.num_experts} (Huginn: a dense MLP)")
+    return need
+
+
+def check_exportable(cfg: Config) -> None:
+    bad = huginn_incompatibilities(cfg)
+    if bad:
+        raise ExportError(f"the Huginn format cannot represent {'; '.join(bad)}; train with Huginn's options "
+                          f"(see docs/evaluation.md) to export this model")
+
+
+def mean_recurrence(cfg: Config) -> int:
+    """Huginn's default test-time depth: recurrence.eval_depth, else the sampler's mean (or fixed depth)."""
+    r = cfg.recurrence
+    if r.eval_depth:
+        return int(r.eval_depth)
+    return int(r.depth if r.sampler == "fixed" else round((r.low + r.high) / 2 if r.sampler == "uniform" else r.mean))
+
+
+def huginn_config(cfg: Config, vocab_rows: int, ffn: int, dtype: str = "float32") -> dict:
+    """config.json of a huginn_raven model (the keys of Huginn-0125's RavenConfig), plus the recurdepth config
+    under `recurdepth_config` so that `import` restores every setting."""
+    m, r = cfg.model, cfg.recurrence
+    return {
+        "architectures": ["RavenForCausalLM"],
+        "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig",
+                     "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
+        "model_type": MODEL_TYPE,
+        "n_embd": m.hidden_size,
+        "n_heads": m.num_heads,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_heads,
+        "n_layers": m.prelude_layers + m.core_layers + m.coda_layers,
+        "block_size": m.seq_length,
+        "vocab_size": vocab_rows,
+        "padding_multiple": m.make_vocab_size_divisible_by,
+        "tie_embeddings": m.tie_embeddings,
+        "intermediate_size": ffn,
+        "bias": False,
+        "architecture_class_name": "RecurrentGPT",
+        "block_class_name": "SandwichBlock",
+        "norm_class_name": "RMSNorm_llama",
+        "norm_eps": m.norm_eps,
+        "mlp_class_name": "GatedMLP",
+        "nonlin_name": "SiLU",
+        "init_strategy": "takase",
+        "init_orthogonal": False,
+        "state_init": "zero" if m.initial_state == "zeros" else "like-init",
+        "injection_type": "linear",
+        "n_layers_in_recurrent_block": m.core_layers,
+        "mean_recurrence": mean_recurrence(cfg),
+        "sampling_scheme": "poisson-lognormal-filling",
+        "mean_backprop_depth": r.backprop_depth,
+        "n_layers_in_prelude": m.prelude_layers,
+        "n_layers_in_coda": m.coda_layers,
+        "qk_bias": False,
+        "activation_checkpoint_impl": "per-iteration",
+        "rope_base": m.rotary_base,
+        "torch_dtype": dtype,
+        "transformers_version": "4.47.1",
+        "recurdepth_config": cfg.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+def rope_pair_order(head_dim: int) -> torch.Tensor:
+    """Row order that turns a rotate-half head (pairs i, i + d/2) into an interleaved one (pairs 2i, 2i + 1)."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack([half, half + head_dim // 2], dim=-1).flatten()
+
+
+def qkv_to_huginn(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """megatron `[h0: q k v | h1: q k v | ...]` (one key/value group per head) -> Huginn `[Q; K; V]`, with the
+    q and k rows of every head in interleaved RoPE order (q.k is unchanged: both permuted alike)."""
+    d = w.shape[0] // (3 * heads)
+    q, k, v = w.view(heads, 3, d, -1).unbind(1)  # each [heads, d, h]
+    order = rope_pair_order(d)
+    return torch.cat([q[:, order], k[:, order], v]).reshape(3 * heads * d, -1).contiguous()
+
+
+def qkv_from_huginn(w: torch.Tensor, heads: int) -> torch.Tensor:
+    d = w.shape[0] // (3 * heads)
+    q, k, v = w.view(3, heads, d, -1).unbind(0)
+    inverse = torch.argsort(rope_pair_order(d))
+    return torch.stack([q[:, inverse], k[:, inverse], v], dim=1).reshape(3 * heads * d, -1).contiguous()
+
+
+def huginn_freqs_cis(head_dim: int, block_size: int, base: float) -> torch.Tensor:
+    """Huginn's persistent `freqs_cis` buffer `[1, block, 1, d/2, 2]` (cos, sin; float32, as its code computes)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(block_size, dtype=torch.float32), inv).float()
+    return torch.stack([freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]], dim=4)
+
+
+def to_huginn_state(state: dict, cfg: Config) -> dict:
+    """recurdepth model state dict (full tensors, TP = 1) -> huginn_raven state dict."""
+    heads = cfg.model.num_heads
+    out = {}
+    for name, tensor in state.items():
+        if not torch.is_tensor(tensor) or name.endswith("_extra_state"):
+            continue
+        if name == "output_layer.weight" and cfg.model.tie_embeddings:
+            continue
+        stack, _, rest = name.partition(".")
+        if stack in _STACKS:
+            index, _, param = rest.partition(".")
+            if param not in _BLOCK:
+                raise ExportError(f"parameter {name} has no place in the Huginn format")
+            if param == "self_attention.linear_qkv.weight":
+                tensor = qkv_to_huginn(tensor, heads)
+            out[f"{_STACKS[stack]}.{index}.{_BLOCK[param]}"] = tensor
+        elif name in _TOP:
+            out[_TOP[name]] = tensor
+        else:
+            raise ExportError(f"parameter {name} has no place in the Huginn format")
+    m = cfg.model
+    out["freqs_cis"] = huginn_freqs_cis(m.hidden_size // heads, m.seq_length, m.rotary_base)
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def from_huginn_state(hf: dict, cfg: Config) -> dict:
+    """huginn_raven state dict -> recurdepth model state dict (full tensors)."""
+    heads = cfg.model.num_heads
+    back_block = {v: k for k, v in _BLOCK.items()}
+    back_stack = {v: k for k, v in _STACKS.items()}
+    back_top = {v: k for k, v in _TOP.items()}
+    out = {}
+    for name, tensor in hf.items():
+        if name == "freqs_cis":
+            continue
+        if name == "lm_head.weight" and cfg.model.tie_embeddings:
+            continue
+        if name.endswith("attn.qk_bias"):
+            if tensor.abs().max() > 0:
+                raise ExportError(f"{name} is non-zero: Huginn's q/k bias is not a recurdepth option, so this model "
+                                  f"cannot be imported without changing its outputs")
+            continue
+        if name in back_top:
+            out[back_top[name]] = tensor
+            continue
+        head, index, param = _split_block_name(name)
+        if head not in back_stack or param not in back_block:
+            raise ExportError(f"unexpected parameter {name} in a huginn_raven checkpoint")
+        if param == "attn.Wqkv.weight":
+            tensor = qkv_from_huginn(tensor, heads)
+        out[f"{back_stack[head]}.{index}.{back_block[param]}"] = tensor
+    return out
+
+
+def _split_block_name(name: str) -> tuple[str, str, str]:
+    parts = name.split(".")
+    for width in (2, 1):
+        head = ".".join(parts[:width])
+        if head in _STACKS.values() and len(parts) > width + 1:
+            return head, parts[width], ".".join(parts[width + 1:])
+    return "", "", ""
+
+
+# ---------------------------------------------------------------------------------------------------- directories
+
+def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `out_dir/{config.json, model.safetensors, generation_config.json}` (+ tokenizer files) for the loaded
+    model (`recurdepth.infer.loading.LoadedModel`)."""
+    from safetensors.torch import save_file
+
+    cfg = loaded.cfg
+    check_exportable(cfg)
+    tok_model = _tokenizer_file(cfg)
+    state = to_huginn_state(loaded.model.state_dict(), cfg)
+    if dtype is not None:
+        state = {k: (v if k == "freqs_cis" else v.to(dtype)) for k, v in state.items()}
+    rows, _ = state["transformer.wte.weight"].shape
+    ffn = state[f"{_STACKS['core']}.0.mlp.proj.weight"].shape[1]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_dtype = str(state["transformer.wte.weight"].dtype).replace("torch.", "")
+    save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    config = huginn_config(cfg, rows, ffn, weights_dtype)
+    tok = loaded.tokenizer
+    config.update(pad_token_id=tok.pad, eos_token_id=tok.eod, recurdepth_tokenizer=cfg.data.tokenizer,
+                  recurdepth_vocab_size=loaded.vocab_size)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": tok.eod, "pad_token_id": tok.pad, "transformers_version": "4.47.1"}, indent=2) + "\n")
+    if tok_model is not None:
+        shutil.copyfile(tok_model, out_dir / TOKENIZER)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+             "pad_token": "<pad>", "eos_token": "<eod>", "unk_token": "<unk>", "legacy": False}, indent=2) + "\n")
+    return out_dir
+
+
+def _tokenizer_file(cfg: Config) -> Optional[Path]:
+    """The sentencepiece model to export alongside, or None for the byte tokenizer; missing -> error."""
+    if cfg.data.tokenizer != "sentencepiece":
+        return None
+    from recurdepth.data.tokenizer import resolve_model_path
+
+    try:
+        return resolve_model_path(cfg.data.tokenizer_model)
+    except RecurdepthError:
+        raise ExportError(f"the checkpoint's tokenizer {cfg.data.tokenizer_model!r} is missing; it is exported "
+                          f"alongside the weights, so restore it (or train with it) first") from None
+
+
+def read_huginn(in_dir: Path) -> tuple[dict, dict]:
+    """(config.json, state dict) of a huginn_raven directory (one or sharded safetensors files)."""
+    from safetensors.torch import load_file
+
+    in_dir = Path(in_dir)
+    config_file = in_dir / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{in_dir} has no config.json; pass a directory written by `recurdepth export` or a "
+                          f"Hugging Face huginn_raven model directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{config_file} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if config.get("model_type") != MODEL_TYPE:
+        raise ExportError(f"{in_dir} holds a {config.get('model_type')!r} model, not {MODEL_TYPE!r}; only Huginn-format "
+                          f"directories can be imported")
+    index = in_dir / (WEIGHTS + ".index.json")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    state = {}
+    for name in files:
+        if not (in_dir / name).is_file():
+            raise ExportError(f"{in_dir / name} is missing; the export is incomplete")
+        state.update(load_file(str(in_dir / name)))
+    return config, state
+
+
+def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path], rows: int) -> Config:
+    """The recurdepth config of a huginn_raven model: the stored one when recurdepth exported it, else built
+    from Huginn's keys (with Huginn's fixed choices)."""
+    if "recurdepth_config" in config:
+        raw = config["recurdepth_config"]
+    else:
+        h, heads = int(config["n_embd"]), int(config.get("n_heads", config.get("num_attention_heads")))
+        if config.get("n_kv_heads", heads) != heads or config.get("bias", False):
+            raise ExportError("only Huginn models with one key/value head per head and no linear biases import")
+        divisible = 128 if rows % 128 == 0 else rows
+        raw = {"model": {"hidden_size": h, "num_heads": heads, "ffn_hidden_size": int(config["intermediate_size"]),
+                         "prelude_layers": int(config["n_layers_in_prelude"]),
+                         "core_layers": int(config["n_layers_in_recurrent_block"]),
+                         "coda_layers": int(config["n_layers_in_coda"]), "seq_length": int(config["block_size"]),
+                         "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
+                         "normalization": "RMSNorm", "norm_eps": float(config.get("norm_eps", 1e-6)),
+                         "activation": "swiglu", "tie_embeddings": bool(config.get("tie_embeddings", True)),
+                         "embedding_scale": math.sqrt(h), "norm_before_coda": True,
+                         "rotary_base": float(config.get("rope_base", 50000.0)),
+                         "initial_state": "zeros" if config.get("state_init") == "zero" else "trunc_normal"},
+               "recurrence": {"mean": float(config.get("mean_recurrence", 32)),
+                              "backprop_depth": int(config.get("mean_backprop_depth", 8))}}
+    raw = json.loads(json.dumps(raw))  # a private copy
+    if tokenizer_model is not None:
+        raw.setdefault("data", {}).update(tokenizer="sentencepiece", tokenizer_model=str(tokenizer_model.resolve()))
+    for section in ("parallel",):
+        raw.pop(section, None)  # the imported checkpoint reshards: the layout is chosen when it is loaded
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ExportError(f"the Huginn config cannot be expressed as a recurdepth config ({exc})") from None
+
+
+def check_imported_shapes(model_state: dict, weights: dict) -> None:
+    """Every model parameter present with the same shape, and nothing left over."""
+    expected = {k: v.shape for k, v in model_state.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k])}" for k in expected
+             if k in weights and weights[k].shape != expected[k]]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [f"missing {', '.join(missing[:3])}" if missing else "",
+                                         f"unexpected {', '.join(extra[:3])}" if extra else "",
+                                         f"shape {', '.join(wrong[:3])}" if wrong else ""]))
+        raise CheckpointError(f"the Huginn weights do not fit the model their config describes ({detail})")

@@ -1,0 +1,191 @@
+"""Incremental (KV-cached) forward of a `LoopedGPTModel`, with adaptive depth per token.
+
+The same equations as the model's own forward, run on its own submodules (norms, `linear_qkv`, `linear_proj`,
+MLP, adapter, embedding, output layer), a few positions at a time:
+
+    e_t  = prelude(embed(x_t) * scale)                       # keys/values cached per prelude layer
+    s_0  = 0 | TruncNormal * scale | s_r of token t-1 (warm start)
+    s_i  = core(adapter(s_{i-1}, e_t))   i = 1..r             # keys/values cached per core layer and iteration slot
+    p_t  = head(norm(coda(s_r)))                              # keys/values cached per coda layer
+
+Adaptive depth (one position at a time): after every iteration i >= 2 the head is applied to s_i, and a row
+stops when KL(p_{i-1} || p_i) < eps (Huginn's KL exit, arXiv 2502.05171 sec. 6); rows that stopped keep their
+state while the others go on. eps = 0 never stops (KL is clamped at 0), so it is full-depth decoding.
+
+One process only (TP = PP = 1): the caller builds the model that way (`recurdepth.infer.loading`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+from recurdepth.infer.kv_cache import LoopedKVCache
+
+INITS = ("zeros", "random")
+
+
+@dataclass
+class DecodeOptions:
+    """How each position is computed: `depth` iterations at most; `exit_kl` eps (None = fixed depth);
+    `kv_share` m (None = a cache slot per iteration); `warm_start` s_0 from the previous token's final state
+    (decoding only); `init` of s_0 otherwise (zeros, or the model's truncated normal from a seeded generator)."""
+
+    depth: int = 4
+    exit_kl: Optional[float] = None
+    kv_share: Optional[int] = None
+    warm_start: bool = False
+    init: str = "zeros"
+    seed: int = 0
+
+
+class LoopedDecoder:
+    """Runs a looped model over a growing batch of sequences `[b, t]` with a `LoopedKVCache`.
+
+    `step(tokens [b, s])` appends s positions and returns their logits `[b, s, V]` (all padded-vocabulary
+    columns); `depths` holds the iterations each position used, `[b]` per call.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, options: DecodeOptions):
+        if options.depth < 1:
+            raise ValueError(f"depth={options.depth}: use at least 1 iteration")
+        if options.init not in INITS:
+            raise ValueError(f"init={options.init!r}: use one of {', '.join(INITS)}")
+        self.model, self.options = model, options
+        cfg = model.config
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.heads = cfg.num_attention_heads
+        self.groups = cfg.num_query_groups or cfg.num_attention_heads
+        self.head_dim = cfg.kv_channels
+        self.cache = LoopedKVCache(batch, max_len, self.groups, self.head_dim, options.depth, options.kv_share,
+                                   self.dtype, self.device)
+        self.rope_table = model.rotary_pos_emb(max_len)  # [L, 1, 1, d], float64 angles
+        self.prev_state: Optional[torch.Tensor] = None  # [1, b, h]: s_r of the newest position (warm start)
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.depths: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ one transformer block, cached
+
+    def _attention(self, layer, x: torch.Tensor, name: str, start: int, iteration: Optional[int],
+                   rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Self-attention of positions [start, start + s) over the cache; x `[s, b, h]` (already normed)."""
+        attn = layer.self_attention
+        mixed, _ = attn.linear_qkv(x)
+        s, b = x.shape[:2]
+        per_group = self.heads // self.groups
+        mixed = mixed.view(s, b, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = torch.split(mixed, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(s, b, self.heads, self.head_dim)
+        freqs = self.rope_table[start:start + s]
+        q, k = _apply_rotary_pos_emb_bshd(q, freqs), _apply_rotary_pos_emb_bshd(k, freqs)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, hn]
+        keys, values = self.cache.update(name, k, v, start, iteration, rows)
+        mask = None
+        if s > 1:  # causal within the new positions; every cached position is visible
+            total = start + s
+            mask = torch.arange(total, device=x.device).view(1, -1) <= (start + torch.arange(s, device=x.device)).view(-1, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.groups != self.heads)
+        out, bias = attn.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim))
+        return out if bias is None else out + bias
+
+    def _block(self, layer, x: torch.Tensor, name: str, start: int, iteration: Optional[int] = None,
+               rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`LoopedTransformerLayer.forward` with cached attention."""
+        x = x + self._attention(layer, layer.input_layernorm(x), name, start, iteration, rows)
+        if layer.sandwich:
+            x = layer.post_attention_layernorm(x)
+        mlp, bias = layer.mlp(layer.pre_mlp_layernorm(x))
+        x = x + (mlp if bias is None else mlp + bias)
+        if layer.sandwich:
+            x = layer.post_mlp_layernorm(x)
+        return x
+
+    # ------------------------------------------------------------------ the equations
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        e = self.model.embedding(input_ids=tokens, position_ids=None)
+        if self.model.model_cfg.embedding_scale != 1.0:
+            e = e * self.model.model_cfg.embedding_scale
+        for i, layer in self.model.prelude.items():
+            e = self._block(layer, e, f"prelude.{i}", start)
+        return e
+
+    def _core_step(self, state, e, start: int, iteration: int, rows=None) -> torch.Tensor:
+        x = self.model.adapter(state, e)
+        for j, layer in self.model.core.items():
+            x = self._block(layer, x, f"core.{j}", start, iteration, rows)
+        return x
+
+    def _head(self, state: torch.Tensor, start: int) -> torch.Tensor:
+        model = self.model
+        x = model.final_layernorm(state) if model.model_cfg.norm_before_coda else state
+        for i, layer in model.coda.items():
+            x = self._block(layer, x, f"coda.{i}", start)
+        x = model.final_layernorm(x)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(x, weight=weight)
+        return logits  # [s, b, V]
+
+    def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        if self.options.warm_start and self.prev_state is not None and e.shape[0] == 1:
+            return self.prev_state
+        if self.options.init == "zeros":
+            return torch.zeros_like(e)
+        std = self.model.state_std
+        draw = torch.nn.init.trunc_normal_(torch.empty(e.shape, dtype=e.dtype), 0.0, std, -3 * std, 3 * std,
+                                           generator=self.generator)
+        return draw.to(e.device) * self.model.model_cfg.embedding_scale
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, s0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Append `tokens [b, s]` at the next positions; their logits `[b, s, V]`. `s0 [s, b, h]` overrides the
+        initial state. Adaptive exit applies to single positions (s = 1); longer chunks run the full depth."""
+        start, s = self.cache.length, tokens.shape[1]
+        e = self._embed(tokens.to(self.device), start)
+        state = self._initial_state(e) if s0 is None else s0.to(e)
+        depth, eps = self.options.depth, self.options.exit_kl
+        b = tokens.shape[0]
+        if eps is None or s > 1:
+            for i in range(depth):
+                state = self._core_step(state, e, start, i)
+            used = torch.full((b,), depth, dtype=torch.long)
+            logits = self._head(state, start)
+        else:
+            state, logits, used = self._adaptive(state, e, start, eps)
+        self.cache.fill(start, used.to(self.device))
+        self.cache.length = start + s
+        self.prev_state = state[-1:]
+        self.depths.append(used)
+        return logits.transpose(0, 1)
+
+    def _adaptive(self, state, e, start: int, eps: float):
+        """Iterate one position until KL(p_{i-1} || p_i) < eps per row (or the maximum depth)."""
+        b = state.shape[1]
+        active = torch.ones(b, dtype=torch.bool, device=state.device)
+        used = torch.zeros(b, dtype=torch.long)
+        logits, prev_logp = None, None
+        for i in range(self.options.depth):
+            new = self._core_step(state, e, start, i, rows=active)
+            state = torch.where(active.view(1, -1, 1), new, state)
+            used += active.cpu().long()
+            new_logits = self._head(state, start)
+            logits = new_logits if logits is None else torch.where(active.view(1, -1, 1), new_logits, logits)
+            logp = F.log_softmax(logits[-1].float(), dim=-1)  # [b, V]
+            if prev_logp is not None:
+                kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0.0)
+                active &= ~(kl < eps)
+            prev_logp = logp
+            if not bool(active.any()):
+                break
+        return state, logits, used
+
+    def mean_depth(self) -> float:
+        """Mean iterations per position over every `step` so far."""
+        if not self.depths:
+            return 0.0
+        return float(torch.cat(self.depths).float().mean())

@@ -1,0 +1,294 @@
+"""`recurdepth eval CHECKPOINT --depths 1,2,4,8,16,32`: how a looped model's quality depends on test-time depth.
+
+At each depth r (or maximum depth, with `--exit-kl`):
+- validation loss and perplexity on the held-out split of the checkpoint's training blend (answer-only tokens
+  for procedural sources, as in training), with the model's own forward;
+- accuracy on held-out procedural tasks: greedy KV-cached generation after the prompt, scored by the task's
+  verifier; by default every procedural source of the training blend at its training difficulty (test split,
+  disjoint from the training samples) and at a harder difficulty (each `min_X..max_X` range moved past its
+  training maximum), or the tasks given with `--task NAME[@key=value,...]`.
+
+Writes `eval.json`, `eval.csv`, `depth_sweep.png` (metric vs r, one line per task) and TensorBoard scalars
+(`tensorboard/`, step = r) under `--out` (default `<run dir>/eval/<checkpoint name>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from recurdepth.errors import ConfigError, DataError
+from recurdepth.infer.decoder import DecodeOptions
+from recurdepth.infer.generate import add_decode_arguments, generate
+
+
+@dataclass
+class TaskSet:
+    """One line of the plot: held-out samples of a task at one difficulty."""
+
+    task: str
+    difficulty: dict
+    label: str
+    samples: list = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Row:
+    depth: int
+    metric: str  # valid_loss, valid_ppl, or accuracy
+    task: str  # "" for validation metrics, else the TaskSet label
+    value: float
+    n: int
+    mean_depth: float
+
+
+def parse_depths(text: str) -> list[int]:
+    """`"1,2,4"` -> [1, 2, 4]; anything else (or a depth <= 0) -> ConfigError."""
+    try:
+        depths = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--depths {text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
+    if not depths or any(d <= 0 for d in depths):
+        raise ConfigError(f"--depths {text!r}: every depth must be an integer >= 1, e.g. --depths 1,2,4,8")
+    return sorted(set(depths))
+
+
+def harder(difficulty: dict) -> dict:
+    """Each `min_X..max_X` integer range moved just past its maximum: min = max + 1, max = max + max(1, max // 4)."""
+    out = dict(difficulty)
+    for key, value in difficulty.items():
+        low = "min_" + key[4:]
+        if key.startswith("max_") and low in difficulty and isinstance(value, int) and not isinstance(value, bool):
+            out[low], out[key] = value + 1, value + max(1, value // 4)
+    return out
+
+
+def parse_task(spec: str) -> tuple[str, dict]:
+    """`addition@min_digits=4,max_digits=5` -> ("addition", {"min_digits": 4, "max_digits": 5})."""
+    import yaml
+
+    name, _, rest = spec.partition("@")
+    difficulty = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--task {spec!r}: write difficulty knobs as key=value, e.g. addition@min_digits=4")
+        difficulty[key.strip()] = yaml.safe_load(value)
+    return name.strip(), difficulty
+
+
+def task_sets(cfg, specs: Optional[list[str]], n: int, seed: int) -> list[TaskSet]:
+    """Held-out samples per task and difficulty (the test split excludes the training samples)."""
+    from recurdepth.data.procedural import generate_split, get_task
+
+    sources = [s for s in cfg.data.sources if "procedural" in s]
+    trained = {s["procedural"]: s for s in sources}
+    wanted = []
+    if specs:
+        wanted = [parse_task(s) + ("",) for s in specs]
+    else:
+        for s in sources:
+            base = get_task(s["procedural"]).resolve(s.get("difficulty"))
+            wanted += [(s["procedural"], base, "train difficulty"), (s["procedural"], harder(base), "harder")]
+    if not wanted:
+        raise DataError("the checkpoint was trained without procedural tasks; name some with --task NAME[@key=value]")
+    out = []
+    for name, difficulty, tag in wanted:
+        src = trained.get(name, {})
+        full = get_task(name).resolve(difficulty)
+        try:
+            samples = generate_split(name, n, "test", full, seed=int(src.get("seed", 0)),
+                                     train_n=int(src.get("n", 10000)), train_difficulty=src.get("difficulty"))
+        except DataError as exc:
+            if specs:
+                raise
+            print(f"note: no {name} set at its {tag} ({exc})", flush=True)  # e.g. training saw almost every case
+            continue
+        knobs = ",".join(f"{k}={v}" for k, v in full.items() if k.startswith(("min_", "max_")))
+        label = f"{name} {tag} ({knobs})" if tag else f"{name} ({knobs})"
+        out.append(TaskSet(name, full, label, samples))
+    return out
+
+
+@torch.no_grad()
+def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int = 64) -> tuple[float, float]:
+    """(fraction of samples whose greedy answer the verifier accepts, mean iterations per generated token).
+    Prompts are `<eod> prompt + " "` (a document starts after an eod in training), batched by token length;
+    generation stops at eod or 4 tokens past the longest reference answer."""
+    from recurdepth.data.procedural import verify_sample
+
+    tok = loaded.tokenizer
+    max_new_tokens = max(len(tok.tokenize(s.answer)) for s in samples) + 4
+    groups = defaultdict(list)
+    for sample in samples:
+        ids = [tok.eod] + tok.tokenize(sample.prompt + " ")
+        groups[len(ids)].append((sample, ids))
+    correct, depth_sum, depth_count = 0, 0.0, 0
+    for _, items in sorted(groups.items()):
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            prompt = torch.tensor([ids for _, ids in chunk])
+            result = generate(loaded.model, prompt, max_new_tokens, options, tok.eod, vocab_size=loaded.vocab_size)
+            for (sample, _), row in zip(chunk, result.tokens.tolist()):
+                answer = tok.detokenize(row[:row.index(tok.eod)] if tok.eod in row else row)
+                correct += bool(verify_sample(sample, answer.strip()))
+            counted = result.depths > 0
+            depth_sum += float(result.depths[counted].sum())
+            depth_count += int(counted.sum())
+    return correct / max(len(samples), 1), depth_sum / max(depth_count, 1)
+
+
+@torch.no_grad()
+def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int = 8) -> tuple[float, int]:
+    """Token-mean loss (under the loss mask) over the first `samples` validation samples at depth r."""
+    from recurdepth.model.depth import BackpropWindow
+
+    total, tokens = 0.0, 0
+    for start in range(0, min(samples, len(dataset)), batch_size):
+        ids = list(range(start, min(start + batch_size, samples, len(dataset))))
+        items = [dataset[i] for i in ids]
+        x = torch.stack([s["tokens"] for s in items])
+        labels = torch.stack([s["labels"] for s in items])
+        mask = torch.stack([s["loss_mask"] for s in items]).float()
+        per_token = loaded.model(x, labels=labels, window=BackpropWindow(depth, 0), sample_ids=ids)
+        total += float((per_token.float() * mask).sum())
+        tokens += int(mask.sum())
+    return total / max(tokens, 1), tokens
+
+
+def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOptions, valid_samples: int) -> list[Row]:
+    rows = []
+    valid = None
+    if valid_samples > 0:
+        from recurdepth.data.pipeline import build_datasets
+
+        t = loaded.cfg.train
+        valid = build_datasets(loaded.cfg, t.steps * t.global_batch_size, max(valid_samples, 1)).valid
+    for depth in depths:
+        if valid is not None:
+            loss, n = validation_loss(loaded, valid, depth, valid_samples)
+            rows += [Row(depth, "valid_loss", "", loss, n, depth),
+                     Row(depth, "valid_ppl", "", math.exp(min(loss, 50.0)), n, depth)]
+        opts = DecodeOptions(**{**asdict(options), "depth": depth})
+        for ts in sets:
+            acc, mean_depth = task_accuracy(loaded, ts.samples, opts)
+            rows.append(Row(depth, "accuracy", ts.label, acc, len(ts.samples), mean_depth))
+        line = " | ".join(f"{r.task or r.metric} {r.value:.4g}" for r in rows if r.depth == depth)
+        print(f"r={depth:3d} | {line}", flush=True)
+    return rows
+
+
+def write_outputs(rows: list[Row], out: Path, title: str, meta: dict) -> dict:
+    """eval.json, eval.csv, depth_sweep.png and TensorBoard scalars under `out`; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    with open(out / "eval.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    written = {"json": out / "eval.json", "csv": out / "eval.csv"}
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard")) as tb:
+        for r in rows:
+            name = f"eval/{r.metric}" + (f"/{r.task}" if r.task else "")
+            tb.add_scalar(name, r.value, global_step=r.depth)
+    written["tensorboard"] = out / "tensorboard"
+    written["png"] = plot(rows, out / "depth_sweep.png", title)
+    return written
+
+
+def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
+    """Accuracy vs r (one line per task set; log2 x axis) and validation loss vs r, side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no plot was drawn (pip install matplotlib)", flush=True)
+        return None
+    acc = defaultdict(list)
+    for r in rows:
+        if r.metric == "accuracy":
+            acc[r.task].append((r.depth, r.value))
+    loss = [(r.depth, r.value) for r in rows if r.metric == "valid_loss"]
+    panels = 1 + bool(loss)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for label, points in acc.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("test-time iterations r")
+    ax.set_ylabel("accuracy (verifier)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if loss:
+        ax2 = axes[0][1]
+        xs, ys = zip(*sorted(loss))
+        ax2.plot(xs, ys, marker="o", color="black")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("test-time iterations r")
+        ax2.set_ylabel("validation loss (answer tokens)")
+        ax2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_out_dir(checkpoint: Path) -> Path:
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval" / checkpoint.name
+    return checkpoint.parent / f"{checkpoint.name}-eval"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from recurdepth.infer.generate import options_from_args
+    from recurdepth.infer.loading import load_model
+
+    depths = parse_depths(args.depths)
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: use at least 1 sample per task")
+    args.depth = depths[-1]
+    args.max_depth = depths[-1]
+    options = options_from_args(args)
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
+    rows = run_eval(loaded, depths, sets, options, args.valid_samples)
+    out = Path(args.out) if args.out else default_out_dir(loaded.path)
+    mode = f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else "fixed depth"
+    title = f"{loaded.path} ({mode})"
+    meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "kv_share": args.kv_share,
+            "warm_start": args.warm_start, "init": args.init,
+            "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
+                          for s in sets]}
+    written = write_outputs(rows, out, title, meta)
+    print("wrote " + ", ".join(str(p) for p in written.values() if p), flush=True)
+    return 0
+
+
+def add_eval_parser(verbs) -> None:
+    e = verbs.add_parser("eval", help="validation loss and task accuracy vs test-time depth: recurdepth eval CKPT "
+                                      "--depths 1,2,4,8,16,32")
+    e.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
+    e.add_argument("--depths", default="1,2,4,8,16,32", help="comma-separated iterations r (each >= 1)")
+    e.add_argument("--task", action="append", default=None, metavar="NAME[@key=value,...]",
+                   help="a procedural task and difficulty to score (repeatable); default: each trained task at its "
+                        "training difficulty and harder")
+    e.add_argument("--n", type=int, default=200, help="held-out samples per task and difficulty")
+    e.add_argument("--valid-samples", type=int, default=64, help="validation sequences for the loss (0 = skip)")
+    e.add_argument("--out", default=None, help="output folder (default <run dir>/eval/<checkpoint name>)")
+    add_decode_arguments(e)
+    e.set_defaults(func=_eval)

@@ -1,0 +1,135 @@
+"""Text generation with the KV-cached decoder: greedy or sampled, fixed depth or per-token KL exit.
+
+    result = generate(model, prompt_ids [b, p], 32, DecodeOptions(depth=8), eod=tokenizer.eod)
+    result.tokens [b, n]; result.mean_depth (iterations per generated token)
+
+The prompt minus its last token is prefilled in parallel at the full depth; every generated token then comes
+from a single-position step, where adaptive exit applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from recurdepth.errors import ConfigError
+from recurdepth.infer.decoder import INITS, DecodeOptions, LoopedDecoder
+
+
+@dataclass
+class GenerateResult:
+    tokens: torch.Tensor  # [b, n] generated ids (after eod: eod)
+    depths: torch.Tensor  # [b, n] iterations used for each generated token (0 after eod)
+    mean_depth: float  # over generated tokens up to and including each row's eod
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
+    """`logits [b, V]` -> ids `[b]`: argmax at temperature 0, else a sample from softmax(logits / T) (top-k)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, options: DecodeOptions, eod: Optional[int],
+             temperature: float = 0.0, top_k: Optional[int] = None, seed: int = 0,
+             vocab_size: Optional[int] = None) -> GenerateResult:
+    """Continue `prompt [b, p]` (p >= 1) by up to `max_new_tokens` tokens; rows stop at `eod`. Logits of padded
+    vocabulary entries (>= `vocab_size`) are never chosen."""
+    b, p = prompt.shape
+    decoder = LoopedDecoder(model, b, p + max_new_tokens, options)
+    generator = torch.Generator().manual_seed(seed)
+    if p > 1:
+        decoder.step(prompt[:, :-1])
+    decoder.depths.clear()
+    current = prompt[:, -1:]
+    out, depths = [], []
+    finished = torch.zeros(b, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = decoder.step(current)[:, -1].cpu()
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
+        token = next_tokens(logits, temperature, top_k, generator)
+        depths.append(torch.where(finished, 0, decoder.depths[-1]))
+        if eod is not None:
+            token = torch.where(finished, eod, token)
+            finished |= token == eod
+        out.append(token)
+        current = token.view(b, 1)
+        if bool(finished.all()):
+            break
+    tokens, used = torch.stack(out, 1), torch.stack(depths, 1)
+    counted = used > 0
+    mean = float(used[counted].float().mean()) if bool(counted.any()) else 0.0
+    return GenerateResult(tokens=tokens, depths=used, mean_depth=mean)
+
+
+def options_from_args(args: argparse.Namespace) -> DecodeOptions:
+    """DecodeOptions from `--depth/--exit-kl/--max-depth/--kv-share/--warm-start/--init`."""
+    if args.exit_kl is not None:
+        if args.exit_kl < 0:
+            raise ConfigError(f"--exit-kl {args.exit_kl}: use eps >= 0 (0 = never exit early)")
+        depth = args.max_depth
+    else:
+        depth = args.depth
+    if depth is None or depth <= 0:
+        raise ConfigError(f"depth {depth} is invalid; use --depth N (N >= 1), or --exit-kl EPS with --max-depth N >= 1")
+    if args.kv_share is not None and args.kv_share < 1:
+        raise ConfigError(f"--kv-share {args.kv_share}: use m >= 1 cache slots per core layer")
+    return DecodeOptions(depth=depth, exit_kl=args.exit_kl, kv_share=args.kv_share, warm_start=args.warm_start,
+                         init=args.init, seed=args.seed)
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool = False) -> None:
+    parser.add_argument("--exit-kl", type=float, default=None, metavar="EPS",
+                        help="adaptive depth: stop a token's iterations once KL(p_{i-1} || p_i) < EPS")
+    parser.add_argument("--max-depth", type=int, default=32, help="most iterations per token with --exit-kl")
+    parser.add_argument("--kv-share", type=int, default=None, metavar="M",
+                        help="share the core's KV cache over iterations: slot i mod M (default: one per iteration)")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="start each generated token's recurrence from the previous token's final state")
+    parser.add_argument("--init", choices=INITS, default="zeros", help="initial state s_0 (default zeros)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and a random s_0")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer to use instead of the checkpoint's: 'byte' or a sentencepiece .model")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from recurdepth.infer.loading import load_model
+
+    if (args.depth is None) == (args.exit_kl is None):
+        raise ConfigError("give exactly one of --depth N or --exit-kl EPS")
+    options = options_from_args(args)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    tok = loaded.tokenizer
+    ids = [tok.eod] + tok.tokenize(args.prompt)  # documents follow an eod in training
+    result = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens, options, tok.eod,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, vocab_size=loaded.vocab_size)
+    row = result.tokens[0].tolist()
+    text = tok.detokenize(row[:row.index(tok.eod)] if tok.eod in row else row)
+    print(args.prompt + text, flush=True)
+    mode = f"exit-kl {args.exit_kl:g} (max {options.depth})" if args.exit_kl is not None else f"depth {options.depth}"
+    print(f"[{len(row)} tokens | {mode} | mean depth {result.mean_depth:.2f}]", flush=True)
+    return 0
+
+
+def add_generate_parser(verbs) -> None:
+    g = verbs.add_parser("generate", help="generate text from a checkpoint: recurdepth generate CKPT --prompt TEXT "
+                                          "--depth N | --exit-kl EPS")
+    g.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--depth", type=int, default=None, help="iterations of the core per token")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    add_decode_arguments(g)
+    g.set_defaults(func=_generate)

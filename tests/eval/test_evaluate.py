@@ -1,0 +1,126 @@
+"""The depth sweep on a tiny model (tables, plot, TensorBoard), and the CLI's refusals (one `error:` line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recurdepth.config import load_config
+from recurdepth.errors import ConfigError
+from recurdepth.infer.decoder import DecodeOptions
+from recurdepth.infer.evaluate import TaskSet, harder, parse_depths, run_eval, task_accuracy, write_outputs
+from tests.conftest import run_cli
+
+SMALL_MODEL = ["model.hidden_size=32", "model.num_heads=4", "model.seq_length=64", "model.prelude_layers=1",
+               "model.core_layers=1", "model.coda_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(megatron_single_process):
+    from recurdepth.data.procedural import generate_split
+    from recurdepth.data.tokenizer import ByteTokenizer
+    from recurdepth.infer.loading import LoadedModel
+    from recurdepth.model.build import build_model
+
+    cfg = load_config(None, SMALL_MODEL)
+    tok = ByteTokenizer()
+    model = build_model(cfg, tok.vocab_size).eval()
+    sets = [TaskSet("parity", {"min_len": 4, "max_len": 5}, "parity", generate_split("parity", 6, "test")),
+            TaskSet("addition", {}, "addition", generate_split("addition", 6, "test"))]
+    return LoadedModel(model, cfg, tok, Path("ckpt"), tok.vocab_size), sets
+
+
+def test_depth_sweep_writes_tables_plot_and_tensorboard(tiny, tmp_path):
+    loaded, sets = tiny
+    rows = run_eval(loaded, [1, 2], sets, DecodeOptions(), valid_samples=0)
+    assert [(r.depth, r.task) for r in rows] == [(1, "parity"), (1, "addition"), (2, "parity"), (2, "addition")]
+    assert all(0.0 <= r.value <= 1.0 and r.n == 6 and r.mean_depth == r.depth for r in rows)
+    written = write_outputs(rows, tmp_path, "tiny", {"depths": [1, 2]})
+    assert json.loads(written["json"].read_text())["rows"][0]["metric"] == "accuracy"
+    assert written["csv"].read_text().splitlines()[0] == "depth,metric,task,value,n,mean_depth"
+    assert written["png"].read_bytes()[:4] == b"\x89PNG"
+    assert any(p.name.startswith("events.out.tfevents") for p in written["tensorboard"].iterdir())
+
+
+def test_accuracy_is_scored_by_the_verifier(tiny, monkeypatch):
+    """A model that always answers correctly scores 1, one that answers wrongly 0."""
+    import recurdepth.infer.evaluate as ev
+    from recurdepth.infer.generate import GenerateResult
+
+    loaded, sets = tiny
+    tok = loaded.tokenizer
+    answers = {}
+
+    def fake_generate(model, prompt, max_new, options, eod, vocab_size=None):
+        rows = []
+        for ids in prompt.tolist():
+            text = tok.detokenize(ids[1:])
+            rows.append(tok.tokenize(answers[text.strip()]) + [eod])
+        width = max(map(len, rows))
+        tokens = torch.tensor([r + [eod] * (width - len(r)) for r in rows])
+        return GenerateResult(tokens, torch.ones_like(tokens), 1.0)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    answers.update({s.prompt.strip(): s.answer for s in sets[1].samples})
+    assert task_accuracy(loaded, sets[1].samples, DecodeOptions())[0] == 1.0
+    answers.update({s.prompt.strip(): str(int(s.answer) + 1) for s in sets[1].samples})
+    assert task_accuracy(loaded, sets[1].samples, DecodeOptions())[0] == 0.0
+
+
+def test_depths_and_harder_difficulty():
+    assert parse_depths("8,1,2,2") == [1, 2, 8]
+    for bad in ("0,1", "-2", "a,b", ""):
+        with pytest.raises(ConfigError, match="depth"):
+            parse_depths(bad)
+    assert harder({"min_digits": 1, "max_digits": 3}) == {"min_digits": 4, "max_digits": 4}
+    assert harder({"min_len": 4, "max_len": 12, "vocab": 3}) == {"min_len": 13, "max_len": 15, "vocab": 3}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(megatron_single_process, tmp_path_factory):
+    """A plain (non-Huginn) checkpoint and one whose sentencepiece tokenizer is gone."""
+    from recurdepth.export.cli import write_checkpoint
+    from recurdepth.model.build import build_model
+
+    root = tmp_path_factory.mktemp("ckpts")
+    cfg = load_config(None, SMALL_MODEL)
+    write_checkpoint(cfg, build_model(cfg, 264), root / "plain", 264)
+    cfg = load_config(None, SMALL_MODEL + ["data.tokenizer=sentencepiece", f"data.tokenizer_model={root}/gone.model"])
+    write_checkpoint(cfg, build_model(cfg, 264), root / "no-tokenizer", 264)
+    (root / "foreign").mkdir()
+    (root / "foreign" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return root
+
+
+@pytest.mark.parametrize("call,error", [
+    (lambda root: __import__("recurdepth.infer.loading", fromlist=["x"]).load_model(root / "foreign"),
+     "not a recurdepth checkpoint"),
+    (lambda root: __import__("recurdepth.export.cli", fromlist=["x"]).import_checkpoint(root / "foreign", root / "o"),
+     "llama"),
+    (lambda root: __import__("recurdepth.infer.loading", fromlist=["x"]).load_model(root / "no-tokenizer"),
+     "tokenizer"),
+    (lambda root: __import__("recurdepth.export.cli", fromlist=["x"]).export_checkpoint(root / "plain", root / "hf"),
+     "model.norm_before_coda"),
+])
+def test_bad_input_raises_a_one_line_error(checkpoints, call, error):
+    from recurdepth.errors import RecurdepthError
+
+    with pytest.raises(RecurdepthError, match=error) as info:
+        call(checkpoints)
+    assert "\n" not in str(info.value)
+    assert not (checkpoints / "hf").exists() and not (checkpoints / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "{root}/plain", "--depths", "0,4"], "depth"),
+    (["export", "{root}/plain", "{root}/hf"], "model.norm_before_coda"),
+])
+def test_cli_prints_one_error_line_and_exits_2(checkpoints, args, message):
+    out = run_cli([a.format(root=checkpoints) for a in args], check=False, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
