@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from recurdepth.config import Config
 from recurdepth.data.builtin_corpus import prepare_builtin_corpus
 from recurdepth.data.masked import MaskedGPTDataset, has_mask, mask_prefix
+from recurdepth.data.pauses import PauseInserted, pause_token, pauses_per_sequence
+from recurdepth.data.stepwise import optional_problems
 from recurdepth.data.tokenizer import build_tokenizer
 from recurdepth.errors import DataError
 
@@ -39,6 +42,10 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
 
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model)
+    if cfg.objective.kind == "coconut":  # one step-by-step problem per sample, never packed
+        return stepwise_datasets(cfg, tokenizer, train_samples, valid_samples)
+    pause = pause_token(cfg, tokenizer) if cfg.objective.kind == "pause" else None
+    n_pauses = pauses_per_sequence(cfg)
     if is_rank_zero:
         prefixes = resolve_sources(cfg, tokenizer)
     _barrier()
@@ -48,7 +55,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
     blend = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
+        sequence_length=cfg.model.seq_length - n_pauses,  # pauses fill the sequence up to seq_length
         blend=([p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None),
         split=d.split,
         tokenizer=tokenizer,
@@ -61,6 +68,22 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         MaskedGPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config).build()
+    if n_pauses:
+        train, valid = (PauseInserted(ds, pause[0], n_pauses, cfg.train.seed, pause[1]) if ds is not None else None
+                        for ds in (train, valid))
+    return Datasets(tokenizer=tokenizer, train=train, valid=valid)
+
+
+def stepwise_datasets(cfg: Config, tokenizer, train_samples: int, valid_samples: int) -> Datasets:
+    """Coconut's data: step-by-step problems from the procedural sources, checked to fit every stage."""
+    from recurdepth.data.stepwise import StepwiseProblems, check_fits, stage_layouts
+
+    o, s = cfg.objective, cfg.model.seq_length
+    train, valid = (StepwiseProblems(cfg.data.sources, tokenizer, max(n, 1), s, cfg.train.seed, split)
+                    for n, split in ((train_samples, "train"), (valid_samples, "test")))
+    layouts = stage_layouts(o.coconut_thoughts_per_step, o.coconut_max_stage)
+    for ds in (train, valid):
+        check_fits(ds, layouts, s)
     return Datasets(tokenizer=tokenizer, train=train, valid=valid)
 
 
@@ -76,7 +99,7 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
 
             prefixes.append(prepare_procedural_corpus(
                 src["procedural"], int(src.get("n", 10000)), src.get("difficulty"), int(src.get("seed", 0)),
-                tokenizer, d.cache_dir))
+                tokenizer, d.cache_dir, **answer_pauses(cfg, tokenizer)))
         else:
             from recurdepth.data.preprocess import check_indexed_dataset, check_tokenizer_matches
 
@@ -90,6 +113,16 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
             check_tokenizer_matches(prefix, tokenizer, require_manifest=False)
             prefixes.append(prefix)
     return prefixes
+
+
+def answer_pauses(cfg: Config, tokenizer) -> dict:
+    """Finetuning with pauses: `objective.pause_count` pauses (or supervised fillers) between the prompt and the
+    answer of every procedural sample (keyword arguments of `prepare_procedural_corpus`)."""
+    o = cfg.objective
+    if o.kind != "pause" or not o.pause_count:
+        return {}
+    token, supervised = pause_token(cfg, tokenizer)
+    return {"filler": (token,) * o.pause_count, "filler_target": supervised}
 
 
 def content_fingerprint(prefixes: list[str]) -> str:
@@ -118,12 +151,14 @@ def _barrier() -> None:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch: `tokens`, `labels`, `loss_mask` are `[b, s]`; `sample_ids` the global sample indices."""
+    """One micro-batch: `tokens`, `labels`, `loss_mask` are `[b, s]`; `sample_ids` the global sample indices;
+    `problems` the step-by-step problems of the samples when the data has them (data/stepwise.py)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     sample_ids: list
+    problems: Optional[list] = None
 
 
 def rank_sample_ids(consumed_samples: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -146,5 +181,6 @@ def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch
             labels=torch.stack([s["labels"] for s in samples]).to(device, non_blocking=True),
             loss_mask=torch.stack([s["loss_mask"] for s in samples]).to(device, non_blocking=True),
             sample_ids=chunk,
+            problems=optional_problems(samples),
         ))
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from recurdepth.data.masked import write_masked_documents
 from recurdepth.data.procedural.base import encode_with_mask
@@ -15,18 +15,22 @@ from recurdepth.data.procedural.splits import generate_split
 
 
 def prepare_procedural_corpus(task: str, n: int, difficulty: Optional[Mapping[str, Any]], seed: int,
-                              tokenizer, cache_dir: str, split: str = "train") -> str:
-    """Write (once) `n` verified samples of `task` as a masked indexed dataset; returns its prefix."""
-    key = hashlib.sha256(json.dumps([task, n, dict(difficulty or {}), seed, split, tokenizer.fingerprint()],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+                              tokenizer, cache_dir: str, split: str = "train", filler: Sequence[int] = (),
+                              filler_target: bool = False) -> str:
+    """Write (once) `n` verified samples of `task` as a masked indexed dataset; returns its prefix. `filler`:
+    token ids (e.g. pauses) between prompt and answer, targets only if `filler_target` (`encode_with_mask`)."""
+    keys = [task, n, dict(difficulty or {}), seed, split, tokenizer.fingerprint()]
+    if filler:  # corpora without filler keep their existing cache keys
+        keys += [list(map(int, filler)), bool(filler_target)]
+    key = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"procedural-{task.replace(':', '_')}-{split}-{key}"
     prefix = folder / "corpus"
     manifest = folder / "manifest.json"
     if manifest.is_file():
         return str(prefix)
     samples = generate_split(task, n, split, difficulty, seed)  # each one checked by its verifier
-    counts = write_masked_documents((encode_with_mask(s, tokenizer) for s in samples), str(prefix),
-                                    tokenizer.vocab_size)
+    documents = (encode_with_mask(s, tokenizer, filler=filler, filler_target=filler_target) for s in samples)
+    counts = write_masked_documents(documents, str(prefix), tokenizer.vocab_size)
     tmp = manifest.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"task": task, "n": n, "difficulty": dict(difficulty or {}), "seed": seed,
                                "split": split, "tokenizer": tokenizer.fingerprint(), **counts}, indent=1))

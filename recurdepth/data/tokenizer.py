@@ -38,14 +38,17 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
     """A trained sentencepiece model (BPE or unigram) behind the `ByteTokenizer` interface.
 
-    The special tokens (`ByteTokenizer.SPECIALS`) must each be one *control* piece of the model: control
+    The special tokens (`ByteTokenizer.SPECIALS`) are each one *control* piece of the model: control
     pieces are never produced by encoding text (a document containing the literal string "<eod>" does not
     end early) and decode to nothing. `recurdepth data tokenizer` trains models laid out that way
     (pad=0, unk=1, the other specials 2..8, then the byte-fallback pieces), and
     `recurdepth data tokenizer --add-specials MODEL` converts or appends them in an existing model.
+    Loading needs `<pad>` and `<eod>` (`REQUIRED`); the thought-token specials are checked by the objective
+    that uses them (`require_special_tokens`), so its error names exactly the ones it lacks.
     """
 
     SPECIALS = ByteTokenizer.SPECIALS
+    REQUIRED = ("<pad>", "<eod>")
 
     def __init__(self, model_path: Union[str, Path]):
         path = resolve_model_path(model_path)
@@ -81,18 +84,19 @@ class SentencePieceTokenizer:
             ids[tok] = i
         fix = (f"add them (existing ids are kept) with `recurdepth data tokenizer --add-specials {name} "
                f"--output-prefix NEW_PREFIX`, or train a model that reserves them with `recurdepth data tokenizer`")
-        if missing:
+        if any(tok in missing for tok in self.REQUIRED):
             raise DataError(f"sentencepiece model {name!r} lacks the special tokens {' '.join(missing)}; {fix}")
         if not_control:
             raise DataError(f"special tokens {' '.join(not_control)} are ordinary pieces in sentencepiece model "
                             f"{name!r}, so encoding text that contains them would produce them; make them "
                             f"control symbols with `recurdepth data tokenizer --add-specials {name} "
                             f"--output-prefix NEW_PREFIX`")
-        self.special_ids = ids
+        self.special_ids = {tok: i for tok, i in ids.items() if tok not in missing}
+        self.missing_specials = tuple(missing)
         self.vocab_size = n
         self.pad = ids["<pad>"]
         self.eod = ids["<eod>"]
-        self._special_set = frozenset(ids.values())
+        self._special_set = frozenset(self.special_ids.values())
         self._fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
         self.unique_identifiers = {"class": type(self).__name__, "fingerprint": self._fingerprint}
         self.unique_description = f"sentencepiece:{self._fingerprint}"
@@ -122,6 +126,19 @@ class SentencePieceTokenizer:
 
     def __setstate__(self, state):
         self._setup(state["proto"], state["name"])
+
+
+def require_special_tokens(tokenizer, tokens, purpose: str) -> dict[str, int]:
+    """The ids of the special `tokens` that `purpose` (e.g. "objective.kind=coconut") needs; DataError naming
+    exactly the missing ones and the command that adds them when the tokenizer lacks any."""
+    ids = getattr(tokenizer, "special_ids", {})
+    missing = [tok for tok in tokens if tok not in ids]
+    if missing:
+        name = getattr(tokenizer, "model_path", "MODEL")
+        raise DataError(f"{purpose} needs the special tokens {' '.join(missing)}, which tokenizer {name!r} lacks; "
+                        f"add them (existing ids are kept) with `recurdepth data tokenizer --add-specials {name} "
+                        f"--output-prefix NEW_PREFIX` and set data.tokenizer_model=NEW_PREFIX.model")
+    return {tok: ids[tok] for tok in tokens}
 
 
 def resolve_model_path(model_path: Union[str, Path]) -> Path:

@@ -19,6 +19,7 @@ from recurdepth.config import Config
 from recurdepth.errors import ConfigError
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
+from recurdepth.objectives.quiet_star import attach_quiet_star
 from recurdepth.seeding import derive_seed
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
@@ -140,10 +141,31 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
                            seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
                            post_process=pp_rank == pp_size - 1,
                            core_range=core_range)
+    attach_quiet_star(model, cfg)  # objective weights live in the model: DDP, optimizer and checkpoints see them
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
     initialize_parameters(model, cfg)
+    if cfg.train.compile:
+        compile_blocks(model)
     return model
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """`torch.compile` every transformer block in place (`train.compile`): inductor fuses the norms, RoPE, SwiGLU
+    and residual adds around the matmuls. The loop, its no-grad/grad split and checkpointing stay eager, so the
+    graphs are one block each (grad and no-grad variants), shared by every block of the same shape."""
+    import warnings
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from recurdepth.model.layers import LoopedTransformerLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, (LoopedTransformerLayer, TransformerLayer))]
+    dynamo = torch._dynamo.config
+    dynamo.reorderable_logging_functions.add(warnings.warn)  # megatron's one-time warnings would split the graph
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(blocks))  # grad/no-grad x per-block constants
+    for block in blocks:
+        block.compile(dynamic=False)
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:

@@ -4,6 +4,8 @@
   `x = n2(x + attn(n1(x))); x = n4(x + mlp(n3(x)))`) or the usual `pre` norm.
 - `SDPACoreAttention`: megatron's core-attention protocol on top of torch's fused
   `scaled_dot_product_attention` (flash / memory-efficient kernels where available).
+- `RotarySelfAttention`: megatron's `SelfAttention` with RoPE applied by one autograd function (two
+  passes over q and k instead of megatron's six; the same arithmetic), for the local spec.
 - `InjectionAdapter`: combines the recurrent state with the prelude's output before every core pass.
 """
 
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,6 +55,71 @@ class SDPACoreAttention(MegatronModule):
             enable_gqa=k.shape[1] != nq,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+
+
+def _rotate(t: torch.Tensor, cos1, cos2, sin1, sin2) -> torch.Tensor:
+    """`[t1 cos1 - t2 sin1, t2 cos2 + t1 sin2]` of `t = [t1, t2]` (halves of the last dim), written in place into
+    one output (no `addcmul`: its fused multiply-add would round differently from megatron's formula)."""
+    t1, t2 = t.chunk(2, dim=-1)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(t1, cos1, out=o1).sub_(t2 * sin1)
+    torch.mul(t2, cos2, out=o2).add_(t1 * sin2)
+    return out
+
+
+class _ApplyRotary(torch.autograd.Function):
+    """RoPE `t * cos + rotate_half(t) * sin` (megatron's non-interleaved form, RoFormer eq. 34) on `[s, b, n, d]`;
+    the gradient is the inverse rotation. Saves only cos/sin."""
+
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        c1, c2 = cos.chunk(2, dim=-1)
+        s1, s2 = sin.chunk(2, dim=-1)
+        ctx.save_for_backward(c1, c2, s1, s2)
+        return _rotate(t, c1, c2, s1, s2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c1, c2, s1, s2 = ctx.saved_tensors
+        return _rotate(grad, c1, c2, -s2, -s1), None, None
+
+
+class RotarySelfAttention(SelfAttention):
+    """megatron-core `SelfAttention` whose training/eval forward (no KV cache, no packed sequences, full-width
+    non-interleaved RoPE) applies RoPE with `_ApplyRotary` and cos/sin computed once per frequency table;
+    every other case is megatron's own forward. `[s, b, h] -> ([s, b, h], bias)`."""
+
+    _rope_cache: tuple = ()
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        c = self.config
+        special = (key_value_states, inference_context, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+                   packed_seq_params, sequence_len_offset, inference_params)
+        if (any(x is not None for x in special) or not torch.is_tensor(rotary_pos_emb) or c.rotary_interleaved
+                or c.multi_latent_attention or c.attention_output_gate or c.no_rope_freq or c.apply_rope_fusion
+                or self.checkpoint_core_attention or getattr(c, "yarn_rotary_scaling_factor", None) is not None
+                or rotary_pos_emb.shape[-1] != self.hidden_size_per_attention_head):
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
+                                   rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
+                                   packed_seq_params, sequence_len_offset, inference_params=inference_params)
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        cos, sin = self._cos_sin(rotary_pos_emb, query.dtype)
+        query, key = _ApplyRotary.apply(query, cos, sin), _ApplyRotary.apply(key, cos, sin)
+        out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                                  attention_bias=attention_bias)
+        return self.linear_proj(out)
+
+    def _cos_sin(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """cos/sin of the (float64) frequency table in the activations' dtype, reused while the table is."""
+        if torch.compiler.is_compiling():
+            return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cache = self._rope_cache
+        if not cache or cache[0] is not freqs or cache[1].dtype != dtype:
+            cache = self._rope_cache = (freqs, freqs.cos().to(dtype), freqs.sin().to(dtype))
+        return cache[1], cache[2]
 
 
 class LoopedTransformerLayer(MegatronModule):
@@ -154,6 +222,7 @@ def layer_spec_submodules(use_te: bool, attention: str, num_experts: Optional[in
         return spec.submodules, TENorm
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     sub: TransformerLayerSubmodules = spec.submodules
+    sub.self_attention.module = RotarySelfAttention
     if attention == "sdpa":
         sub.self_attention.submodules.core_attention = SDPACoreAttention
     sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelNorm

@@ -56,6 +56,31 @@ def masked_loss_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.T
 OBJECTIVES: dict[str, Callable] = {"lm": LMObjective}
 
 
+def _quiet_star(cfg, tokenizer):  # imported on use: quiet_star imports this module
+    from recurdepth.objectives.quiet_star import QuietStarObjective
+
+    return QuietStarObjective(cfg, tokenizer)
+
+
+OBJECTIVES["quiet_star"] = _quiet_star
+
+
+def _pause(cfg, tokenizer):  # imported on use: pause and coconut import this module
+    from recurdepth.objectives.pause import PauseObjective
+
+    return PauseObjective(cfg, tokenizer)
+
+
+def _coconut(cfg, tokenizer):
+    from recurdepth.objectives.coconut import CoconutObjective
+
+    return CoconutObjective(cfg, tokenizer)
+
+
+OBJECTIVES["pause"] = _pause
+OBJECTIVES["coconut"] = _coconut
+
+
 def build_objective(cfg, tokenizer) -> Objective:
     """The objective named by `objective.kind`, built for this config and tokenizer."""
     from recurdepth.errors import ConfigError

@@ -149,9 +149,11 @@ def corrupt_generic(answer: str, rng: random.Random) -> str:
     return a[:i] + ("x" if a[i] != "x" else "y") + a[i + 1:]
 
 
-def encode_with_mask(sample: Sample, tokenizer, sep: str = " ", eod: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of `prompt + sep + answer` (+ eod) and the answer-only loss mask (1 on answer and eod
-    tokens, 0 on the prompt). Prompt and answer are tokenized separately so the boundary is exact."""
+def encode_with_mask(sample: Sample, tokenizer, sep: str = " ", eod: bool = True, filler: Sequence[int] = (),
+                     filler_target: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt + sep + filler + answer` (+ eod) and the answer-only loss mask (1 on answer and eod
+    tokens, 0 on the prompt; on the `filler` ids, e.g. pause tokens, 1 only if `filler_target`). Prompt and
+    answer are tokenized separately so the boundary is exact."""
     head = tokenizer.tokenize(sample.prompt + sep)
     tail = tokenizer.tokenize(sample.answer) + ([tokenizer.eod] if eod else [])
-    return head + tail, [0] * len(head) + [1] * len(tail)
+    return head + list(filler) + tail, [0] * len(head) + [int(filler_target)] * len(filler) + [1] * len(tail)

@@ -1,0 +1,128 @@
+"""Coconut: chain of continuous thought (Hao et al. 2024, arXiv 2412.06769), on the looped model.
+
+Between `<bot>` and `<eot>` the input embedding of latent i is the model's last hidden state (the final-norm
+output) at the position before it, so thought i+1 is computed from thought i:
+
+    pass i = 1..n:  h = model(embeds[:, :p_i]).hidden        p_i = position of latent i (per sample)
+                    embeds[b, p_i[b]] = h[b, p_i[b] - 1]       (out of place: gradients flow through it)
+    pass n + 1:     loss = model(embeds, labels) on the steps left in language and the answer
+
+With the multi-stage curriculum (data/stepwise.py), stage k = step // coconut_stage_steps replaces the first
+k reasoning steps by n = min(k, max_stage) c latents. Every sample is padded to the stage's n latents, so a
+stage-k micro-batch runs exactly n + 1 passes on every rank, derived from the global step alone: no rank
+waits for another, under data or pipeline parallelism. Latents are aligned across the batch by index (pass i
+fills latent i of every sample at its own position, one gather and one out-of-place scatter); each pass
+recomputes the prefix up to the furthest latent i (no KV cache), where the reference keeps a cache; the
+prefix pass draws the per-sample s_0 as for the whole sequence, so a thought does not depend on its batch.
+
+Each pass is a whole forward of the looped model, so every latent goes through the recurrent core r times
+(with the step's truncated-backprop window): the thought is the state the loop converged to, read out by the
+coda. Gradients flow from the loss back through every fed-back hidden state, as in the reference.
+Under pipeline parallelism the passes run through `pipelined_forward` (objectives/pipelined.py), the fed-back
+thoughts `[b, h]` travel from the last stage to stage 0 with their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from recurdepth.data.stepwise import THOUGHT_SPECIALS, StageLayout, encode_problem
+from recurdepth.data.tokenizer import require_special_tokens
+from recurdepth.errors import DataError
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.objectives import masked_loss_sum
+from recurdepth.objectives.pipelined import StageLink, pipelined_forward, run_micro_batches, unwrap
+
+
+class CoconutObjective:
+    """Continuous thoughts with a stage curriculum; see the module docstring. `forward_passes` counts every
+    model pass run (the same on every stage); `on_thought(i, thought [b, h])`, if set, sees each fed-back
+    thought on the last stage (tests hook its gradient)."""
+
+    kind = "coconut"
+
+    def __init__(self, cfg, tokenizer):
+        o = cfg.objective
+        self.ids = require_special_tokens(tokenizer, THOUGHT_SPECIALS, "objective.kind=coconut")
+        self.c, self.max_stage, self.stage_steps = o.coconut_thoughts_per_step, o.coconut_max_stage, o.coconut_stage_steps
+        self.seq_length, self.pad = cfg.model.seq_length, tokenizer.pad
+        self.step = 0
+        self.forward_passes = 0
+        self.on_thought: Optional[Callable] = None
+
+    # ------------------------------------------------------------------ the curriculum
+
+    def set_step(self, step: int) -> None:
+        """The optimizer step about to run (the trainer calls it): it decides the stage."""
+        self.step = step
+
+    @property
+    def stage(self) -> int:
+        return self.step // self.stage_steps
+
+    @property
+    def layout(self) -> StageLayout:
+        return StageLayout.of(self.stage, self.c, self.max_stage)
+
+    def encode(self, mb, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens, labels, loss mask `[b, s]` of the micro-batch at the current stage, and the position of each
+        sample's first latent `[b]`."""
+        if mb.problems is None:
+            raise DataError("objective.kind=coconut needs step-by-step problems, but this micro-batch is packed text; "
+                            "its data is built from procedural data.sources by the data pipeline")
+        rows = [encode_problem(p, self.layout, self.ids, self.seq_length, self.pad) for p in mb.problems]
+        tokens, labels, mask = (torch.stack([r[i] for r in rows]).to(device) for i in range(3))
+        return tokens, labels, mask, torch.tensor([r[3] for r in rows], device=device)
+
+    # ------------------------------------------------------------------ the trainer's interface
+
+    def loss_sum(self, model, mb, window: BackpropWindow, collect_health: bool = False) -> torch.Tensor:
+        return self.passes(model, mb, window, StageLink())
+
+    def loss_tokens(self, mb) -> torch.Tensor:
+        return self.encode(mb, mb.loss_mask.device)[2].sum()
+
+    def pipeline_loss(self, per_token: torch.Tensor, mb) -> torch.Tensor:
+        raise NotImplementedError("coconut runs its own passes under pipeline parallelism (pipeline_run)")
+
+    def pipeline_run(self, model, batches: list, window: BackpropWindow) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches on its pipeline stage; the summed loss on the last."""
+        return run_micro_batches(model, batches, window, self.passes)
+
+    # ------------------------------------------------------------------ the passes
+
+    def passes(self, model, mb, window: BackpropWindow, link: StageLink) -> Optional[torch.Tensor]:
+        """The n + 1 passes of one micro-batch (n = the stage's latents); its summed loss on the last stage."""
+        m = unwrap(model)
+        device = next(m.parameters()).device
+        tokens, labels, mask, first = self.encode(mb, device)
+        b, s = tokens.shape
+        rows = torch.arange(b, device=device)
+        embeds = m.token_embeddings(tokens) if m.is_first else None
+        for i in range(self.layout.latents):
+            pos = first + i  # latent i of every sample; its thought is the hidden state one position earlier
+            length = self.prefix_length(int(pos.max()), s, m)
+            out = pipelined_forward(model, window, link, input_ids=tokens[:, :length], sample_ids=mb.sample_ids,
+                                    inputs_embeds=None if embeds is None else embeds[:, :length], return_hidden=True,
+                                    state_length=s)
+            self.forward_passes += 1
+            thought = None
+            if out is not None:
+                thought = out[1][rows, pos - 1]
+                if self.on_thought is not None:
+                    self.on_thought(i, thought)
+            thought = link.last_to_first(thought, (b, m.config.hidden_size), m.config.params_dtype, device)
+            if embeds is not None:
+                embeds = embeds.index_put((rows, pos), thought)
+        out = pipelined_forward(model, window, link, input_ids=tokens, inputs_embeds=embeds, labels=labels,
+                                sample_ids=mb.sample_ids)
+        self.forward_passes += 1
+        return None if out is None else masked_loss_sum(out, mask)
+
+    @staticmethod
+    def prefix_length(need: int, s: int, m) -> int:
+        """The tokens a thought pass runs: up to the furthest latent it fills (causal attention: the rest cannot
+        change the thought; s_0 is drawn for the whole sequence), or all s under sequence parallelism."""
+        return s if m.config.sequence_parallel else min(need, s)

@@ -1,0 +1,368 @@
+"""Quiet-STaR (Zelikman et al. 2024, arXiv 2403.09629) on the looped model: think T tokens after every position.
+
+For a sequence x_0..x_{s-1} the objective runs the model on s parallel *thought streams*, one after every position
+i, laid out as blocks of s tokens each (block-major, `nb = T + 2 + n_ahead` blocks):
+
+    block 0            x_0 .. x_{s-1}                   the real tokens (causal among themselves)
+    block 1            <|start_thought|>  (learned vector)
+    blocks 2..T+1      t_1 .. t_T         sampled thought tokens, t_j ~ softmax(head(block j) / temperature)
+    block T+2          <|end_thought|>    (learned vector)
+    blocks T+3..       x_{i+1} .. x_{i+n_ahead-1}  (teacher forcing of the true continuation)
+
+Token (block j, position i) has RoPE position i + j and sees the real tokens <= i and its own stream's blocks
+1..j only (`stream_mask`, a boolean block mask for SDPA), so every stream is a causal continuation of its
+prefix. The hidden states h_k (k = 0..n_ahead-1) of blocks T+2+k predict x_{i+k+1}; the mixing head combines
+each with the plain forward's hidden state h_base at position i+k:
+
+    w     = tanh(v . relu(W [h_base; h_k] + b) + c)       v, c zero at init: w = 0 exactly
+    p_mix = softmax(head(h_base + w (h_k - h_base)))
+    NLL   = base + (1 - base_loss_weight) * mean_{passes, k} (L_mix - base)  per true token (= base at init)
+    R     = sum_k log p_mix(x_{i+k+1})  of each of the n_passes thoughts at position i
+    REINFORCE: - reinforce_weight * (R - mean_passes R) * sum_j log pi(t_j)   (value 0, gradient only)
+
+Thoughts are sampled with Gumbel-max noise drawn before the loop from generators seeded by (seed, global sample
+index, pass): the global sample index fixes the optimizer step too, so every data-parallel layout and a resumed
+run sample the same thoughts, and nothing in the loop waits on the host. The T sampling forwards run without
+autograd on the growing prefix of blocks (recomputed each step: no KV cache); one forward with autograd over
+all blocks then gives the thought log-probabilities and the talk hidden states.
+
+On the looped model every thought token passes through the same r core iterations as the real tokens (its
+initial state s_0 is that of the position it thinks after), attending at each iteration to the prefix's
+state at that iteration: thinking in depth (r) and in tokens (T) multiply, T + 2 + n_ahead streamed tokens per
+position each get r iterations.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.objectives import masked_loss_sum
+from recurdepth.objectives.pipelined import StageLink, pipelined_forward, run_micro_batches, unwrap
+from recurdepth.seeding import derive_seed
+
+_NOISE_STREAM = 0x7A1E57  # thought-sampling noise, apart from the other per-sample streams
+
+
+class QuietStarParameters(torch.nn.Module):
+    """Quiet-STaR's own weights, a submodule `model.quiet_star` so DDP, the optimizer and checkpoints see them.
+
+    First pipeline stage: `thought_embeddings [2, h]`, the learned input vectors of <|start_thought|> and
+    <|end_thought|>. Last stage: the mixing head w = tanh(v . relu(W [h_base; h_thought] + b) + c),
+    `mix_in` W `[h, 2h]`, `mix_in_bias` b, `mix_out` v `[h]`, `mix_out_bias` c `[1]`. v and c are 1-D, which
+    `initialize_parameters` fills with zeros (as here): w = 0 exactly at init,
+    so training starts as the base model, while dw/dv = relu(...) != 0 lets the head learn.
+    """
+
+    def __init__(self, hidden_size: int, first_stage: bool = True, last_stage: bool = True):
+        super().__init__()
+        h = hidden_size
+        if first_stage:
+            self.thought_embeddings = torch.nn.Parameter(torch.empty(2, h))
+            torch.nn.init.normal_(self.thought_embeddings, std=(2.0 / (5.0 * h)) ** 0.5)
+        if last_stage:
+            self.mix_in = torch.nn.Parameter(torch.empty(h, 2 * h))
+            torch.nn.init.normal_(self.mix_in, std=(2.0 / (5.0 * h)) ** 0.5)
+            self.mix_in_bias = torch.nn.Parameter(torch.zeros(h))
+            self.mix_out = torch.nn.Parameter(torch.zeros(h))
+            self.mix_out_bias = torch.nn.Parameter(torch.zeros(1))
+
+    def mixing_weight(self, base: torch.Tensor, thought: torch.Tensor) -> torch.Tensor:
+        """w `[..., 1]` from the base and post-thought hidden states `[..., h]`."""
+        z = torch.nn.functional.linear(torch.cat([base, thought], -1), self.mix_in, self.mix_in_bias).relu()
+        return torch.tanh(z @ self.mix_out.unsqueeze(-1) + self.mix_out_bias)
+
+
+def attach_quiet_star(model, cfg) -> None:
+    """Register `model.quiet_star` (before initialisation) when the objective is quiet_star."""
+    if cfg.objective.kind == "quiet_star":
+        model.quiet_star = QuietStarParameters(cfg.model.hidden_size, model.pre_process, model.post_process)
+
+
+# ---------------------------------------------------------------- layout of the thought streams
+
+
+def num_blocks(thought_length: int, n_ahead: int) -> int:
+    """Blocks of the stream layout: real tokens, start, T thoughts, end, n_ahead - 1 teacher-forced tokens."""
+    return thought_length + 2 + n_ahead
+
+
+def stream_positions(s: int, blocks: int, device=None) -> torch.Tensor:
+    """RoPE positions `[blocks * s]`: token (block j, position i) sits at i + j."""
+    return (torch.arange(s, device=device).repeat(blocks) + torch.arange(blocks, device=device).repeat_interleave(s))
+
+
+def stream_mask(s: int, blocks: int, device=None) -> torch.Tensor:
+    """Boolean attention mask `[blocks * s, blocks * s]`, True = masked out. Real tokens are causal; token
+    (block j >= 1, position i) sees real tokens <= i and tokens (block j', position i) with 1 <= j' <= j."""
+    j = torch.arange(blocks, device=device).repeat_interleave(s)
+    i = torch.arange(s, device=device).repeat(blocks)
+    jq, iq, jk, ik = j[:, None], i[:, None], j[None, :], i[None, :]
+    prefix = (jk == 0) & (ik <= iq)
+    own_stream = (jq >= 1) & (jk >= 1) & (ik == iq) & (jk <= jq)
+    return ~(prefix | own_stream)
+
+
+def gumbel_noise(seed: int, sample_ids, passes: int, thought_length: int, s: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise `[passes * b, T, s, V]` (pass-major rows), one generator per (seed, sample id, pass)."""
+    draws = []
+    for p in range(passes):
+        for sid in sample_ids:
+            g = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM, int(sid), p))
+            u = torch.rand(thought_length, s, vocab, generator=g, dtype=torch.float64)
+            draws.append(-torch.log(-torch.log(u.clamp_min(1e-20))))
+    return torch.stack(draws).float()
+
+
+def reinforce_surrogate(logp: torch.Tensor, reward: torch.Tensor, weight: float) -> torch.Tensor:
+    """REINFORCE with the mean over passes as baseline: `-weight * sum((R - mean_p R) * log pi) / passes`, for
+    thought log-probabilities `logp [passes, b, s]` and rewards `reward [passes, b, s]` (no gradient)."""
+    reward = reward.detach()
+    advantage = reward - reward.mean(0, keepdim=True)
+    return -weight * (advantage * logp).sum() / logp.shape[0]
+
+
+def thought_rewards(talk_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """R `[passes, b, s]` of the thought after position i: minus the masked losses of labels i..i+n_ahead-1,
+    from the talk losses `[passes, n_ahead, b, s]` indexed by label position (label i + k from stream i)."""
+    s = talk_loss.shape[-1]
+    masked = (talk_loss * loss_mask).detach()
+    reward = torch.zeros_like(masked[:, 0])
+    for k in range(talk_loss.shape[1]):
+        reward[..., :s - k] -= masked[:, k, :, k:]
+    return reward
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@dataclass
+class QuietStarTerms:
+    """One micro-batch's pieces: `nll_sum` (the reported loss sum), `surrogate` (REINFORCE, gradient only),
+    `thoughts [passes * b, T, s]`, `logp`, `reward [passes, b, s]`, `talk_loss [passes, n_ahead, b, s]`,
+    `base_loss [b, s]` (the plain LM per-token loss)."""
+
+    nll_sum: torch.Tensor
+    surrogate: torch.Tensor
+    thoughts: torch.Tensor
+    logp: torch.Tensor
+    reward: torch.Tensor
+    talk_loss: torch.Tensor
+    base_loss: torch.Tensor
+
+
+class QuietStarObjective:
+    """Quiet-STaR: parallel thoughts after every position, a mixing head, teacher-forced loss on the next n_ahead
+    tokens and REINFORCE on the thought tokens (module docstring; docs/objectives.md). Under pipeline
+    parallelism every stage runs the same code through `pipelined_forward` (objectives/pipelined.py)."""
+
+    kind = "quiet_star"
+
+    def __init__(self, cfg, tokenizer):
+        o = cfg.objective
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.T, self.n_ahead, self.passes = o.thought_length, o.n_ahead, o.n_passes
+        self.temperature, self.reinforce_weight = o.thought_temperature, o.reinforce_weight
+        self.base_weight, self.checkpointed = o.base_loss_weight, o.checkpoint_thoughts
+        self.seed = cfg.train.seed
+        specials = getattr(tokenizer, "special_ids", {})
+        self.forbidden = [specials[t] for t in ("<|start_thought|>", "<|end_thought|>") if t in specials]
+        self.real_vocab = tokenizer.vocab_size
+        self.pad = getattr(tokenizer, "pad", 0)
+
+    # the trainer's interface ------------------------------------------------------------
+
+    def loss_sum(self, model, mb, window: BackpropWindow, collect_health: bool = False) -> torch.Tensor:
+        return self.total(self.terms(model, mb, window, StageLink(), collect_health))
+
+    def loss_tokens(self, mb) -> torch.Tensor:
+        return mb.loss_mask.sum()
+
+    def pipeline_loss(self, per_token: torch.Tensor, mb) -> torch.Tensor:
+        raise NotImplementedError("quiet_star runs its own passes under pipeline parallelism (pipeline_run)")
+
+    def pipeline_run(self, model, batches: list, window: BackpropWindow) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches on its pipeline stage; the summed loss on the last."""
+        return run_micro_batches(model, batches, window,
+                                 lambda mdl, mb, w, link: self.total(self.terms(mdl, mb, w, link)))
+
+    @staticmethod
+    def total(t: Optional["QuietStarTerms"]) -> Optional[torch.Tensor]:
+        """The loss to back-propagate: the NLL sum, plus REINFORCE's gradient (its value cancels to 0)."""
+        return None if t is None else t.nll_sum + (t.surrogate - t.surrogate.detach())
+
+    # the pieces ---------------------------------------------------------------------------
+
+    def terms(self, model, mb, window: BackpropWindow, link: "StageLink", collect_health: bool = False,
+              thoughts: Optional[torch.Tensor] = None) -> Optional[QuietStarTerms]:
+        """Everything of one micro-batch (None on pipeline stages other than the last); `thoughts
+        [passes * b, T, s]` replaces the sampled ones (tests)."""
+        m = unwrap(model)
+        if link.p == 1:
+            base_loss, hidden = m(mb.tokens, labels=mb.labels, window=window, sample_ids=mb.sample_ids,
+                                  collect_health=collect_health, return_hidden=True)
+        else:
+            out = pipelined_forward(model, window, link, input_ids=mb.tokens, labels=mb.labels,
+                                    sample_ids=mb.sample_ids, return_hidden=True)
+            base_loss, hidden = out if out is not None else (None, None)
+        base_x = None if hidden is None else hidden.transpose(0, 1)  # the head's [s, b, h]: w = 0 is bit-exact
+        tokens = mb.tokens.repeat(self.passes, 1)
+        sample_ids = list(mb.sample_ids) * self.passes
+        s0 = self.initial_state(m, tokens, sample_ids) if m.is_first else None
+        if thoughts is None:
+            thoughts = self.sample_thoughts(model, link, tokens, sample_ids, s0, window)
+        if self.checkpointed and link.p == 1:
+            b = mb.tokens.shape[0]
+            outs = [checkpoint(self.stream_terms, model, link, tokens[p * b:(p + 1) * b],
+                               thoughts[p * b:(p + 1) * b], s0[:, p * b:(p + 1) * b], window, base_x, mb.labels,
+                               use_reentrant=False) for p in range(self.passes)]
+            logp, talk_loss = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        else:
+            logp, talk_loss = self.stream_terms(model, link, tokens, thoughts, s0, window, base_x, mb.labels)
+        if not m.is_last:
+            return None
+        reward = thought_rewards(talk_loss, mb.loss_mask)
+        s = mb.tokens.shape[1]
+        valid = (torch.arange(s, device=base_loss.device)[None, :]
+                 >= torch.arange(self.n_ahead, device=base_loss.device)[:, None])  # [n_ahead, s]: stream q - k exists
+        delta = ((talk_loss - base_loss) * valid[:, None, :]).sum((0, 1)) / (self.passes * valid.sum(0))
+        nll = base_loss + (1.0 - self.base_weight) * delta  # exactly base_loss while the mixed losses equal it
+        surrogate = reinforce_surrogate(logp, reward, self.reinforce_weight)
+        return QuietStarTerms(masked_loss_sum(nll, mb.loss_mask), surrogate, thoughts, logp, reward,
+                              talk_loss, base_loss)
+
+    def stream_inputs(self, m, tokens: torch.Tensor, thoughts: torch.Tensor, blocks: int) -> torch.Tensor:
+        """Input vectors `[rows, blocks * s, h]` of the first `blocks` stream blocks (first stage)."""
+        rows, s = tokens.shape
+        start, end = m.quiet_star.thought_embeddings
+        pieces = [m.token_embeddings(tokens), start.expand(rows, s, -1)]
+        if blocks > 2:
+            used = min(blocks - 2, self.T)
+            pieces.append(m.token_embeddings(thoughts[:, :used].reshape(rows, used * s)))
+        if blocks > self.T + 2:
+            pieces.append(end.expand(rows, s, -1))
+            shifted = [torch.cat([tokens[:, k:], tokens.new_full((rows, k), self.pad)], 1)
+                       for k in range(1, blocks - self.T - 2)]
+            if shifted:
+                pieces.append(m.token_embeddings(torch.cat(shifted, 1)))
+        return torch.cat(pieces, 1)
+
+    def run_streams(self, model, link, tokens, thoughts, s0, blocks: int, window: BackpropWindow):
+        """The whole model on the first `blocks` blocks of the streams: on the last stage logits `[rows, S, V]`
+        (whole vocabulary) and hidden `[S, rows, h]`, (None, None) elsewhere."""
+        m = unwrap(model)
+        rows, s = tokens.shape
+        positions = stream_positions(s, blocks, tokens.device)
+        mask = stream_mask(s, blocks, tokens.device)
+        inputs = self.stream_inputs(m, tokens, thoughts, blocks) if m.is_first else None
+        with streams_initial_state(m, None if s0 is None else s0.repeat(blocks, 1, 1)):
+            out = pipelined_forward(model, window, link, inputs_embeds=inputs, position_ids=positions,
+                                    attention_mask=mask, return_hidden=True, batch_shape_=(rows, blocks * s))
+        if out is None:
+            return None, None
+        return full_vocab(out[0]), out[1].transpose(0, 1)
+
+    def initial_state(self, m, tokens: torch.Tensor, sample_ids) -> torch.Tensor:
+        """s_0 `[s, rows, h]` of the real tokens, shared by every thought token of their stream."""
+        rows, s = tokens.shape
+        like = torch.empty(s, rows, m.config.hidden_size, dtype=m.config.params_dtype, device=tokens.device)
+        return m.initial_state(like, sample_ids)
+
+    def sampling_bias(self, vocab: int, device) -> torch.Tensor:
+        """0 for tokens a thought may contain, -inf for padded vocabulary and the thought delimiters `[V]`."""
+        bias = torch.zeros(vocab, device=device)
+        bias[self.real_vocab:] = float("-inf")
+        bias[self.forbidden] = float("-inf")
+        return bias
+
+    @torch.no_grad()
+    def sample_thoughts(self, model, link, tokens, sample_ids, s0, window: BackpropWindow) -> torch.Tensor:
+        """Thought tokens `[rows, T, s]`: T forwards over the growing prefix of blocks, Gumbel-max sampling on the
+        last stage with noise drawn beforehand (no host sync inside the loop), shared with the other stages."""
+        m = unwrap(model)
+        rows, s = tokens.shape
+        vocab = m.vocab_size
+        if m.is_last:
+            noise = gumbel_noise(self.seed, sample_ids[:rows // self.passes], self.passes, self.T, s, vocab)
+            noise = noise.to(tokens.device, non_blocking=True)
+            bias = self.sampling_bias(vocab, tokens.device)
+        thoughts = tokens.new_zeros(rows, self.T, s)
+        for j in range(1, self.T + 1):
+            logits, _ = self.run_streams(model, link, tokens, thoughts, s0, j + 1, window)
+            chosen = None
+            if m.is_last:
+                scores = logits[:, j * s:(j + 1) * s].to(at_least_fp32(logits.dtype)) / self.temperature + bias + noise[:, j - 1]
+                chosen = scores.argmax(-1)
+            thoughts[:, j - 1] = link.share_from_last(chosen, (rows, s), tokens.dtype, tokens.device)
+        return thoughts
+
+    def stream_terms(self, model, link, tokens, thoughts, s0, window, base_x, labels):
+        """On the last stage: log pi of each stream's thought `[passes, b, s]` and the mixed talk losses
+        `[passes, n_ahead, b, s]` (label-indexed), from one forward with autograd over all blocks (of the
+        rows given: `terms` calls it once per pass under `checkpoint_thoughts`)."""
+        m = unwrap(model)
+        rows, s = tokens.shape
+        logits, hidden = self.run_streams(model, link, tokens, thoughts, s0, num_blocks(self.T, self.n_ahead),
+                                          window)
+        if not m.is_last:
+            return None, None
+        b = base_x.shape[1]
+        passes = rows // b
+        # block j (1..T) predicts thought token t_j
+        scores = logits[:, s:(self.T + 1) * s].to(at_least_fp32(logits.dtype)) / self.temperature
+        scores = scores + self.sampling_bias(logits.shape[-1], logits.device)
+        chosen = thoughts.reshape(rows, self.T * s, 1)
+        logp = scores.log_softmax(-1).gather(-1, chosen).reshape(rows, self.T, s).sum(1).reshape(passes, b, s)
+        talk = []
+        for p in range(passes):
+            per_k = []
+            for k in range(self.n_ahead):
+                block = self.T + 2 + k
+                h_k = hidden[block * s:(block + 1) * s, p * b:(p + 1) * b]  # [s, b, h], stream i -> label i + k
+                h_k = torch.cat([base_x[:k], h_k[:s - k]])  # label-indexed; labels < k have no stream (w * 0)
+                w = m.quiet_star.mixing_weight(base_x, h_k)
+                per_k.append(lm_loss(m, base_x + w * (h_k - base_x), labels))
+            talk.append(torch.stack(per_k))
+        return logp, torch.stack(talk)
+
+
+@contextmanager
+def streams_initial_state(m, s0: Optional[torch.Tensor]):
+    """Within the block, `m.initial_state` returns `s0 [S, rows, h]` (the real tokens' s_0, tiled over the
+    blocks) instead of a fresh draw for the stream length, which would differ from the plain forward's and
+    between the growing sampling forwards. Inside `run_streams`, so a checkpoint's recomputation sees it too."""
+    if s0 is None:
+        yield
+        return
+    m.initial_state = lambda e, sample_ids=None: s0
+    try:
+        yield
+    finally:
+        del m.initial_state
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """Sampling and log-probabilities in float32 or better (bf16 logits are upcast, float64 kept)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def lm_loss(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss `[b, s]` of final-norm hidden states `x [s, b, h]`: the output layer and loss of
+    `LoopedGPTModel.head`, called the same way, so equal inputs give bit-equal losses."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(x, weight=weight)
+    return model.compute_language_model_loss(labels, logits)
+
+
+def full_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Logits over the whole (padded) vocabulary: gathered from the tensor-parallel ranks' shards."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,70 @@
+"""Each objective trains under DP=2 and PP=2 (torchrun/gloo, fp32) with the per-step losses of one process
+(1e-5 relative): pause (random pretraining pauses and M pauses before procedural answers; the looped pipeline
+schedule), coconut (its curriculum crosses stages 0..3 in 4 steps, so 1, 3, 5 and 5 passes per micro-batch;
+`pipeline_run` through `pipelined_forward`), and the plain LM objective driven through `pipelined_forward`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, SMALL, TINY, cli_command, read_metrics, run_cli
+
+STEPS = 4
+BASE = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interval=0", "checkpoint.save_final=false",
+        "logging.tensorboard=false", "recurrence.sampler=fixed", "recurrence.depth=3", "recurrence.backprop_depth=2"]
+OBJECTIVE = {
+    "pause": ["objective.kind=pause", "objective.pause_fraction=0.15", "objective.pause_count=3",
+              "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
+    "coconut": ["objective.kind=coconut", "objective.coconut_thoughts_per_step=2", "objective.coconut_max_stage=2",
+                "objective.coconut_stage_steps=1", "model.seq_length=80",
+                "data.sources=[{procedural: multiplication, n: 500, difficulty: {max_digits: 2}}]"],
+    "lm": ["data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
+}
+LAYOUTS = {"dp2": ["train.micro_batch_size=2"], "pp2": ["parallel.pipeline=2"]}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data_cache):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            run_dir = tmp_path_factory.mktemp(f"{kind}-one-process")
+            run_cli([*BASE, *OBJECTIVE[kind], f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"])
+            cache[kind] = read_metrics(run_dir)
+        return cache[kind]
+
+    return get
+
+
+def assert_same_losses(reference, rows):
+    assert len(rows) == len(reference) == STEPS
+    for a, b in zip(reference, rows):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,layout", [("pause", "dp2"), ("pause", "pp2"), ("coconut", "dp2"), ("coconut", "pp2")])
+def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
+    run_cli([*BASE, *OBJECTIVE[kind], *LAYOUTS[layout], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"],
+            nproc=2)
+    rows = read_metrics(tmp_path)
+    assert_same_losses(one_process(kind), rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+
+
+@pytest.mark.slow
+def test_lm_through_pipelined_forward_matches_one_process(one_process, tmp_path, data_cache):
+    args = [*BASE, *OBJECTIVE["lm"], *LAYOUTS["pp2"], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"]
+    _, env = cli_command(args, nproc=2)
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "objectives", "_pipelined_lm_main.py"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert_same_losses(one_process("lm"), read_metrics(tmp_path))
