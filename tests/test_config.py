@@ -52,3 +52,20 @@ def test_bad_blends(sources, expected):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [f"data.sources={sources!r}"])
     assert expected in str(err.value)
+
+
+def test_every_config_key_is_documented():
+    """docs/configs.md lists every section and key of the config dataclasses (docs stay true to the code)."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from recurdepth.config import SECTIONS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configs.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\w+) \| (.*) \|$", doc, re.M)}
+    for name, section in SECTIONS.items():
+        assert name in rows, f"section {name} missing from docs/configs.md"
+        words = set(re.findall(r"\w+", rows[name]))
+        missing = [f.name for f in dataclasses.fields(section) if f.name not in words]
+        assert not missing, f"{name}: {missing} missing from docs/configs.md"
