@@ -4,8 +4,9 @@ Each r runs in a fresh process (so the allocator's cache from another r cannot h
 step (allocates optimizer state), then the peak is reset and one measured step runs. On CPU the peak is
 the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) and the step's
 own share is that peak minus the resident set just before the step; on GPU it is
-torch.cuda.max_memory_allocated. Convention: a ratio <= 1.15 between r=32 and r=4 means memory does not
-grow with r (truncated backprop keeps only k iterations' activations).
+torch.cuda.max_memory_allocated. Ratios are against r = k (the first r otherwise). Convention: a ratio <= 1.15
+between r=64 and r=4 at k=4 means memory does not grow with r (truncated backprop keeps only k iterations'
+activations).
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def run_memory_bench(args) -> int:
             sys.stderr.write(out.stderr[-2000:])
             return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = rows[0]
+    base = next((row for row in rows if row["depth"] == args.k), rows[0])
     print(f"peak memory of one training step, k={args.k}, device={base['device']} (peak = process high-water "
-          f"mark; step = peak - resident before the step; saved = tensors autograd keeps for backward)")
+          f"mark; step = peak - resident before the step; saved = tensors autograd keeps for backward; "
+          f"ratios against r={base['depth']})")
     print(f"{'r':>5} {'peak MiB':>10} {'step MiB':>10} {'saved MiB':>10} {'peak ratio':>11} {'saved ratio':>12}")
     for row in rows:
         print(f"{row['depth']:>5} {row['peak_bytes'] / 2**20:>10.1f} {row['step_bytes'] / 2**20:>10.1f} "

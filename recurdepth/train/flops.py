@@ -9,6 +9,12 @@ A training step with r iterations, gradients through min(r, k) of them, costs pe
     MFU FLOPs = 3 (F_prelude + F_coda + F_head) + (r + 2 min(r, k)) F_core
 (no-grad iterations are forward only; backward costs twice a forward). With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
+The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
+    3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`).
+
+The denominator of MFU/AFU on CPU is the best FLOP/s of a large fp32 `torch.mm` measured in the same process
+with the same thread count: several sizes, several repeats, the best kept (a shared machine only ever makes a
+measurement slower, so the best is the least disturbed one).
 """
 
 from __future__ import annotations
@@ -38,31 +44,49 @@ class LoopedFlops:
         return 3 * (self.prelude + self.coda + self.head) + core_passes * self.core
 
 
-def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
+def layer_flops(cfg: Config) -> float:
+    """F_layer: forward FLOPs per token of one transformer block (see the module docstring)."""
     m = cfg.model
     h, s = m.hidden_size, m.seq_length
     kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
     f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
     mlp = 6 * h * f if m.activation == "swiglu" else 4 * h * f
-    layer = 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp
+    return 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp
+
+
+def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
+    m = cfg.model
+    layer, h = layer_flops(cfg), m.hidden_size
     adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0
     return LoopedFlops(prelude=m.prelude_layers * layer, core=m.core_layers * layer + adapter,
                        coda=m.coda_layers * layer, head=2 * h * vocab_size)
 
 
-def measure_matmul_peak(n: int = 1024, seconds: float = 0.3, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> float:
-    """Achieved FLOP/s of a large square `torch.mm` on this process's share of the machine."""
+def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:
+    """Training FLOPs per token of a dense GPT with the looped model's blocks and `num_layers` of them."""
+    return 3 * (num_layers * layer_flops(cfg) + 2 * cfg.model.hidden_size * vocab_size)
+
+
+def _mm_flops_per_second(n: int, seconds: float, dtype: torch.dtype, device: str) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    torch.mm(a, b)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        iters += 1
+    out = torch.mm(a, b)
     if device != "cpu":
         torch.cuda.synchronize()
+    iters, start = 0, time.perf_counter()
+    while iters < 2 or time.perf_counter() - start < seconds:
+        torch.mm(a, b, out=out)
+        iters += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def measure_matmul_peak(sizes: tuple = (1024, 2048), repeats: int = 3, seconds: float = 0.15,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """The best FLOP/s of square `torch.mm` over `sizes` x `repeats` bursts of >= `seconds` each (about 1 s on
+    an idle 2-core CPU), on this process's threads. Best, not mean: other load only ever slows a burst down."""
+    return max(_mm_flops_per_second(n, seconds, dtype, device) for _ in range(repeats) for n in sizes)
 
 
 def peak_flops(cfg: Config, device: torch.device) -> float:
@@ -74,5 +98,5 @@ def peak_flops(cfg: Config, device: torch.device) -> float:
         for key, value in GPU_PEAK_FLOPS.items():
             if key in name:
                 return value
-        return measure_matmul_peak(8192, dtype=torch.bfloat16, device=str(device))
+        return measure_matmul_peak((4096, 8192), repeats=2, dtype=torch.bfloat16, device=str(device))
     return measure_matmul_peak()

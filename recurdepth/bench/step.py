@@ -1,0 +1,77 @@
+"""`recurdepth bench step`: tokens/s, achieved FLOP/s and MFU/HFU of the real training step (`Trainer.train_step`:
+data, forward/backward over the micro-batches, gradient reduction, numerical guard, optimizer and schedule).
+
+Conventions. Model FLOPs per token are recurdepth/train/flops.py's, at the step's own r and k:
+3 (F_prelude + F_coda + F_head) + (r + 2 min(r, k)) F_core, matmuls only, attention over the full s x s
+square (megatron's convention). MFU = model FLOPs / step seconds / peak (no recompute counted); HFU also
+counts the core forwards that `recurrence.checkpoint_iterations` re-runs. The peak is the best FLOP/s of a
+large square `torch.mm` (fp32 on CPU, bf16 on GPU) measured in the same process with the same threads, sampled
+before and between the timed steps; "AFU" in the issue and docs is MFU measured this way. One process; the
+first `--warmup` steps (allocations, optimizer state, compilation) are not timed.
+"""
+
+from __future__ import annotations
+
+from recurdepth.bench.harness import QUICK_OVERRIDES, PeakSampler, bench_trainer, best_and_median, set_threads
+
+
+def run_step_bench(args) -> int:
+    threads = set_threads(args.threads)
+    overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    trainer = bench_trainer(args.config, overrides, steps + warmup)
+    cfg = trainer.cfg
+    for _ in range(warmup):
+        trainer.train_step()
+    peak = PeakSampler()
+    peak.sample(repeats=3)
+    rows = []
+    for _ in range(steps):
+        m = trainer.train_step()
+        hw = m.tokens * trainer.flops.per_token(m.depth, cfg.recurrence.backprop_depth,
+                                                recompute=cfg.recurrence.checkpoint_iterations)
+        rows.append((m.depth, m.backprop_depth, m.tokens, m.seconds, m.flops, hw))
+        peak.sample()
+    print(_header(trainer, threads, steps, warmup))
+    print(peak.describe())
+    print(f"{'step':>6} {'r':>4} {'k':>3} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
+          f"{'MFU':>7} {'HFU':>7}")
+    for i, (r, k, tokens, sec, flops, hw) in enumerate(rows, 1):
+        print(_row(str(i), r, k, tokens, sec, flops, hw, peak.best))
+    # best = the step with the highest achieved FLOP/s (the fastest one when r is fixed); median = the median step
+    # time at the mean FLOPs per step (they differ only when r is sampled)
+    best = max(rows, key=lambda row: row[4] / row[3])
+    mean = lambda i: sum(row[i] for row in rows) / len(rows)  # noqa: E731
+    print(_row("best", *best, peak.best))
+    print(_row("median", "", "", mean(2), best_and_median([row[3] for row in rows])[1], mean(4), mean(5), peak.best))
+    return 0
+
+
+def _header(trainer, threads: int, steps: int, warmup: int) -> str:
+    cfg, m = trainer.cfg, trainer.cfg.model
+    t = cfg.train
+    compiled = ", torch.compile" if getattr(t, "compile", False) else ""
+    return (f"training step: h={m.hidden_size}, seq {m.seq_length}, P{m.prelude_layers}+R{m.core_layers}xr+"
+            f"C{m.coda_layers}, global batch {t.global_batch_size} in micro-batches of {t.micro_batch_size}, "
+            f"{trainer.device.type} {str(trainer.dtype).replace('torch.', '')}{compiled}, {threads} threads; "
+            f"{steps} timed steps after {warmup} warm-up\n"
+            f"MFU = model FLOPs (flops.py: 3(F_prelude+F_coda+F_head) + (r+2min(r,k)) F_core, no recompute) / s / "
+            f"peak; HFU adds recomputed core forwards (recurrence.checkpoint_iterations="
+            f"{str(cfg.recurrence.checkpoint_iterations).lower()})")
+
+
+def _row(label, r, k, tokens, seconds, flops, hw_flops, peak) -> str:
+    return (f"{label:>6} {r:>4} {k:>3} {tokens:>8,.0f} {seconds:>8.2f} {tokens / seconds:>9,.0f} "
+            f"{flops / seconds / 1e9:>8.1f} {flops / seconds / peak:>7.3f} {hw_flops / seconds / peak:>7.3f}")
+
+
+def add_step_bench_parser(subs) -> None:
+    p = subs.add_parser("step", help="tokens/s, achieved FLOP/s, MFU/HFU of the training step vs a measured mm peak")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/bench.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: for CI")
+
+

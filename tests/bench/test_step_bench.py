@@ -1,0 +1,43 @@
+"""`recurdepth bench step|dense --quick` keep working and report consistent figures (no timing assertions)."""
+
+from recurdepth.config import load_config
+from recurdepth.train.flops import dense_flops_per_token, layer_flops, looped_flops
+from tests.conftest import ROOT, run_cli
+
+BENCH = str(ROOT / "configs" / "bench.yaml")
+
+
+def table(stdout: str, first: tuple) -> dict:
+    return {ln.split()[0]: ln.split() for ln in stdout.splitlines() if ln.strip().startswith(first)}
+
+
+def test_step_bench_quick_prints_steps_and_summary(data_cache):
+    out = run_cli(["bench", "step", BENCH, f"data.cache_dir={data_cache}", "--quick"], timeout=300)
+    assert "MFU = model FLOPs" in out.stdout and "peak = best torch.mm" in out.stdout
+    rows = table(out.stdout, ("1 ", "2 ", "best", "median"))
+    assert set(rows) == {"1", "2", "best", "median"}
+    step = rows["1"]
+    assert step[1:3] == ["3", "2"]  # r and k of the quick shapes
+    tokens, seconds, tps, gflops, mfu = (float(x.replace(",", "")) for x in step[3:8])
+    assert tokens == 4 * 64 and abs(tokens / tps - seconds) <= 0.006  # seconds are printed to 0.01
+    # achieved FLOP/s are the step's model FLOPs per flops.py over its time
+    cfg = load_config(BENCH, ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64"])
+    per_token = looped_flops(cfg, 384).per_token(3, 2)
+    assert abs(gflops - tps * per_token / 1e9) <= 0.01 * gflops + 0.1
+    assert 0 < mfu < 1.5 and float(step[8]) == mfu  # no recompute: HFU == MFU
+
+
+def test_dense_bench_quick_compares_with_megatron_gpt(data_cache):
+    out = run_cli(["bench", "dense", BENCH, f"data.cache_dir={data_cache}", "--quick"], timeout=300)
+    rows = table(out.stdout, ("looped", "dense"))
+    assert set(rows) == {"looped", "dense"}
+    assert rows["dense"][1] == str(1 + 3 * 4 + 1)  # P + r R + C layers
+    assert rows["dense"][-1] == "1.000/1.000" and float(rows["looped"][-1].split("/")[0]) > 0
+
+
+def test_dense_flops_count_the_same_blocks_as_the_looped_model():
+    cfg = load_config(BENCH, ["model.adapter=add"])  # no adapter: the two differ only in backprop
+    looped, layers = looped_flops(cfg, 384), 1 + 8 * 4 + 1
+    full_backprop = looped.per_token(8, 8)
+    assert abs(dense_flops_per_token(cfg, 384, layers) - full_backprop) < 1e-6 * full_backprop
+    assert layer_flops(cfg) > 0
