@@ -33,10 +33,10 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _measure(config: str, overrides: list, depth: int, k: int) -> dict:
+def warm_trainer(config: str, overrides: list, depth: int, k: int, steps: int):
+    """A Trainer at fixed r and k with logging and checkpoints off, after one warm-up step (optimizer state,
+    allocator pools), in a fresh temporary run directory."""
     import tempfile
-
-    import torch
 
     from recurdepth.config import load_config
     from recurdepth.train.trainer import Trainer
@@ -44,35 +44,61 @@ def _measure(config: str, overrides: list, depth: int, k: int) -> dict:
     run_dir = tempfile.mkdtemp(prefix="recurdepth-bench-")
     cfg = load_config(config, list(overrides) + [
         "recurrence.sampler=fixed", f"recurrence.depth={depth}", f"recurrence.backprop_depth={k}",
-        "train.steps=2", f"train.run_dir={run_dir}", "checkpoint.interval=0", "checkpoint.save_final=false",
-        "logging.tensorboard=false", "logging.health_interval=0", "logging.peak_tflops=1"])
+        f"train.steps={steps + 1}", f"train.run_dir={run_dir}", "checkpoint.interval=0",
+        "checkpoint.save_final=false", "logging.tensorboard=false", "logging.health_interval=0",
+        "logging.peak_tflops=1", "train.eval_interval=0"])
     trainer = Trainer(cfg, callbacks=[])
     trainer.callbacks = []
-    trainer.train_step()  # warm-up: optimizer state, allocator pools
-    gpu = trainer.device.type == "cuda"
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        _reset_peak()
-        before = _rss_bytes("VmRSS")
-    storages: dict = {}
+    trainer.train_step()
+    return trainer
 
-    def pack(t):  # what autograd keeps for backward (each storage once): the part that could grow with r
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+class MemoryProbe:
+    """Peak memory from here on (CUDA allocator or the process's RSS high-water mark) and the bytes autograd
+    saves for backward inside `saving()` (each storage once): the part that could grow with r."""
+
+    def __init__(self, device):
+        import torch
+
+        self.gpu = device.type == "cuda"
+        if self.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            _reset_peak()
+            self.before = _rss_bytes("VmRSS")
+        self.storages: dict = {}
+
+    def saving(self):
+        import torch
+
+        def pack(t):
+            self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def sync(self) -> None:
+        if self.gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def result(self) -> dict:
+        import torch
+
+        self.sync()
+        peak = torch.cuda.max_memory_allocated() if self.gpu else _rss_bytes("VmHWM")
+        return {"peak_bytes": peak, "step_bytes": peak - self.before, "saved_bytes": sum(self.storages.values())}
+
+
+def _measure(config: str, overrides: list, depth: int, k: int) -> dict:
+    trainer = warm_trainer(config, overrides, depth, k, steps=1)
+    probe = MemoryProbe(trainer.device)
+    with probe.saving():
         trainer.train_step()
-    saved = sum(storages.values())
-    if gpu:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_bytes("VmHWM")
-    return {"depth": depth, "k": k, "peak_bytes": peak, "step_bytes": peak - before, "saved_bytes": saved,
-            "device": trainer.device.type}
+    return {"depth": depth, "k": k, **probe.result(), "device": trainer.device.type}
 
 
 def run_memory_bench(args) -> int:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from recurdepth.bench.memory import _reset_peak, _rss_bytes
+from recurdepth.bench.memory import MemoryProbe, warm_trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quiet-star.yaml"
 
@@ -47,50 +47,20 @@ def add_objectives_bench_parser(subs) -> None:
 
 
 def _measure(config: str, overrides: list, depth: int, k: int, steps: int) -> dict:
-    import tempfile
-
-    import torch
-
-    from recurdepth.config import load_config
-    from recurdepth.train.trainer import Trainer
-
-    run_dir = tempfile.mkdtemp(prefix="recurdepth-bench-")
-    cfg = load_config(config, list(overrides) + [
-        "recurrence.sampler=fixed", f"recurrence.depth={depth}", f"recurrence.backprop_depth={k}",
-        f"train.steps={steps + 1}", f"train.run_dir={run_dir}", "checkpoint.interval=0",
-        "checkpoint.save_final=false", "logging.tensorboard=false", "logging.health_interval=0",
-        "logging.peak_tflops=1", "train.eval_interval=0"])
-    trainer = Trainer(cfg, callbacks=[])
-    trainer.callbacks = []
-    trainer.train_step()  # warm-up
-    gpu = trainer.device.type == "cuda"
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        _reset_peak()
-        before = _rss_bytes("VmRSS")
-    times, storages = [], {}
-
-    def pack(t):  # what autograd keeps from forward to backward (each storage once)
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
+    trainer = warm_trainer(config, overrides, depth, k, steps)
+    probe, times = MemoryProbe(trainer.device), []
     for i in range(steps):
         start = time.perf_counter()
         if i == 0:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with probe.saving():
                 trainer.train_step()
         else:
             trainer.train_step()
-        if gpu:
-            torch.cuda.synchronize()
+        probe.sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if gpu else _rss_bytes("VmHWM")
-    return {"step_s": sorted(times)[len(times) // 2], "peak_bytes": peak, "step_bytes": peak - before,
-            "saved_bytes": sum(storages.values()),
-            "device": trainer.device.type, "tokens": cfg.train.global_batch_size * cfg.model.seq_length}
+    cfg = trainer.cfg
+    return {"step_s": sorted(times)[len(times) // 2], **probe.result(), "device": trainer.device.type,
+            "tokens": cfg.train.global_batch_size * cfg.model.seq_length}
 
 
 def run_objectives_bench(args) -> int:

@@ -96,14 +96,7 @@ class LoopedDecoder:
     def _block(self, layer, x: torch.Tensor, name: str, start: int, iteration: Optional[int] = None,
                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`LoopedTransformerLayer.forward` with cached attention."""
-        x = x + self._attention(layer, layer.input_layernorm(x), name, start, iteration, rows)
-        if layer.sandwich:
-            x = layer.post_attention_layernorm(x)
-        mlp, bias = layer.mlp(layer.pre_mlp_layernorm(x))
-        x = x + (mlp if bias is None else mlp + bias)
-        if layer.sandwich:
-            x = layer.post_mlp_layernorm(x)
-        return x
+        return layer(x, attend=lambda normed: self._attention(layer, normed, name, start, iteration, rows))
 
     # ------------------------------------------------------------------ the equations
 

@@ -145,9 +145,13 @@ class LoopedTransformerLayer(MegatronModule):
             self.post_mlp_layernorm = build_module(post_norm, config=config, hidden_size=h, eps=eps)
 
     def forward(self, x: torch.Tensor, rotary_pos_emb: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        attn, attn_bias = self.self_attention(self.input_layernorm(x), attention_mask=attention_mask,
-                                              rotary_pos_emb=rotary_pos_emb)
+                attention_mask: Optional[torch.Tensor] = None, attend=None) -> torch.Tensor:
+        """`attend(normed_x) -> attention output` replaces the self-attention call (the KV-cached decoder)."""
+        if attend is None:
+            attn, attn_bias = self.self_attention(self.input_layernorm(x), attention_mask=attention_mask,
+                                                  rotary_pos_emb=rotary_pos_emb)
+        else:
+            attn, attn_bias = attend(self.input_layernorm(x)), None
         x = x + (attn if attn_bias is None else attn + attn_bias)
         if self.sandwich:
             x = self.post_attention_layernorm(x)

@@ -26,3 +26,13 @@ def test_pipeline_bench_quick_prints_both_splits():
     rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines() if ln.startswith(("looped", "naive"))}
     assert set(rows) == {"looped", "naive"}
     assert rows["naive"][4] == "1.00" and 0 < float(rows["looped"][5]) < 0.5  # bubble from the timeline
+
+
+def test_objectives_bench_quick_prints_three_variants(data_cache, tmp_path):
+    out = run_cli(["bench", "objectives", "--quick", "--out", str(tmp_path / "rows.json")], timeout=300)
+    names = [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith(("lm ", "quiet_star"))]
+    assert names == ["lm", "quiet_star", "quiet_star"]
+    import json
+
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) == 3 and all(r["peak_bytes"] > 0 for r in (rows.values() if isinstance(rows, dict) else rows))
