@@ -30,6 +30,7 @@ EASY_HARD = {
     "base_conversion": ({"max_value": 50, "max_base": 3}, {"min_value": 10_000, "max_value": 100_000, "max_base": 3},
                         lambda s: len(s.answer)),
     "count": ({"max_len": 6}, {"min_len": 20, "max_len": 30}, lambda s: s.prompt.count(" ")),
+    "hops": ({"max_hops": 3}, {"min_hops": 5, "max_hops": 6}, lambda s: len(s.steps)),
 }
 
 

@@ -148,6 +148,12 @@ def _oracle(name: str, prompt: str) -> str:
     if name == "count":
         target, seq = re.search(r"'(\w)' occur in: (.+)\?", body).groups()
         return str(seq.split().count(target))
+    if name == "hops":
+        edges, k, node = re.fullmatch(r"(.+)\. (\d+) hops? from (\w)\?", body).groups()
+        arrow = dict(e.split(">") for e in edges.split())
+        for _ in range(int(k)):
+            node = arrow[node]
+        return node
     if name == "anagram":
         letters = re.search(r"letters '(\w+)'", body).group(1)
         words = [w for w in word_list()[0] if sorted(w) == sorted(letters)]

@@ -1,0 +1,61 @@
+"""The `hops` task (pointer chasing along a permutation): the answer is k hops from the start, the knobs
+control k and the number of letters, and the verifier re-derives the answer from the prompt."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from recurdepth.data.procedural import generate_split, get_task, verify_sample
+from recurdepth.errors import DataError
+
+
+def test_prompt_answer_and_steps():
+    task = get_task("hops")
+    rng = random.Random(0)
+    for _ in range(500):
+        s = task.generate(rng, {"min_hops": 2, "max_hops": 5, "nodes": 7})
+        edges, k, start = re.fullmatch(r"(.+)\. (\d+) hops from ([a-g])\?\nAnswer:", s.prompt).groups()
+        arrow = dict(e.split(">") for e in edges.split())
+        assert sorted(arrow) == sorted(arrow.values()) == list("abcdefg")  # a permutation
+        node, seen = "a", set()
+        while node not in seen:
+            seen.add(node)
+            node = arrow[node]
+        assert len(seen) == 7  # a single cycle through every letter
+        assert 2 <= int(k) <= 5 and len(s.steps) == int(k) and s.steps[-1] == s.answer
+        node = start
+        for step in s.steps:
+            assert arrow[node] == step
+            node = step
+        assert task.verify(s.prompt, s.answer) and verify_sample(s)
+        assert not task.verify(s.prompt, task.corrupt(s, rng))
+
+
+def test_one_hop_wording_and_hand_example():
+    task = get_task("hops")
+    assert task.solve("a>b b>c c>a. 1 hop from a?\nAnswer:") == "b"
+    assert task.solve("a>b b>c c>a. 4 hops from a?\nAnswer:") == "b"
+    assert task.verify("a>b b>c c>a. 2 hops from c?\nAnswer:", " b ")
+    assert task.solve("a>b a>c c>a. 1 hop from a?\nAnswer:") is None  # a letter with two arrows
+    assert task.solve("a>b b>c. 2 hops from b?\nAnswer:") is None  # walks off the graph
+    assert task.solve("a>b b>a. 2 hops from a\nAnswer:") is None
+
+
+def test_knobs_are_validated():
+    task = get_task("hops")
+    for bad in ({"min_hops": 0}, {"nodes": 1}, {"nodes": 27}, {"min_hops": 5, "max_hops": 4}):
+        with pytest.raises(DataError):
+            task.resolve(bad)
+
+
+def test_harder_test_split_is_disjoint_and_longer():
+    easy = {"min_hops": 1, "max_hops": 4, "nodes": 6}
+    test = generate_split("hops", 200, "test", {"min_hops": 5, "max_hops": 6, "nodes": 6},
+                          train_n=2000, train_difficulty=easy)
+    assert all(5 <= len(s.steps) <= 6 for s in test)
+    held_out = generate_split("hops", 200, "test", easy, train_n=2000)
+    train = {s.prompt for s in generate_split("hops", 2000, "train", easy)}
+    assert not train & {s.prompt for s in held_out}
