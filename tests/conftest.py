@@ -78,3 +78,22 @@ def run_cli(args: list, nproc: int = 1, timeout: int = 600, check: bool = True, 
 def read_metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
+
+
+def assert_same_losses(reference: list, rows: list, steps: int, rel: float = 1e-5, atol: float | None = None,
+                       grad_rel: float = 1e-4) -> None:
+    """Two runs' metrics agree step for step: the same r, the loss within `rel` (relative) or `atol` (absolute),
+    the grad norm within `grad_rel`; a step whose loss is NaN (an injected bad step) must be NaN in both."""
+    import math
+
+    import pytest
+
+    assert len(rows) == len(reference) == steps
+    for a, b in zip(reference, rows):
+        assert a["depth"] == b["depth"], (a["step"], a["depth"], b["depth"])
+        if math.isnan(a["loss"]):
+            assert math.isnan(b["loss"]), (a["step"], b["loss"])
+            continue
+        tol = atol if atol is not None else rel * abs(a["loss"])
+        assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=grad_rel)

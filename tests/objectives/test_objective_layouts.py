@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, SMALL, TINY, cli_command, read_metrics, run_cli
+from tests.conftest import ROOT, SMALL, TINY, assert_same_losses, cli_command, read_metrics, run_cli
 
 STEPS = 4
 BASE = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interval=0", "checkpoint.save_final=false",
@@ -41,20 +41,13 @@ def one_process(tmp_path_factory, data_cache):
     return get
 
 
-def assert_same_losses(reference, rows):
-    assert len(rows) == len(reference) == STEPS
-    for a, b in zip(reference, rows):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,layout", [("pause", "dp2"), ("pause", "pp2"), ("coconut", "dp2"), ("coconut", "pp2")])
 def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
     run_cli([*BASE, *OBJECTIVE[kind], *LAYOUTS[layout], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"],
             nproc=2)
     rows = read_metrics(tmp_path)
-    assert_same_losses(one_process(kind), rows)
+    assert_same_losses(one_process(kind), rows, STEPS)
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
 
 
@@ -67,4 +60,4 @@ def test_lm_through_pipelined_forward_matches_one_process(one_process, tmp_path,
            os.path.join(ROOT, "tests", "objectives", "_pipelined_lm_main.py"), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert_same_losses(one_process("lm"), read_metrics(tmp_path))
+    assert_same_losses(one_process("lm"), read_metrics(tmp_path), STEPS)

@@ -3,7 +3,7 @@ per-step loss within 1e-5 relative of one process with the same global batch and
 
 import pytest
 
-from tests.conftest import SMALL, TINY, read_metrics, run_cli
+from tests.conftest import SMALL, TINY, assert_same_losses, read_metrics, run_cli
 
 STEPS = 5
 COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interval=0", "checkpoint.save_final=false",
@@ -30,14 +30,6 @@ def references(tmp_path_factory, data_cache):
     return get
 
 
-def assert_same_losses(reference, rows):
-    assert len(rows) == len(reference) == STEPS
-    for a, b in zip(reference, rows):
-        assert a["depth"] == b["depth"]
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,model,layout", [
     (2, (), ["parallel.tensor=2"]),
@@ -54,6 +46,6 @@ def assert_same_losses(reference, rows):
 def test_layout_matches_one_process(references, tmp_path, data_cache, nproc, model, layout):
     run_cli([*COMMON, *model, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=nproc)
     rows = read_metrics(tmp_path)
-    assert_same_losses(references(model), rows)
+    assert_same_losses(references(model), rows, STEPS)
     if model == tuple(MOE):  # the router's load-balancing loss is logged (and is ~1 for a balanced router: E * sum f_i p_i)
         assert all(0.5 < r["health/moe_load_balancing_loss"] < 4 for r in rows)

@@ -4,11 +4,10 @@ DeepSpeed, and its refusals. All runs are DP=2 under torchrun/gloo with DeepSpee
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from tests.conftest import SMALL, TINY, read_metrics, run_cli
+from tests.conftest import SMALL, TINY, assert_same_losses, read_metrics, run_cli
 
 STEPS = 6
 NAN_STEP = 2  # every run below injects a NaN loss at this step and skips it: the skip path is compared too
@@ -31,17 +30,6 @@ def megatron_run(tmp_path_factory, data_cache):
     return run_dir
 
 
-def assert_same_losses(reference, other, tol=1e-5):
-    assert len(reference) == len(other) == STEPS
-    for a, b in zip(reference, other):
-        assert a["depth"] == b["depth"]
-        if a["step"] == NAN_STEP:
-            assert math.isnan(a["loss"]) and math.isnan(b["loss"])
-            continue
-        assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, True), (3, False)])
 def test_zero_stages_match_the_megatron_engine(megatron_run, tmp_path, data_cache, stage, offload):
@@ -50,7 +38,7 @@ def test_zero_stages_match_the_megatron_engine(megatron_run, tmp_path, data_cach
                 f"deepspeed.offload_optimizer={str(offload).lower()}", "checkpoint.interval=0")
     assert f"deepspeed ZeRO-{stage}" in out.stdout
     reference, ds = read_metrics(megatron_run), read_metrics(run_dir)
-    assert_same_losses(reference, ds)
+    assert_same_losses(reference, ds, STEPS, atol=1e-5)
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trains
     # the skipped step is recorded, and the DeepSpeed config this run used is in its run directory
     bad = [json.loads(line) for line in (run_dir / "bad_steps.jsonl").read_text().splitlines()]
