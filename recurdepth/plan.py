@@ -15,12 +15,12 @@ training dtype: 2 for bf16, 4 for fp32):
                  only the min(r_max, k) grad iterations of the core count (no-grad iterations keep
                  nothing), never r. Per layer and token, in elements of the training dtype
                  (the local megatron spec with SDPA attention, counted tensor by tensor on CPU):
-                     (2 n_norm + 2) h / TP_sp            norm inputs/outputs, QKV and MLP-in inputs
+                     (n_norm + 2) h / TP_sp              norm inputs, QKV and MLP-in inputs
                    + (4 h + 3 kv + mlp) / TP             q, k, v, roped q/k, attention out; MLP
                    (+ a s / TP with model.attention=megatron: the softmax probabilities)
                  mlp = 5 f (swiglu) or 2 f (gelu); n_norm = 4 (sandwich) or 2 (pre); kv = groups ·
                  head dim; TP_sp = TP with sequence parallelism, else 1. Plus per grad iteration the
-                 adapter (concat 2h, gate 5h, add 0), the final norm (2h) and the fp32 logits of the
+                 adapter (concat 2h, gate 5h, add 0), the final norm (h) and the fp32 logits of the
                  loss (4 V / TP bytes, plus d V / TP for a bf16 copy). With
                  recurrence.checkpoint_iterations (PP=1 only: the pipeline schedule does not checkpoint)
                  each grad iteration keeps its input state (h) and one iteration is recomputed at a time.
@@ -283,8 +283,8 @@ def layer_activation_bytes(cfg: Config, dtype_bytes: int, tp: int, sp: bool, moe
     h, kv, f = d["h"], d["kv"], d["f"]
     rep_div = tp if sp else 1
     n_norm = 4 if m.block_norm == "sandwich" else 2
-    per_norm = 2 if m.normalization == "RMSNorm" else 1  # RMSNorm: input + normalised input; LayerNorm: input
-    replicated = (per_norm * n_norm + 2) * h  # norms; QKV and MLP-in inputs
+    # each norm keeps its input (+ a per-token statistic): layers.RMSNorm on CPU, torch's fused CUDA and TE norms
+    replicated = (n_norm + 2) * h  # norms; QKV and MLP-in inputs
     attention = 4 * h + 3 * kv  # qkv output, roped q and k, attention output
     if m.attention == "megatron":
         attention += d["a"] * m.seq_length  # softmax probabilities [b, a, s, s]
@@ -305,8 +305,7 @@ def head_activation_bytes(cfg: Config, vocab: int, dtype_bytes: int, tp: int, sp
     """Final norm + logits of the loss (fp32 softmax kept by the vocab-parallel cross entropy)."""
     h = cfg.model.hidden_size
     logits = 4 * vocab / tp + (dtype_bytes * vocab / tp if dtype_bytes != 4 else 0)
-    per_norm = 2 if cfg.model.normalization == "RMSNorm" else 1
-    return dtype_bytes * per_norm * h / (tp if sp else 1) + logits
+    return dtype_bytes * h / (tp if sp else 1) + logits
 
 
 def looped_pipeline_in_flight(p: int, m: int, g: int) -> tuple[list[int], int]:

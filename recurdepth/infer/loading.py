@@ -111,6 +111,7 @@ def load_model(path: str | Path, tokenizer: Optional[str] = None, dtype: torch.d
     cfg = single_process_layout(checkpoint_config(ckpt))
     for key, value in (overrides or {}).items():
         setattr(cfg.model, key, value)
+    cfg.train.compile = False  # a training option: the decoder runs one token at a time through the eager blocks
     tok = load_tokenizer(cfg, tokenizer)
     saved_vocab = json.loads((ckpt / "recurdepth.json").read_text()).get("vocab_size")
     if saved_vocab is not None and saved_vocab != tok.vocab_size:

@@ -153,9 +153,12 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
 def compile_blocks(model: torch.nn.Module) -> None:
     """`torch.compile` every transformer block in place (`train.compile`): inductor fuses the norms, RoPE, SwiGLU
     and residual adds around the matmuls. The loop, its no-grad/grad split and checkpointing stay eager, so the
-    graphs are one block each (grad and no-grad variants), shared by every block of the same shape."""
+    graphs are one block each (grad and no-grad variants), shared by every block of the same shape. A block's
+    graph must not break (tests/model/test_compile.py counts breaks): each break is a separate graph and loses
+    the fusion across it."""
     import warnings
 
+    from megatron.core.tensor_parallel import RowParallelLinear
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from recurdepth.model.layers import LoopedTransformerLayer
@@ -165,7 +168,51 @@ def compile_blocks(model: torch.nn.Module) -> None:
     dynamo.reorderable_logging_functions.add(warnings.warn)  # megatron's one-time warnings would split the graph
     dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(blocks))  # grad/no-grad x per-block constants
     for block in blocks:
+        for linear in block.modules():
+            if isinstance(linear, RowParallelLinear):
+                _bind_row_parallel_group(linear)
+        _compile_block(block)
+
+
+def _compile_block(block: torch.nn.Module) -> None:
+    """Compile `block.forward` (the module, its parameters and state-dict keys stay as they are) behind an eager
+    wrapper that hands our attention RoPE as ready (cos, sin) tables instead of frequencies (`rope_cos_sin`)."""
+    from recurdepth.model.layers import LoopedTransformerLayer, RotarySelfAttention, rope_cos_sin
+
+    if not isinstance(getattr(block, "self_attention", None), RotarySelfAttention):  # TE / megatron attention
         block.compile(dynamic=False)
+        return
+    body = torch.compile(block.forward, dynamic=False)
+    looped = isinstance(block, LoopedTransformerLayer)
+
+    def forward(*args, **kwargs):
+        if looped and len(args) > 1 and torch.is_tensor(args[1]):
+            args = (args[0], rope_cos_sin(args[1], args[0].dtype), *args[2:])
+        elif torch.is_tensor(kwargs.get("rotary_pos_emb")) and kwargs.get("rotary_pos_cos") is None:
+            x = args[0] if args else kwargs["hidden_states" if not looped else "x"]
+            cos, sin = rope_cos_sin(kwargs["rotary_pos_emb"], x.dtype)
+            if looped:
+                kwargs["rotary_pos_emb"] = (cos, sin)
+            else:
+                kwargs.update(rotary_pos_emb=None, rotary_pos_cos=cos, rotary_pos_sin=sin)
+        return body(*args, **kwargs)
+
+    block.forward = forward
+
+
+def _bind_row_parallel_group(linear) -> None:
+    """megatron's `RowParallelLinear.forward` passes `tp_group=None` to its matmul, which then looks the default
+    TP group up and, on rank 0, calls `warnings.warn(..., DeprecationWarning)` on every call: a graph break in every
+    compiled block. The group is unused on that path (row-parallel: no dgrad all-reduce, no sequence parallelism
+    inside the matmul), so hand it the layer's own group instead."""
+    impl = linear._forward_impl
+
+    def forward_impl(input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", 0) is None:
+            kwargs["tp_group"] = linear.tp_group
+        return impl(input, weight, *args, **kwargs)
+
+    linear._forward_impl = forward_impl
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:

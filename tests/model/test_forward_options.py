@@ -52,3 +52,22 @@ def test_inputs_embeds_and_hidden_state(megatron_single_process):
     embeds = embeds.detach().requires_grad_(True)
     model(None, labels, window=W, sample_ids=[0, 1], inputs_embeds=embeds).sum().backward()
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+def test_rms_norm_equals_torchs_in_value_and_gradient():
+    """The CPU RMSNorm autograd function (`layers.RMSNorm`) against torch's own, fp64, random weight: output and both
+    gradients to 1e-12, and torch's numerical gradient check. Fails if rstd, the mean term of dx or dw is wrong."""
+    from recurdepth.model.layers import RMSNorm
+
+    ours = RMSNorm(24, eps=1e-5, dtype=torch.float64)
+    torch.nn.init.normal_(ours.weight)
+    ref = torch.nn.RMSNorm(24, eps=1e-5, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(7, 3, 24, dtype=torch.float64)
+    got, want = ours(x), ref(x)
+    assert got.grad_fn is not None and "RMSNormFunction" in type(got.grad_fn).__name__  # ours ran, not torch's
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [x, ours.weight], grad), torch.autograd.grad(want, [x, ref.weight], grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, (x[:2, :2].detach().requires_grad_(),))
