@@ -73,3 +73,70 @@ class HopsTask(Task):
     def corrupt(self, sample, rng):
         letters = sorted({p.split(">")[0] for p in self._re.fullmatch(sample.prompt).group(1).split()})
         return rng.choice([x for x in letters if x != sample.answer])
+
+
+class RootTask(Task):
+    """`root`: follow the arrows from a letter until a letter that points to itself (a root of a forest).
+
+    The prompt lists, in alphabetical order, one arrow per letter of the first `nodes` letters; `trees` of them
+    point to themselves (the roots) and the others form trees below them. The queried letter lies `depth` arrows
+    above its root, on a path of fresh letters; the remaining letters hang off random earlier ones. The answer
+    is the root, one letter. Unlike `hops` nothing needs counting: following one more arrow from a root stays
+    there, so a looped model that takes one arrow per iteration reaches a fixed point, and extra iterations
+    cannot hurt -- the depth sweep's task (docs/evaluation.md).
+    """
+
+    name = "root"
+    description = "which self-pointing letter the arrows lead to from a letter (root of a forest)"
+    default_difficulty = {"min_depth": 1, "max_depth": 4, "nodes": 10, "trees": 3}
+    difficulty_keys = {"min_depth": "fewest arrows from the queried letter to its root",
+                       "max_depth": "most arrows from the queried letter to its root",
+                       "nodes": "letters (2-26, a..)", "trees": "roots (letters pointing to themselves)"}
+    _re = re.compile(r"((?:[a-z]>[a-z] )*[a-z]>[a-z])\. root of ([a-z])\?" + re.escape(ANSWER))
+
+    def check_difficulty(self, d):
+        super().check_difficulty(d)
+        if d["min_depth"] < 1 or d["trees"] < 1:
+            raise DataError(f"difficulty min_depth={d['min_depth']}, trees={d['trees']} for task 'root' must be >= 1")
+        if not 2 <= d["nodes"] <= 26 or d["max_depth"] + d["trees"] > d["nodes"]:
+            raise DataError(f"difficulty nodes={d['nodes']} for task 'root' must be 2-26 and at least "
+                            f"max_depth + trees = {d['max_depth'] + d['trees']}")
+
+    def generate(self, rng, difficulty=None):
+        d = self.resolve(difficulty)
+        letters = list(LETTERS[:d["nodes"]])
+        rng.shuffle(letters)
+        k = rng.randint(d["min_depth"], d["max_depth"])
+        path, roots, rest = letters[:k + 1], letters[k + 1:k + d["trees"]], letters[k + d["trees"]:]
+        arrow = {a: b for a, b in zip(path, path[1:])}
+        arrow.update({r: r for r in [path[-1], *roots]})
+        placed = path + roots
+        for x in rest:
+            arrow[x] = rng.choice(placed)
+            placed.append(x)
+        edges = " ".join(f"{a}>{arrow[a]}" for a in sorted(arrow))
+        return Sample(self.name, f"{edges}. root of {path[0]}?{ANSWER}", path[-1], tuple(path[1:]))
+
+    def solve(self, prompt):
+        m = self._re.fullmatch(prompt) if isinstance(prompt, str) else None
+        if not m:
+            return None
+        arrow = {}
+        for pair in m.group(1).split():
+            a, b = pair.split(">")
+            if a in arrow:
+                return None
+            arrow[a] = b
+        node = m.group(2)
+        for _ in range(len(arrow) + 1):
+            if node not in arrow:
+                return None
+            if arrow[node] == node:
+                return node
+            node = arrow[node]
+        return None  # a cycle without a root
+
+    def corrupt(self, sample, rng):
+        pairs = [p.split(">") for p in self._re.fullmatch(sample.prompt).group(1).split()]
+        roots = [a for a, b in pairs if a == b and a != sample.answer]
+        return rng.choice(roots or [a for a, _ in pairs if a != sample.answer])

@@ -9,12 +9,12 @@ from functools import lru_cache
 from typing import Optional
 
 from recurdepth.data.procedural.base import Sample, Task
-from recurdepth.data.procedural.hops import HopsTask
+from recurdepth.data.procedural.hops import HopsTask, RootTask
 from recurdepth.data.procedural.rg import PREFIX, RGTask, rg_names
 from recurdepth.data.procedural.tasks import OWN_TASKS
 from recurdepth.errors import DataError
 
-TASKS: dict[str, Task] = {t.name: t for t in OWN_TASKS + (HopsTask(),)}
+TASKS: dict[str, Task] = {t.name: t for t in OWN_TASKS + (HopsTask(), RootTask())}
 
 
 def list_tasks() -> list[str]:

@@ -59,3 +59,40 @@ def test_harder_test_split_is_disjoint_and_longer():
     held_out = generate_split("hops", 200, "test", easy, train_n=2000)
     train = {s.prompt for s in generate_split("hops", 2000, "train", easy)}
     assert not train & {s.prompt for s in held_out}
+
+
+def test_root_task_answer_is_the_root_depth_arrows_up():
+    task = get_task("root")
+    rng = random.Random(0)
+    for _ in range(500):
+        s = task.generate(rng, {"min_depth": 2, "max_depth": 6, "nodes": 11, "trees": 3})
+        edges, start = re.fullmatch(r"(.+)\. root of ([a-k])\?\nAnswer:", s.prompt).groups()
+        arrow = dict(e.split(">") for e in edges.split())
+        assert sorted(arrow) == list("abcdefghijk") and len(edges.split()) == 11  # one arrow per letter
+        assert sum(a == b for a, b in arrow.items()) == 3  # the roots
+        node = start
+        for step in s.steps:  # the path: fresh letters, one arrow each, ending at the (only) root on it
+            assert arrow[node] == step and node != step
+            node = step
+        assert 2 <= len(s.steps) <= 6 and arrow[s.answer] == s.answer == s.steps[-1]
+        for letter in arrow:  # a forest: every letter reaches a root (no cycles)
+            seen = set()
+            while arrow[letter] != letter:
+                assert letter not in seen
+                seen.add(letter)
+                letter = arrow[letter]
+        assert task.verify(s.prompt, s.answer) and verify_sample(s)
+        wrong = task.corrupt(s, rng)
+        assert arrow[wrong] == wrong and not task.verify(s.prompt, wrong)  # another root: the plausible mistake
+
+
+def test_root_hand_examples_and_knobs():
+    task = get_task("root")
+    assert task.solve("a>b b>c c>c d>d. root of a?\nAnswer:") == "c"
+    assert task.solve("a>b b>c c>c d>d. root of d?\nAnswer:") == "d"
+    assert task.solve("a>b b>a c>c. root of a?\nAnswer:") is None  # a cycle without a root
+    assert task.solve("a>b c>c. root of a?\nAnswer:") is None  # walks off the graph
+    for bad in ({"min_depth": 0}, {"trees": 0}, {"nodes": 5, "max_depth": 4, "trees": 2}, {"nodes": 27}):
+        with pytest.raises(DataError):
+            task.resolve(bad)
+    task.resolve({"nodes": 6, "max_depth": 4, "trees": 2})  # exactly enough letters

@@ -154,6 +154,12 @@ def _oracle(name: str, prompt: str) -> str:
         for _ in range(int(k)):
             node = arrow[node]
         return node
+    if name == "root":
+        edges, node = re.fullmatch(r"(.+)\. root of (\w)\?", body).groups()
+        arrow = dict(e.split(">") for e in edges.split())
+        while arrow[node] != node:
+            node = arrow[node]
+        return node
     if name == "anagram":
         letters = re.search(r"letters '(\w+)'", body).group(1)
         words = [w for w in word_list()[0] if sorted(w) == sorted(letters)]
