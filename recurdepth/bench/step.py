@@ -7,10 +7,13 @@ square (megatron's convention). MFU = model FLOPs / step seconds / peak (no reco
 counts the core forwards that `recurrence.checkpoint_iterations` re-runs. The peak is the best FLOP/s of a
 large square `torch.mm` (fp32 on CPU, bf16 on GPU) measured in the same process with the same threads, sampled
 before and between the timed steps; "AFU" in the issue and docs is MFU measured this way. One process; the
-first `--warmup` steps (allocations, optimizer state, compilation) are not timed.
+first `--warmup` steps (allocations, optimizer state, compilation) are not timed. Under torchrun (data
+parallel) the step's tokens and FLOPs are the global batch's and the peak is the sum of every rank's own.
 """
 
 from __future__ import annotations
+
+import torch
 
 from recurdepth.bench.harness import QUICK_OVERRIDES, PeakSampler, bench_trainer, best_and_median, set_threads
 
@@ -32,8 +35,17 @@ def run_step_bench(args) -> int:
                                                 recompute=cfg.recurrence.checkpoint_iterations)
         rows.append((m.depth, m.backprop_depth, m.tokens, m.seconds, m.flops, hw))
         peak.sample()
+    world = torch.distributed.get_world_size()
+    if world > 1:  # tokens and FLOPs are the global batch's: against the peaks of all ranks, each measured by itself
+        total = torch.tensor([peak.best], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        peak.samples.append(total.item())  # becomes `best`: the ranks' peaks summed
+    if torch.distributed.get_rank() != 0:
+        return 0
     print(_header(trainer, threads, steps, warmup))
-    print(peak.describe())
+    print(peak.describe() if world == 1 else
+          f"peak = sum over {world} ranks of each rank's best torch.mm ({threads} threads each): "
+          f"{peak.best / 1e9:.1f} GFLOP/s")
     print(f"{'step':>6} {'r':>4} {'k':>3} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'MFU':>7} {'HFU':>7}")
     for i, (r, k, tokens, sec, flops, hw) in enumerate(rows, 1):
@@ -53,7 +65,8 @@ def _header(trainer, threads: int, steps: int, warmup: int) -> str:
     compiled = ", torch.compile" if getattr(t, "compile", False) else ""
     return (f"training step: h={m.hidden_size}, seq {m.seq_length}, P{m.prelude_layers}+R{m.core_layers}xr+"
             f"C{m.coda_layers}, global batch {t.global_batch_size} in micro-batches of {t.micro_batch_size}, "
-            f"{trainer.device.type} {str(trainer.dtype).replace('torch.', '')}{compiled}, {threads} threads; "
+            f"{trainer.device.type} {str(trainer.dtype).replace('torch.', '')}{compiled}, {threads} threads"
+            f"{f' x {trainer.dp_size} data-parallel ranks' if trainer.dp_size > 1 else ''}; "
             f"{steps} timed steps after {warmup} warm-up\n"
             f"MFU = model FLOPs (flops.py: 3(F_prelude+F_coda+F_head) + (r+2min(r,k)) F_core, no recompute) / s / "
             f"peak; HFU adds recomputed core forwards (recurrence.checkpoint_iterations="

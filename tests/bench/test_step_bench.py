@@ -41,3 +41,19 @@ def test_dense_flops_count_the_same_blocks_as_the_looped_model():
     full_backprop = looped.per_token(8, 8)
     assert abs(dense_flops_per_token(cfg, 384, layers) - full_backprop) < 1e-6 * full_backprop
     assert layer_flops(cfg) > 0
+
+
+def test_step_bench_under_torchrun_counts_the_global_batch_against_every_ranks_peak(data_cache):
+    """Data parallel (2 ranks, 1 thread each): the step's tokens are the global batch's, the peak is the ranks'
+    peaks summed, and the MFU column is achieved FLOP/s over that sum; one table, from rank 0."""
+    import re
+
+    out = run_cli(["bench", "step", BENCH, f"data.cache_dir={data_cache}", "--quick", "--threads", "1"], nproc=2,
+                  timeout=300)
+    assert out.stdout.count("MFU = model FLOPs") == 1 and "x 2 data-parallel ranks" in out.stdout
+    peak = float(re.search(r"peak = sum over 2 ranks of each rank's best torch.mm \(1 threads each\): ([\d.]+) "
+                           r"GFLOP/s", out.stdout).group(1))
+    step = table(out.stdout, ("1 ",))["1"]
+    tokens, gflops, mfu = float(step[3].replace(",", "")), float(step[6]), float(step[7])
+    assert tokens == 4 * 64  # the global batch (4 sequences of 64), not one rank's half
+    assert abs(mfu - gflops / peak) <= 0.0006
