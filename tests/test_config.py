@@ -24,12 +24,23 @@ def test_bundled_config_loads_and_round_trips():
     (["train.global_batch_size=6", "train.micro_batch_size=4"], "use a multiple of train.micro_batch_size=4"),
     (["model.num_heads=5"], "use a divisor of model.hidden_size=128"),
     (["steps=3"], "must be section.key"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' has the wrong type; expected a number"),
+    (["optimizer.lr=nan"], "optimizer.lr=nan has the wrong type; expected a number"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; a float key takes it as the number, in overrides and files."""
+    cfg = load_config(TINY, ["optimizer.lr=2e-3", "optimizer.min_lr=1E-5"])
+    assert cfg.optimizer.lr == 0.002 and cfg.optimizer.min_lr == 1e-5
+    path = tmp_path / "c.yaml"
+    path.write_text(TINY.read_text().replace("lr: 3.0e-3", "lr: 3e-3"))
+    assert "lr: 3e-3" in path.read_text() and load_config(path).optimizer.lr == 0.003
 
 
 def test_missing_and_malformed_files(tmp_path):
