@@ -76,44 +76,46 @@ class HopsTask(Task):
 
 
 class RootTask(Task):
-    """`root`: follow the arrows from a letter until a letter that points to itself (a root of a forest).
+    """`root`: follow the arrows from a letter until a letter that points to itself.
 
-    The prompt lists, in alphabetical order, one arrow per letter of the first `nodes` letters; `trees` of them
-    point to themselves (the roots) and the others form trees below them. The queried letter lies `depth` arrows
-    above its root, on a path of fresh letters; the remaining letters hang off random earlier ones. The answer
-    is the root, one letter. Unlike `hops` nothing needs counting: following one more arrow from a root stays
-    there, so a looped model that takes one arrow per iteration reaches a fixed point, and extra iterations
-    cannot hurt -- the depth sweep's task (docs/evaluation.md).
+    The prompt lists, in alphabetical order, one arrow per letter of the first `nodes` letters. They form
+    `trees` chains of equal length (so no chain stands out by its size): each chain ends in a letter that points
+    to itself, its root. The question asks for the root of a letter `depth` arrows above it; the answer is one
+    letter. Unlike `hops` nothing needs counting: one more arrow from a root stays there, so a looped model that
+    takes one arrow (or doubles its reach) per iteration reaches a fixed point and extra iterations cannot hurt.
+    With a fixed `nodes` every prompt has the same length (4 nodes + 19 characters), whatever the depth asked:
+    harder questions differ only in how far the answer is -- the depth sweep's task (docs/evaluation.md).
     """
 
     name = "root"
-    description = "which self-pointing letter the arrows lead to from a letter (root of a forest)"
-    default_difficulty = {"min_depth": 1, "max_depth": 4, "nodes": 10, "trees": 3}
+    description = "which self-pointing letter the arrows lead to from a letter (equal-length chains)"
+    default_difficulty = {"min_depth": 1, "max_depth": 4, "nodes": 15, "trees": 3}
     difficulty_keys = {"min_depth": "fewest arrows from the queried letter to its root",
                        "max_depth": "most arrows from the queried letter to its root",
-                       "nodes": "letters (2-26, a..)", "trees": "roots (letters pointing to themselves)"}
+                       "nodes": "letters (2-26, a..), a multiple of trees", "trees": "chains (roots)"}
     _re = re.compile(r"((?:[a-z]>[a-z] )*[a-z]>[a-z])\. root of ([a-z])\?" + re.escape(ANSWER))
 
     def check_difficulty(self, d):
         super().check_difficulty(d)
         if d["min_depth"] < 1 or d["trees"] < 1:
             raise DataError(f"difficulty min_depth={d['min_depth']}, trees={d['trees']} for task 'root' must be >= 1")
-        if not 2 <= d["nodes"] <= 26 or d["max_depth"] + d["trees"] > d["nodes"]:
-            raise DataError(f"difficulty nodes={d['nodes']} for task 'root' must be 2-26 and at least "
-                            f"max_depth + trees = {d['max_depth'] + d['trees']}")
+        if not 2 <= d["nodes"] <= 26 or d["nodes"] % d["trees"] or d["max_depth"] >= d["nodes"] // d["trees"]:
+            raise DataError(f"difficulty nodes={d['nodes']} for task 'root' must be 2-26, a multiple of trees="
+                            f"{d['trees']}, with chains longer than max_depth={d['max_depth']} arrows")
 
     def generate(self, rng, difficulty=None):
         d = self.resolve(difficulty)
         letters = list(LETTERS[:d["nodes"]])
         rng.shuffle(letters)
+        size = d["nodes"] // d["trees"]
+        chains = [letters[i:i + size] for i in range(0, len(letters), size)]  # each: top ... root
+        arrow = {}
+        for chain in chains:
+            arrow.update(zip(chain, chain[1:]))
+            arrow[chain[-1]] = chain[-1]
         k = rng.randint(d["min_depth"], d["max_depth"])
-        path, roots, rest = letters[:k + 1], letters[k + 1:k + d["trees"]], letters[k + d["trees"]:]
-        arrow = {a: b for a, b in zip(path, path[1:])}
-        arrow.update({r: r for r in [path[-1], *roots]})
-        placed = path + roots
-        for x in rest:
-            arrow[x] = rng.choice(placed)
-            placed.append(x)
+        chain = rng.choice(chains)
+        path = chain[len(chain) - 1 - k:]
         edges = " ".join(f"{a}>{arrow[a]}" for a in sorted(arrow))
         return Sample(self.name, f"{edges}. root of {path[0]}?{ANSWER}", path[-1], tuple(path[1:]))
 

@@ -31,7 +31,7 @@ EASY_HARD = {
                         lambda s: len(s.answer)),
     "count": ({"max_len": 6}, {"min_len": 20, "max_len": 30}, lambda s: s.prompt.count(" ")),
     "hops": ({"max_hops": 3}, {"min_hops": 5, "max_hops": 6}, lambda s: len(s.steps)),
-    "root": ({"max_depth": 3}, {"min_depth": 5, "max_depth": 7}, lambda s: len(s.steps)),
+    "root": ({"max_depth": 3, "nodes": 24}, {"min_depth": 5, "max_depth": 7, "nodes": 24}, lambda s: len(s.steps)),
 }
 
 

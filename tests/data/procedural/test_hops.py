@@ -64,26 +64,30 @@ def test_harder_test_split_is_disjoint_and_longer():
 def test_root_task_answer_is_the_root_depth_arrows_up():
     task = get_task("root")
     rng = random.Random(0)
+    lengths = set()
     for _ in range(500):
-        s = task.generate(rng, {"min_depth": 2, "max_depth": 6, "nodes": 11, "trees": 3})
-        edges, start = re.fullmatch(r"(.+)\. root of ([a-k])\?\nAnswer:", s.prompt).groups()
+        s = task.generate(rng, {"min_depth": 2, "max_depth": 5, "nodes": 18, "trees": 3})
+        lengths.add(len(s.prompt))
+        edges, start = re.fullmatch(r"(.+)\. root of ([a-r])\?\nAnswer:", s.prompt).groups()
         arrow = dict(e.split(">") for e in edges.split())
-        assert sorted(arrow) == list("abcdefghijk") and len(edges.split()) == 11  # one arrow per letter
-        assert sum(a == b for a, b in arrow.items()) == 3  # the roots
+        assert sorted(arrow) == list("abcdefghijklmnopqr") and len(edges.split()) == 18  # one arrow per letter
         node = start
-        for step in s.steps:  # the path: fresh letters, one arrow each, ending at the (only) root on it
+        for step in s.steps:  # the path: one arrow each, ending at the (only) root on it
             assert arrow[node] == step and node != step
             node = step
-        assert 2 <= len(s.steps) <= 6 and arrow[s.answer] == s.answer == s.steps[-1]
-        for letter in arrow:  # a forest: every letter reaches a root (no cycles)
-            seen = set()
-            while arrow[letter] != letter:
-                assert letter not in seen
-                seen.add(letter)
-                letter = arrow[letter]
+        assert 2 <= len(s.steps) <= 5 and arrow[s.answer] == s.answer == s.steps[-1]
+        reach = {}
+        for letter in arrow:  # three chains of six letters, no cycles
+            seen = [letter]
+            while arrow[seen[-1]] != seen[-1]:
+                seen.append(arrow[seen[-1]])
+                assert len(seen) <= 6
+            reach.setdefault(seen[-1], set()).update(seen)
+        assert sorted(len(v) for v in reach.values()) == [6, 6, 6]
         assert task.verify(s.prompt, s.answer) and verify_sample(s)
         wrong = task.corrupt(s, rng)
         assert arrow[wrong] == wrong and not task.verify(s.prompt, wrong)  # another root: the plausible mistake
+    assert lengths == {4 * 18 - 1 + len(". root of x?\nAnswer:")}  # every prompt the same length
 
 
 def test_root_hand_examples_and_knobs():
@@ -92,7 +96,8 @@ def test_root_hand_examples_and_knobs():
     assert task.solve("a>b b>c c>c d>d. root of d?\nAnswer:") == "d"
     assert task.solve("a>b b>a c>c. root of a?\nAnswer:") is None  # a cycle without a root
     assert task.solve("a>b c>c. root of a?\nAnswer:") is None  # walks off the graph
-    for bad in ({"min_depth": 0}, {"trees": 0}, {"nodes": 5, "max_depth": 4, "trees": 2}, {"nodes": 27}):
+    for bad in ({"min_depth": 0}, {"trees": 0}, {"nodes": 12, "trees": 5}, {"nodes": 12, "trees": 3, "max_depth": 4},
+                {"nodes": 27}):
         with pytest.raises(DataError):
             task.resolve(bad)
-    task.resolve({"nodes": 6, "max_depth": 4, "trees": 2})  # exactly enough letters
+    task.resolve({"nodes": 12, "trees": 3, "max_depth": 3})  # chains of four letters: at most three arrows
