@@ -85,14 +85,22 @@ class RootTask(Task):
     takes one arrow (or doubles its reach) per iteration reaches a fixed point and extra iterations cannot hurt.
     With a fixed `nodes` every prompt has the same length (4 nodes + 19 characters), whatever the depth asked:
     harder questions differ only in how far the answer is -- the depth sweep's task (docs/evaluation.md).
+
+    `questions` q > 1 asks about q distinct letters of the same arrows (in random order, each `min_depth` to
+    `max_depth` arrows up): the prompt asks for the first, the answer is its root followed by the others as
+    ` x? r` (e.g. `c e? c g? h`). Trained with the answer-only loss, every root in the answer is a target:
+    q lookups' worth of signal from one listing of the arrows, where a one-question sample gives one.
     """
 
     name = "root"
     description = "which self-pointing letter the arrows lead to from a letter (equal-length chains)"
-    default_difficulty = {"min_depth": 1, "max_depth": 4, "nodes": 15, "trees": 3}
+    default_difficulty = {"min_depth": 1, "max_depth": 4, "nodes": 15, "trees": 3, "questions": 1}
     difficulty_keys = {"min_depth": "fewest arrows from the queried letter to its root",
                        "max_depth": "most arrows from the queried letter to its root",
-                       "nodes": "letters (2-26, a..), a multiple of trees", "trees": "chains (roots)"}
+                       "nodes": "letters (2-26, a..), a multiple of trees", "trees": "chains (roots)",
+                       "questions": "letters asked about in one sample (the first in the prompt, the rest "
+                                    "answered in the answer)"}
+    _more = re.compile(r"([a-z])\? ([a-z])")
     _re = re.compile(r"((?:[a-z]>[a-z] )*[a-z]>[a-z])\. root of ([a-z])\?" + re.escape(ANSWER))
 
     def check_difficulty(self, d):
@@ -102,6 +110,10 @@ class RootTask(Task):
         if not 2 <= d["nodes"] <= 26 or d["nodes"] % d["trees"] or d["max_depth"] >= d["nodes"] // d["trees"]:
             raise DataError(f"difficulty nodes={d['nodes']} for task 'root' must be 2-26, a multiple of trees="
                             f"{d['trees']}, with chains longer than max_depth={d['max_depth']} arrows")
+        eligible = d["trees"] * (d["max_depth"] - d["min_depth"] + 1)
+        if not 1 <= d["questions"] <= eligible:
+            raise DataError(f"difficulty questions={d['questions']} for task 'root' must be 1-{eligible} (the "
+                            f"letters {d['min_depth']}-{d['max_depth']} arrows above a root in {d['trees']} chains)")
 
     def generate(self, rng, difficulty=None):
         d = self.resolve(difficulty)
@@ -113,23 +125,31 @@ class RootTask(Task):
         for chain in chains:
             arrow.update(zip(chain, chain[1:]))
             arrow[chain[-1]] = chain[-1]
-        k = rng.randint(d["min_depth"], d["max_depth"])
-        chain = rng.choice(chains)
-        path = chain[len(chain) - 1 - k:]
         edges = " ".join(f"{a}>{arrow[a]}" for a in sorted(arrow))
-        return Sample(self.name, f"{edges}. root of {path[0]}?{ANSWER}", path[-1], tuple(path[1:]))
+        if d["questions"] == 1:  # the original draw (same samples for the same seed)
+            k = rng.randint(d["min_depth"], d["max_depth"])
+            chain = rng.choice(chains)
+            path = chain[len(chain) - 1 - k:]
+            return Sample(self.name, f"{edges}. root of {path[0]}?{ANSWER}", path[-1], tuple(path[1:]))
+        paths = [chain[len(chain) - 1 - k:] for chain in chains for k in range(d["min_depth"], d["max_depth"] + 1)]
+        asked = rng.sample(paths, d["questions"])
+        answer = asked[0][-1] + "".join(f" {p[0]}? {p[-1]}" for p in asked[1:])
+        return Sample(self.name, f"{edges}. root of {asked[0][0]}?{ANSWER}", answer, tuple(asked[0][1:]))
 
-    def solve(self, prompt):
+    def _arrows(self, prompt):
         m = self._re.fullmatch(prompt) if isinstance(prompt, str) else None
         if not m:
-            return None
+            return None, None
         arrow = {}
         for pair in m.group(1).split():
             a, b = pair.split(">")
             if a in arrow:
-                return None
+                return None, None
             arrow[a] = b
-        node = m.group(2)
+        return arrow, m.group(2)
+
+    @staticmethod
+    def _root(arrow, node):
         for _ in range(len(arrow) + 1):
             if node not in arrow:
                 return None
@@ -138,7 +158,34 @@ class RootTask(Task):
             node = arrow[node]
         return None  # a cycle without a root
 
+    def solve(self, prompt):
+        arrow, node = self._arrows(prompt)
+        return None if arrow is None else self._root(arrow, node)
+
+    def verify(self, prompt, answer):
+        """The first word is the asked letter's root; whatever follows must be further questions about these
+        arrows, each answered right (`x? r`). A last question without its answer (generation cut at a token
+        limit) is ignored; one with a wrong answer, or any other text, is not."""
+        if not isinstance(answer, str):
+            return False
+        arrow, node = self._arrows(prompt)
+        words = answer.split()
+        if arrow is None or not words or words[0] != self._root(arrow, node):
+            return False
+        rest = " ".join(words[1:])
+        for m in self._more.finditer(rest):  # `finditer` skips nothing: checked by the spans below
+            if self._root(arrow, m.group(1)) != m.group(2):
+                return False
+        spans = [m.span() for m in self._more.finditer(rest)]
+        end = spans[-1][1] if spans else 0
+        if any(b - a != 4 or a != 5 * i for i, (a, b) in enumerate(spans)):
+            return False
+        tail = rest[end:].strip()
+        return tail == "" or (re.fullmatch(r"[a-z]\??", tail) is not None and arrow.get(tail[0]) is not None)
+
     def corrupt(self, sample, rng):
         pairs = [p.split(">") for p in self._re.fullmatch(sample.prompt).group(1).split()]
-        roots = [a for a, b in pairs if a == b and a != sample.answer]
-        return rng.choice(roots or [a for a, _ in pairs if a != sample.answer])
+        first, _, rest = sample.answer.partition(" ")
+        roots = [a for a, b in pairs if a == b and a != first]
+        wrong = rng.choice(roots or [a for a, _ in pairs if a != first])
+        return wrong + (" " + rest if rest else "")

@@ -101,3 +101,38 @@ def test_root_hand_examples_and_knobs():
         with pytest.raises(DataError):
             task.resolve(bad)
     task.resolve({"nodes": 12, "trees": 3, "max_depth": 3})  # chains of four letters: at most three arrows
+
+
+def test_root_questions_answers_every_asked_letter():
+    task = get_task("root")
+    rng = random.Random(3)
+    difficulty = {"min_depth": 1, "max_depth": 3, "nodes": 12, "trees": 2, "questions": 6}
+    for _ in range(300):
+        s = task.generate(rng, difficulty)
+        edges, first = re.fullmatch(r"(.+)\. root of ([a-l])\?\nAnswer:", s.prompt).groups()
+        arrow = dict(e.split(">") for e in edges.split())
+
+        def root(x):
+            depth = 0
+            while arrow[x] != x:
+                x, depth = arrow[x], depth + 1
+            return x, depth
+
+        words = s.answer.split()
+        asked = [first] + [w[0] for w in words[1::2]]
+        assert len(asked) == len(set(asked)) == 6 and all(w.endswith("?") for w in words[1::2])
+        assert words[0::2] == [root(x)[0] for x in asked] and all(1 <= root(x)[1] <= 3 for x in asked)
+        assert len(s.steps) == root(first)[1]
+        assert task.verify(s.prompt, s.answer) and verify_sample(s)
+        assert not task.verify(s.prompt, task.corrupt(s, rng))
+        # generation cut by eval's token limit: a last question without its answer does not count against it
+        assert task.verify(s.prompt, s.answer[:8]) and task.verify(s.prompt, s.answer[:9])
+        for i in range(2, len(words), 2):  # any later root wrong: rejected
+            other = next(r for r in {root(x)[0] for x in arrow} if r != words[i])
+            assert not task.verify(s.prompt, " ".join(words[:i] + [other] + words[i + 1:]))
+        assert not task.verify(s.prompt, s.answer + " junk")
+        assert not task.verify(s.prompt, s.answer.replace(" ", "", 1))
+    with pytest.raises(DataError, match="questions=7"):
+        task.resolve({**difficulty, "questions": 7})  # only 2 chains x 3 depths to ask about
+    one = task.generate(random.Random(5), {**difficulty, "questions": 1})
+    assert one == task.generate(random.Random(5), {k: v for k, v in difficulty.items() if k != "questions"})
