@@ -96,7 +96,8 @@ def task_sets(cfg, specs: Optional[list[str]], n: int, seed: int) -> list[TaskSe
         wanted = [parse_task(s) + ("",) for s in specs]
     else:
         for s in sources:
-            base = get_task(s["procedural"]).resolve(s.get("difficulty"))
+            task = get_task(s["procedural"])
+            base = task.eval_difficulty(task.resolve(s.get("difficulty")))
             wanted += [(s["procedural"], base, "train difficulty"), (s["procedural"], harder(base), "harder")]
     if not wanted:
         raise DataError("the checkpoint was trained without procedural tasks; name some with --task NAME[@key=value]")

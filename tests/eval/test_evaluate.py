@@ -80,6 +80,19 @@ def test_depths_and_harder_difficulty():
     assert harder({"min_len": 4, "max_len": 12, "vocab": 3}) == {"min_len": 13, "max_len": 15, "vocab": 3}
 
 
+def test_default_sets_of_a_multi_question_task_ask_one_question_per_prompt():
+    from recurdepth.infer.evaluate import task_sets
+
+    cfg = load_config("configs/depth-sweep.yaml", ["data.sources=[{procedural: root, n: 500, difficulty: "
+                                                   "{min_depth: 1, max_depth: 3, nodes: 12, trees: 2, questions: 6}}]"])
+    train, hard = task_sets(cfg, None, 40, 0)
+    assert train.difficulty["questions"] == hard.difficulty["questions"] == 1
+    assert (train.difficulty["min_depth"], train.difficulty["max_depth"]) == (1, 3)
+    assert (hard.difficulty["min_depth"], hard.difficulty["max_depth"]) == (4, 4)  # deeper than any training question
+    for ts in (train, hard):
+        assert len(ts.samples) == 40 and all(len(s.answer) == 1 for s in ts.samples)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(megatron_single_process, tmp_path_factory):
     """A plain (non-Huginn) checkpoint and one whose sentencepiece tokenizer is gone."""

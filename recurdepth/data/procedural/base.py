@@ -87,6 +87,11 @@ class Task(ABC):
             return False
         return expected is not None and self.normalize(answer) == expected
 
+    def eval_difficulty(self, difficulty: dict) -> dict:
+        """The difficulty `recurdepth eval` scores by default for a task trained at `difficulty` (then also made
+        harder); a task whose training samples bundle several questions asks one per prompt here."""
+        return difficulty
+
     def corrupt(self, sample: Sample, rng: random.Random) -> str:
         """A wrong answer close to the right one (for tests of the verifier)."""
         return corrupt_generic(sample.answer, rng)

@@ -136,6 +136,9 @@ class RootTask(Task):
         answer = asked[0][-1] + "".join(f" {p[0]}? {p[-1]}" for p in asked[1:])
         return Sample(self.name, f"{edges}. root of {asked[0][0]}?{ANSWER}", answer, tuple(asked[0][1:]))
 
+    def eval_difficulty(self, difficulty):
+        return {**difficulty, "questions": 1}  # one question per prompt: accuracy per depth, no answers to lean on
+
     def _arrows(self, prompt):
         m = self._re.fullmatch(prompt) if isinstance(prompt, str) else None
         if not m:
