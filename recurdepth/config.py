@@ -96,8 +96,8 @@ class DataConfig:
     """Training data: a weighted blend of sources, each one of
     `{builtin: stdlib-docs}` (offline corpus harvested from Python's standard library),
     `{path: PREFIX}` (a megatron indexed dataset written by `recurdepth data preprocess`), or
-    `{procedural: TASK, n: N, difficulty: {...}}` (verified generated tasks, answer-only loss),
-    with an optional `weight` (default 1)."""
+    `{procedural: TASK, n: N, difficulty: {...}}` (verified generated tasks, answer-only loss; `pad: true`
+    pads each sample to the sequence length so no window cuts one in two), with an optional `weight` (default 1)."""
 
     sources: list = field(default_factory=lambda: [{"builtin": "stdlib-docs"}])
     tokenizer: Literal["byte", "sentencepiece"] = "byte"
@@ -107,7 +107,7 @@ class DataConfig:
     split: str = "98,2,0"  # train, validation, test documents per 100
 
 
-SOURCE_KEYS = {"builtin", "path", "procedural", "weight", "n", "difficulty", "seed"}
+SOURCE_KEYS = {"builtin", "path", "procedural", "weight", "n", "difficulty", "seed", "pad"}
 
 
 @dataclass
@@ -328,6 +328,9 @@ class Config:
             if "procedural" in src:
                 n = src.get("n", 10000)
                 _require(isinstance(n, int) and n >= 1, f"{key}.n", n, "use a positive number of samples")
+            if "pad" in src:
+                _require("procedural" in src, f"{key}.pad", src["pad"], "pad applies to procedural sources only")
+                _require(isinstance(src["pad"], bool), f"{key}.pad", src["pad"], "use true or false")
         total = sum(float(s.get("weight", 1.0)) for s in d.sources)
         _require(total > 0, "data.sources", [s.get("weight", 1.0) for s in d.sources],
                  "blend weights sum to zero; give at least one source a positive weight")

@@ -97,9 +97,10 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
         elif "procedural" in src:
             from recurdepth.data.procedural_corpus import prepare_procedural_corpus
 
+            pad_to = cfg.model.seq_length - pauses_per_sequence(cfg) if src.get("pad") else 0
             prefixes.append(prepare_procedural_corpus(
                 src["procedural"], int(src.get("n", 10000)), src.get("difficulty"), int(src.get("seed", 0)),
-                tokenizer, d.cache_dir, **answer_pauses(cfg, tokenizer)))
+                tokenizer, d.cache_dir, pad_to=pad_to, **answer_pauses(cfg, tokenizer)))
         else:
             from recurdepth.data.preprocess import check_indexed_dataset, check_tokenizer_matches
 
