@@ -17,12 +17,14 @@ def _train(args: argparse.Namespace) -> int:
     from recurdepth.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.resume == "never":
-        cfg.checkpoint.resume = "never"
+    if args.resume in ("never", "fresh"):
+        cfg.checkpoint.resume = args.resume
+    if args.no_verify:
+        cfg.checkpoint.verify = False
     from recurdepth.train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    trainer.maybe_resume(args.resume if args.resume not in (None, "never", "latest") else None)
+    trainer.maybe_resume(args.resume if args.resume not in (None, "never", "fresh", "latest") else None)
     result = trainer.fit()
     if trainer.is_logger:
         where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
@@ -47,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 model.hidden_size=128")
     train.add_argument("--resume", nargs="?", const="latest", default=None,
                        help="resume from the latest checkpoint (default when one exists), a given checkpoint "
-                            "directory, or 'never' to start afresh")
+                            "directory (newer ones are moved aside), 'never' to start afresh (refused where "
+                            "checkpoints exist), or 'fresh' to move existing checkpoints aside and start afresh")
+    train.add_argument("--no-verify", action="store_true",
+                       help="load the checkpoint without checking its files against the sha256 sums written at save")
     train.set_defaults(func=_train)
 
     from recurdepth.bench import add_bench_parser
@@ -73,13 +78,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=r".*Transformer Engine.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    from recurdepth.exits import ExitRecord
+
+    record = ExitRecord.start()  # under RECURDEPTH_EXIT_DIR: how this process ended, for its launcher
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2) or --help (0)
+        record.write(exc.code)
+        raise
+    record.prepare(args)
+    code = 1  # what Python exits with after an exception nobody catches
     try:
         code = args.func(args)
     except RecurdepthError as exc:
         if os.environ.get("RECURDEPTH_DEBUG"):  # the full traceback, chained causes included
             raise
-        if _launcher_rank() == 0 or not type(exc).__name__ == "ConfigError":  # the same error on every rank: say it once
+        if _launcher_rank() == 0 or not exc.same_on_every_rank:  # the same error on every rank: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = USAGE_EXIT
     except KeyboardInterrupt:
@@ -91,4 +105,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             shutdown_distributed()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+        record.write(code)
     sys.exit(code)

@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -147,6 +147,8 @@ class TrainConfig:
     on_bad_step: Literal["halt", "skip", "rollback"] = "halt"  # non-finite loss/gradient or a loss spike
     spike_sigma: float = 0.0  # a loss above mean + sigma * std of the last spike_window steps is bad; 0 = off
     spike_window: int = 50
+    # these signals stop gracefully: checkpoint after the current step, exit 0 (operations.md); [] = none
+    stop_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass
@@ -156,9 +158,13 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None = <run_dir>/checkpoints
     interval: int = 50  # steps between saves; 0 = only at the end
     save_final: bool = True
-    resume: Literal["auto", "never", "required"] = "auto"  # auto = resume from latest if one exists
-    keep_last: int = 0  # 0 = keep all; otherwise keep the newest N ...
+    # auto = resume from latest if one exists; never = start afresh, refused where checkpoints exist;
+    # fresh = move existing checkpoints aside (checkpoints/archive/<time>/) and start afresh
+    resume: Literal["auto", "never", "required", "fresh"] = "auto"
+    keep_last: int = 0  # 0 = keep all; otherwise keep the newest N of latest's lineage ...
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this, permanently
+    verify: bool = True  # check every file's sha256 (written at save) before loading; --no-verify skips it
+    allow_changes: list = field(default_factory=list)  # model/objective keys resume may change, e.g. [model.rotary_base]
 
 
 @dataclass
@@ -283,12 +289,19 @@ class Config:
         _require(t.global_batch_size >= t.micro_batch_size and t.global_batch_size % t.micro_batch_size == 0,
                  "train.global_batch_size", t.global_batch_size,
                  f"use a multiple of train.micro_batch_size={t.micro_batch_size}")
+        _require(all(_is_stop_signal(s) for s in t.stop_signals), "train.stop_signals", t.stop_signals,
+                 "list signals a process can handle, e.g. [SIGTERM, SIGUSR1, SIGINT] ([] = none)")
         _require(self.optimizer.lr > 0, "optimizer.lr", self.optimizer.lr, "use a positive learning rate")
         _require(0 <= self.optimizer.min_lr <= self.optimizer.lr, "optimizer.min_lr", self.optimizer.min_lr,
                  f"use 0 <= min_lr <= lr={self.optimizer.lr}")
         _require(self.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", self.optimizer.warmup_steps, "use >= 0")
         _require(self.logging.log_interval >= 1, "logging.log_interval", self.logging.log_interval, "use >= 1")
         _require(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "use >= 0")
+        for key in self.checkpoint.allow_changes:
+            section, _, name = str(key).partition(".")
+            _require(section in ("model", "objective") and name in {f.name for f in fields(SECTIONS[section])},
+                     "checkpoint.allow_changes", key, "name keys of the model or objective section, e.g. "
+                     "[model.rotary_base]")
         if t.engine == "deepspeed":
             self._validate_deepspeed()
         self._validate_sources()
@@ -375,6 +388,15 @@ class Config:
             _require(o.coconut_max_stage >= 0, "objective.coconut_max_stage", o.coconut_max_stage, "use 0 or more")
             _require(o.coconut_stage_steps >= 1, "objective.coconut_stage_steps", o.coconut_stage_steps,
                      "use at least 1 optimizer step per stage")
+
+
+def _is_stop_signal(name: Any) -> bool:
+    """SIGTERM, TERM, sigterm: a signal Python can install a handler for (not SIGKILL/SIGSTOP)."""
+    import signal
+
+    text = str(name).strip().upper()
+    text = text if text.startswith("SIG") else "SIG" + text
+    return isinstance(name, str) and text in signal.Signals.__members__ and text not in ("SIGKILL", "SIGSTOP")
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:

@@ -2,7 +2,11 @@
 
 
 class RecurdepthError(Exception):
-    """Base class of every error the CLI reports as `error: <message>` with exit status 2."""
+    """Base class of every error the CLI reports as `error: <message>` with exit status 2. Errors decided from
+    shared state (config, files, an agreed verdict) are raised with the same text on every rank and printed by
+    rank 0 only; an error only one rank can see sets `same_on_every_rank = False`."""
+
+    same_on_every_rank = True
 
 
 class ConfigError(RecurdepthError):

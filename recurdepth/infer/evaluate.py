@@ -265,7 +265,7 @@ def _eval(args: argparse.Namespace) -> int:
     args.depth = depths[-1]
     args.max_depth = depths[-1]
     options = options_from_args(args)
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
     sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
     rows = run_eval(loaded, depths, sets, options, args.valid_samples)
     out = Path(args.out) if args.out else default_out_dir(loaded.path)

@@ -99,6 +99,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool =
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and a random s_0")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to use instead of the checkpoint's: 'byte' or a sentencepiece .model")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load the checkpoint without checking its files against the sha256 sums written at save")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -109,7 +111,7 @@ def _generate(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
     tok = loaded.tokenizer
     ids = [tok.eod] + tok.tokenize(args.prompt)  # documents follow an eod in training
     result = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens, options, tok.eod,

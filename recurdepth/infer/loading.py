@@ -100,8 +100,9 @@ def load_tokenizer(cfg: Config, override: Optional[str] = None):
 
 
 def load_model(path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
-               overrides: Optional[dict] = None) -> LoadedModel:
-    """Build the checkpoint's model for this process and load its weights (no optimizer state)."""
+               overrides: Optional[dict] = None, verify: bool = True) -> LoadedModel:
+    """Build the checkpoint's model for this process and load its weights (no optimizer state), after checking
+    every file against the sha256 sums written at save (`verify`)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -117,6 +118,10 @@ def load_model(path: str | Path, tokenizer: Optional[str] = None, dtype: torch.d
     if saved_vocab is not None and saved_vocab != tok.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but checkpoint {ckpt} was trained with "
                               f"{saved_vocab}; pass the tokenizer it was trained with (--tokenizer)")
+    if verify:
+        from recurdepth.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(ckpt)
     device = init_single_process(cfg)
     model = build_model(cfg, tok.vocab_size, dtype, device)
     sharded = {"model": model.sharded_state_dict()}

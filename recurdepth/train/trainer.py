@@ -19,14 +19,17 @@ import torch
 from recurdepth.config import Config
 from recurdepth.data.pipeline import build_datasets, micro_batches
 from recurdepth.distributed import RankInfo, discover_ranks, init_distributed
-from recurdepth.errors import CheckpointError, TrainingHalted
+from recurdepth.errors import CheckpointError, RecurdepthError, TrainingHalted
 from recurdepth.model.build import build_model
 from recurdepth.model.depth import BackpropWindow, DepthSampler
 from recurdepth.objectives import build_objective
 from recurdepth.train.callbacks import StepMetrics, default_callbacks
-from recurdepth.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from recurdepth.train.checkpoint import (LATEST, Lineage, TrainState, apply_resume_plan, latest_checkpoint,
+                                         load_checkpoint, manifest, plan_resume, save_checkpoint)
 from recurdepth.train.flops import looped_flops, peak_flops
-from recurdepth.train.guards import NumericalGuard, StopRequest, grads_finite, injected_nan, maybe_kill
+from recurdepth.train.faults import FaultInjector
+from recurdepth.train.guards import NumericalGuard, StopRequest, grads_finite, maybe_kill
+from recurdepth.train.lock import RunDirLock
 
 _SCHEDULE_NAMES = {"cosine": "cosine", "constant": "constant", "wsd": "WSD", "linear": "linear"}
 
@@ -86,6 +89,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_logger = torch.distributed.get_rank() == 0
         self.run_dir = Path(cfg.train.run_dir)
+        for directory in self.written_dirs():  # fail fast, before building anything, if another run writes here
+            RunDirLock(directory, "train").check()
 
         t = cfg.train
         # validation always reads the same first `eval_batches` global batches of the validation split
@@ -113,16 +118,12 @@ class Trainer:
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
         self.state = TrainState()
+        self.lineage = Lineage()
         self.guard = NumericalGuard(t.spike_window, t.spike_sigma)
-        if self.is_logger:  # only once the data and model exist: bad input leaves no run directory behind
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-            if self.ds_config is not None:
-                from recurdepth.train.deepspeed_engine import write_config
-
-                write_config(self.ds_config, self.run_dir)
-        self.callbacks = default_callbacks(self.run_dir, t.steps, cfg.logging.log_interval,
-                                           cfg.logging.tensorboard, self.is_logger, callbacks)
+        self.faults = FaultInjector(model, self.device)
+        # Nothing is written until start(): a refused resume or a locked run dir leaves the run dir as it was.
+        self._extra_callbacks, self.callbacks, self.locks, self._archive = callbacks, [], [], None
+        self.started = False
         if self.is_logger:
             print(self.summary(model), flush=True)
 
@@ -166,37 +167,88 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def maybe_resume(self, path: Optional[str] = None) -> None:
-        """Resume from `path`, or from the latest checkpoint when checkpoint.resume allows it."""
-        mode = self.cfg.checkpoint.resume
-        target = Path(path) if path else (None if mode == "never" else latest_checkpoint(self.cfg.checkpoint_dir))
-        if target is None:
-            if mode == "required":
-                raise CheckpointError(f"checkpoint.resume=required but {self.cfg.checkpoint_dir} has no checkpoint; "
-                                      f"train without it or point checkpoint.dir at one")
+        """Resume from `path`, or from the latest checkpoint when checkpoint.resume allows it (`plan_resume`);
+        reads only: the moves it implies happen in start(), under the run-dir lock."""
+        c = self.cfg.checkpoint
+        plan = plan_resume(self.cfg.checkpoint_dir, c.resume, Path(path) if path else None)
+        if plan.archive:
+            self._archive = plan
+        if plan.target is None:
             return
-        self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler,
-                                        model_cfg=self.cfg.to_dict()["model"], vocab_size=self.data.tokenizer.vocab_size,
-                                        engine=self.engine)
+        self.state, _ = load_checkpoint(plan.target, self.model, self.optimizer, self.scheduler,
+                                        model_cfg=self.cfg.to_dict(), vocab_size=self.data.tokenizer.vocab_size,
+                                        engine=self.engine, verify=c.verify, allowed_changes=c.allow_changes)
+        saved = manifest(plan.target)
+        self.lineage = Lineage(run_id=saved.get("run_id") or Lineage().run_id, parent=plan.target.name,
+                               resumed_from=plan.target.name)
         if self.is_logger:
-            print(f"resumed from {target} at step {self.state.step} "
+            print(f"resumed from {plan.target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)
+
+    def start(self) -> None:
+        """Take the run-dir lock, then write what a run writes before its first step (moves implied by the
+        resume, config.yaml, the metrics files). Collective: a refusal on rank 0 is raised on every rank."""
+        if self.started:
+            return
+        cfg, error = self.cfg, None
+        if self.is_logger:
+            try:
+                for d in self.written_dirs():
+                    lock = RunDirLock(d, "train").acquire()
+                    self.locks.append(lock)
+                    if lock.took_over:
+                        print(f"note: {lock.took_over}", flush=True)
+                if self._archive is not None:
+                    dest = apply_resume_plan(cfg.checkpoint_dir, self._archive)
+                    if dest is not None:
+                        moved = sum(1 for p in self._archive.archive if p.name != LATEST)
+                        print(f"moved {moved} checkpoint(s) aside into {dest} ({self._archive.why})", flush=True)
+                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+                if self.ds_config is not None:
+                    from recurdepth.train.deepspeed_engine import write_config
+
+                    write_config(self.ds_config, self.run_dir)
+            except RecurdepthError as exc:
+                error = str(exc)
+            except OSError as exc:
+                error = f"cannot write to {self.run_dir} ({exc.strerror}); choose a writable train.run_dir"
+        error = _agree_error(error)
+        if error:
+            self.release()
+            raise CheckpointError(error)
+        self.callbacks = default_callbacks(self.run_dir, cfg.train.steps, cfg.logging.log_interval,
+                                           cfg.logging.tensorboard, self.is_logger, self._extra_callbacks)
+        self.started = True
+
+    def written_dirs(self) -> list:
+        """The directories this run writes to, each locked while it runs: the checkpoint folder, and the run
+        directory when the checkpoints live elsewhere."""
+        root, run_dir = self.cfg.checkpoint_dir.resolve(), self.run_dir.resolve()
+        return [root] + ([run_dir] if run_dir != root and run_dir not in root.parents else [])
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks = []
 
     def save(self) -> Path:
         return save_checkpoint(self.cfg.checkpoint_dir, self.state, self.model, self.optimizer, self.scheduler,
                                self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
                                keep_every=self.cfg.checkpoint.keep_every,
-                               vocab_size=self.data.tokenizer.vocab_size, engine=self.engine)
+                               vocab_size=self.data.tokenizer.vocab_size, engine=self.engine, lineage=self.lineage)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
         cfg, result = self.cfg, TrainResult()
         last_saved, first_step = None, self.state.step
+        self.start()
         stop = StopRequest(cfg.train.exit_after_minutes)
         try:
             return self._fit(result, stop, first_step)
         finally:
             stop.restore()
+            self.release()
 
     def _fit(self, result: TrainResult, stop: StopRequest, first_step: int) -> TrainResult:
         cfg, last_saved = self.cfg, None
@@ -231,6 +283,7 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         cfg, t = self.cfg, self.cfg.train
         start = time.perf_counter()
+        self.faults.begin(self.state.step + 1)
         window = self.sampler.window(self.state.step)
         collect = bool(cfg.logging.health_interval) and (self.state.step + 1) % cfg.logging.health_interval == 0
         while self.state.consumed_samples in self.state.skipped_batches:  # batches a rollback ruled out
@@ -242,6 +295,7 @@ class Trainer:
             loss, grad_norm, bad = self.deepspeed_update(batches, window, collect)
         else:
             loss, grad_norm, bad = self.megatron_update(batches, window, collect)
+        self.faults.end()
         if bad is None:
             self.guard.accept(loss)
         else:
@@ -268,7 +322,7 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_sum = self.forward_backward(batches, window, collect)
-        if injected_nan(self.state.step + 1):
+        if self.faults.loss_is_nan():
             loss_sum = loss_sum * float("nan")
         global_tokens = sum(self.objective.loss_tokens(mb) for mb in batches).float()
         finalize_model_grads([self.model], num_tokens=global_tokens)  # all-reduces global_tokens in place
@@ -291,13 +345,13 @@ class Trainer:
         scale = self.dp_size / global_tokens.clamp_min(1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(batches):
-            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0)
+            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0) * self.faults.loss_scale()
             if i == len(batches) - 1:
                 break
             self.model.backward(mb_loss * scale, scale_wrt_gas=False)
             self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
             loss_sum += mb_loss.detach()
-        if injected_nan(self.state.step + 1):
+        if self.faults.loss_is_nan():
             mb_loss = mb_loss * float("nan")
         total = loss_sum + mb_loss.detach()
         self.reduce_loss(total)
@@ -322,7 +376,8 @@ class Trainer:
             target = latest_checkpoint(self.cfg.checkpoint_dir)
             if target is not None:
                 bad_batch = self.state.consumed_samples
-                self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler, engine=self.engine)
+                self.state, _ = load_checkpoint(target, self.model, self.optimizer, self.scheduler, engine=self.engine,
+                                                verify=self.cfg.checkpoint.verify)
                 self.state.skipped_batches.append(bad_batch)
                 self.state.step -= 1  # train_step's bookkeeping then lands exactly on the checkpoint's step
                 self.state.consumed_samples -= self.cfg.train.global_batch_size
@@ -357,10 +412,11 @@ class Trainer:
         if self.schedule is not None:
             if hasattr(self.objective, "pipeline_run"):
                 return self.objective.pipeline_run(self.model, batches, window)
-            return self.schedule.run(batches, window, self.objective.pipeline_loss)
+            scale, loss_fn = self.faults.loss_scale(), self.objective.pipeline_loss
+            return self.schedule.run(batches, window, loss_fn if scale == 1.0 else (lambda *a: loss_fn(*a) * scale))
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(batches):
-            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0)
+            mb_loss = self.objective.loss_sum(self.model, mb, window, collect and i == 0) * self.faults.loss_scale()
             if torch.is_grad_enabled():
                 mb_loss.backward()
             loss_sum += mb_loss.detach()
@@ -406,6 +462,13 @@ class Trainer:
         torch.distributed.all_reduce(tokens, group=_dp_group())
         loss = (loss_sum / tokens.clamp_min(1)).item()
         return {"loss": loss, "depth": float(depth)}
+
+
+def _agree_error(error: Optional[str]) -> Optional[str]:
+    """Rank 0's error (or None), on every rank: a refusal taken on one rank stops all of them together."""
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _dp_group():

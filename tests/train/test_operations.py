@@ -1,5 +1,5 @@
-"""Operations: agreed graceful stop, restart after SIGKILL, crash while checkpointing, the numerical guard
-and checkpoint retention."""
+"""Operations: agreed graceful stop, restart after SIGKILL, crash while checkpointing and the numerical guard
+(retention: tests/train/test_retention.py)."""
 
 import json
 import signal
@@ -131,14 +131,3 @@ def test_nan_rollback_reloads_and_skips_the_batch(nan_runs, tmp_path, data_cache
     ref = straight(tmp_path, data_cache, 7)
     assert [r["lr"] for r in rows[-3:]] == [ref[s]["lr"] for s in (5, 6, 7)]  # the schedule resumes in step
     assert rows[-3]["loss"] != ref[5]["loss"]  # step 5 trained on the next batch, not the bad one
-
-
-def test_keep_last_and_keep_every(tmp_path):
-    from recurdepth.train.checkpoint import _prune
-
-    for step in range(2, 22, 2):
-        (tmp_path / f"step_{step:08d}").mkdir()
-    (tmp_path / "step_00000022.tmp").mkdir()
-    _prune(tmp_path, keep_last=2, keep_every=8)
-    kept = sorted(p.name for p in tmp_path.iterdir())
-    assert kept == ["step_00000008", "step_00000016", "step_00000018", "step_00000020", "step_00000022.tmp"]

@@ -1,0 +1,232 @@
+"""Checkpoints are never lost or corrupted by how a run is resumed, retained, guarded or misused: each test is
+a fault a user hits, driven through the CLI, with the checkpoint folder compared before and after."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from recurdepth.train.checkpoint import ARCHIVE, LATEST, MANIFEST, complete_checkpoints, manifest
+from tests.conftest import ROOT, SMALL, TINY, cli_command, read_metrics, run_cli
+from tests.snapshot import assert_unchanged, tree_snapshot
+
+# Huginn-exportable small shapes (export is one of the loaders that must verify checksums)
+COMMON = ["train", str(TINY), *SMALL, "logging.tensorboard=false", "data.sources=[{builtin: stdlib-docs}]",
+          "optimizer.decay_steps=60", "model.norm_before_coda=true", "model.embedding_scale=8"]
+
+
+def train(run_dir: Path, data_cache: str, *extra: str, check: bool = True, env: dict | None = None):
+    return run_cli([*COMMON, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}", *extra], check=check,
+                   env_extra=env)
+
+
+def one_error(out, *needles: str) -> str:
+    """The run failed with exit 2 and exactly one `error:` line (containing each needle), no traceback."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_cache) -> Path:
+    """30 steps with checkpoints at 10, 20, 30 (copied by each test that changes it)."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    train(run_dir, data_cache, "train.steps=30", "checkpoint.interval=10")
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [
+        "step_00000010", "step_00000020", "step_00000030"]
+    return run_dir
+
+
+def copy_of(base_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    return run_dir
+
+
+def test_resume_never_is_refused_where_checkpoints_exist_and_fresh_moves_them_aside(base_run, tmp_path, data_cache):
+    run_dir = copy_of(base_run, tmp_path)
+    before = tree_snapshot(run_dir)
+    out = train(run_dir, data_cache, "train.steps=20", "checkpoint.keep_last=1", "--resume", "never", check=False)
+    one_error(out, "--resume fresh", "step_00000030")
+    assert_unchanged(before, run_dir)
+    out = train(run_dir, data_cache, "train.steps=20", "checkpoint.interval=10", "checkpoint.keep_last=1",
+                "--resume", "fresh")
+    assert "moved 3 checkpoint(s) aside" in out.stdout
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000020"]
+    assert (ckpts / LATEST).read_text().strip() == "step_00000020"
+    archived = sorted(p.name for p in (ckpts / ARCHIVE).glob("*/step_*"))
+    assert archived == ["step_00000010", "step_00000020", "step_00000030"]  # the old run, whole
+    assert manifest(ckpts / "step_00000020")["run_id"] != manifest(base_run / "checkpoints" / "step_00000020")["run_id"]
+
+
+def test_resuming_an_earlier_step_with_keep_last_keeps_the_resume_point(base_run, tmp_path, data_cache):
+    run_dir = copy_of(base_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    out = train(run_dir, data_cache, "train.steps=25", "checkpoint.interval=5", "checkpoint.keep_last=1",
+                "--resume", str(ckpts / "step_00000010"))
+    assert "resumed from" in out.stdout and "moved 2 checkpoint(s) aside" in out.stdout
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000010", "step_00000025"]
+    assert (ckpts / LATEST).read_text().strip() == "step_00000025"
+    assert sorted(p.name for p in (ckpts / ARCHIVE).glob("*/step_*")) == ["step_00000020", "step_00000030"]
+    out = train(run_dir, data_cache, "train.steps=27", "checkpoint.interval=5", "checkpoint.keep_last=1")
+    assert "resumed from" in out.stdout and "step_00000025" in out.stdout
+    # the earlier resume point is superseded and pruned now; this process's own resume point is kept
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000025", "step_00000027"]
+
+
+def corrupt_same_size(path: Path) -> None:
+    """Overwrite 4 KiB in the middle of the largest shard with other bytes: the size stays the same."""
+    shard = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes((b + 1) % 256 for b in data[mid:mid + 4096])
+    shard.write_bytes(bytes(data))
+
+
+def test_a_same_size_corrupted_shard_is_refused_by_every_loader(base_run, tmp_path, data_cache):
+    run_dir = copy_of(base_run, tmp_path)
+    ckpt = run_dir / "checkpoints" / "step_00000030"
+    corrupt_same_size(ckpt)
+    before = tree_snapshot(run_dir)
+    out = train(run_dir, data_cache, "train.steps=31", check=False)
+    one_error(out, "step_00000030 is corrupt", "does not match the sha256", "earlier step_*")
+    for args in (["eval", str(run_dir), "--depths", "1", "--n", "1", "--valid-samples", "0"],
+                 ["generate", str(run_dir), "--prompt", "a", "--depth", "1", "--max-new-tokens", "1"],
+                 ["export", str(ckpt), str(tmp_path / "hf")]):
+        one_error(run_cli(args, check=False, timeout=120), "is corrupt")
+    assert not (tmp_path / "hf").exists()
+    assert_unchanged(before, run_dir)
+    out = run_cli(["generate", str(run_dir), "--prompt", "a", "--depth", "1", "--max-new-tokens", "1",
+                   "--no-verify"], check=False, timeout=120)
+    assert "is corrupt" not in out.stderr  # the opt-out loads it regardless
+
+
+@pytest.mark.parametrize("action", ["halt", "rollback"])
+def test_the_numerical_guard_never_rewrites_the_checkpoint_it_stops_or_rolls_back_at(base_run, tmp_path, data_cache,
+                                                                                     action):
+    run_dir = copy_of(base_run, tmp_path)
+    ckpt = run_dir / "checkpoints" / "step_00000030"
+    before = tree_snapshot(ckpt)
+    out = train(run_dir, data_cache, "train.steps=33", "checkpoint.interval=0", f"train.on_bad_step={action}",
+                check=False, env={"RECURDEPTH_INJECT_NAN_AT_STEP": "31"})
+    if action == "halt":
+        one_error(out, "step 31: non-finite loss", "halted")
+    else:
+        assert out.returncode == 0 and "rolled back to step_00000030" in out.stdout, out.stderr[-2000:]
+    assert_unchanged(before, ckpt)
+
+
+def test_a_second_train_on_a_run_dir_in_use_exits_2_naming_the_owner(base_run, tmp_path, data_cache):
+    run_dir = copy_of(base_run, tmp_path)
+    cmd, env = cli_command([*COMMON, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}", "train.steps=400",
+                            "checkpoint.interval=0", "checkpoint.save_final=false"])
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = run_dir / "checkpoints" / ".recurdepth.lock"
+        deadline = time.time() + 120
+        while not lock.is_file() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.is_file(), first.communicate()
+        config = (run_dir / "config.yaml").read_text()
+        second = train(run_dir, data_cache, "train.steps=5", "model.hidden_size=128", check=False)
+        one_error(second, f"pid {first.pid}", "in use by")
+        assert (run_dir / "config.yaml").read_text() == config  # the first run's config, not the second's
+        assert first.poll() is None  # still training, undisturbed
+    finally:
+        first.terminate()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, 31)) + list(range(31, steps[-1] + 1))  # one writer's rows only
+    assert not lock.exists()  # released at exit
+
+
+@pytest.mark.parametrize("override", ["model.rotary_base=50000", "model.embedding_scale=4",
+                                      "model.norm_before_coda=false"])
+def test_resume_refuses_a_change_to_the_models_function(base_run, tmp_path, data_cache, override):
+    run_dir = copy_of(base_run, tmp_path)
+    before = tree_snapshot(run_dir)
+    key = override.split("=")[0]
+    out = train(run_dir, data_cache, "train.steps=31", override, check=False)
+    one_error(out, key, "checkpoint", "config", f"checkpoint.allow_changes=[{key}]")
+    assert_unchanged(before, run_dir)
+    if key == "model.rotary_base":  # forced: accepted
+        out = train(run_dir, data_cache, "train.steps=31", override, f"checkpoint.allow_changes=[{key}]")
+        assert "resumed from" in out.stdout
+
+
+def test_missing_latest_beside_checkpoints_is_an_error_naming_the_newest(base_run, tmp_path, data_cache):
+    run_dir = copy_of(base_run, tmp_path)
+    (run_dir / "checkpoints" / LATEST).unlink()
+    before = tree_snapshot(run_dir)
+    one_error(train(run_dir, data_cache, "train.steps=31", check=False), "no `latest`", "step_00000030",
+              "--resume fresh")
+    assert_unchanged(before, run_dir)
+
+
+def test_run_dir_under_a_regular_file_is_one_error_line(tmp_path, data_cache):
+    (tmp_path / "file").write_text("not a directory")
+    before = tree_snapshot(tmp_path)
+    one_error(train(tmp_path / "file" / "run", data_cache, "train.steps=2", check=False), "regular file")
+    assert_unchanged(before, tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A mount point for a tmpfs of a given size (read-only if asked); skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(name: str, size: str, read_only: bool = False) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("needs root to mount a tmpfs (CI runs as root)")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_read_only_run_dir_is_one_error_line(small_disk, data_cache):
+    ro = small_disk("ro", "1m", read_only=True)
+    one_error(train(ro / "run", data_cache, "train.steps=2", check=False), str(ro / "run"))
+    assert tree_snapshot(ro) == {}
+
+
+def test_a_full_disk_during_a_save_removes_the_partial_save_and_says_so(small_disk, tmp_path, data_cache):
+    disk = small_disk("disk", "300k")
+    out = train(tmp_path / "run", data_cache, "train.steps=4", "checkpoint.interval=2", f"checkpoint.dir={disk}",
+                check=False)
+    one_error(out, "no space left on device", "removed the partial step_00000002.tmp")
+    assert not list(disk.glob("step_*")), sorted(p.name for p in disk.iterdir())
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+@pytest.mark.parametrize("fault", ["nan_grad", "spike"])
+def test_the_guard_fires_on_an_injected_gradient_nan_and_loss_spike(tmp_path, data_cache, engine, fault):
+    env = {"nan_grad": {"RECURDEPTH_INJECT_NAN_GRAD_AT_STEP": "5"},
+           "spike": {"RECURDEPTH_INJECT_SPIKE_AT_STEP": "5:1000"}}[fault]
+    run_dir = tmp_path / "run"
+    out = train(run_dir, data_cache, "train.steps=6", "checkpoint.interval=0", "checkpoint.save_final=false",
+                "train.on_bad_step=skip", "train.spike_sigma=6", "train.spike_window=3", f"train.engine={engine}",
+                env=env)
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    expected = {"nan_grad": "non-finite gradient", "spike": "loss spike"}[fault]
+    assert rows[5].get("guard", "").startswith(expected), (rows[5], out.stdout[-2000:])
+    assert not any(rows[s].get("guard") for s in (1, 2, 3, 4, 6))
+    if fault == "nan_grad":
+        assert rows[5]["loss"] == rows[5]["loss"]  # the loss itself was finite: the gradient check caught it
+    bad = [json.loads(x) for x in (run_dir / "bad_steps.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in bad] == [5] and bad[0]["action"] == "skip"
