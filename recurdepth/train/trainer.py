@@ -118,7 +118,7 @@ class Trainer:
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
         self.state = TrainState()
-        self.lineage = Lineage()
+        self.lineage = Lineage(run_id=_from_rank0(Lineage().run_id))  # rank 0's id: one lineage on every rank
         self.guard = NumericalGuard(t.spike_window, t.spike_sigma)
         self.faults = FaultInjector(model, self.device)
         # Nothing is written until start(): a refused resume or a locked run dir leaves the run dir as it was.
@@ -212,7 +212,7 @@ class Trainer:
                 error = str(exc)
             except OSError as exc:
                 error = f"cannot write to {self.run_dir} ({exc.strerror}); choose a writable train.run_dir"
-        error = _agree_error(error)
+        error = _from_rank0(error)
         if error:
             self.release()
             raise CheckpointError(error)
@@ -464,9 +464,9 @@ class Trainer:
         return {"loss": loss, "depth": float(depth)}
 
 
-def _agree_error(error: Optional[str]) -> Optional[str]:
-    """Rank 0's error (or None), on every rank: a refusal taken on one rank stops all of them together."""
-    box = [error]
+def _from_rank0(value):
+    """Rank 0's value on every rank (a refusal decided on rank 0 stops all ranks together; one run id)."""
+    box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -230,3 +230,15 @@ def test_the_guard_fires_on_an_injected_gradient_nan_and_loss_spike(tmp_path, da
         assert rows[5]["loss"] == rows[5]["loss"]  # the loss itself was finite: the gradient check caught it
     bad = [json.loads(x) for x in (run_dir / "bad_steps.jsonl").read_text().splitlines()]
     assert [b["step"] for b in bad] == [5] and bad[0]["action"] == "skip"
+
+
+@pytest.mark.slow
+def test_a_stop_right_after_an_interval_save_keeps_that_checkpoint_on_every_rank(tmp_path, data_cache):
+    """Every step is saved (interval 1) and the time budget is spent at once: the stop's save finds the step
+    saved, on both ranks alike (one lineage), and the run exits 0 with that checkpoint untouched."""
+    run_dir = tmp_path / "run"
+    out = run_cli([*COMMON, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}", "train.steps=50",
+                   "checkpoint.interval=1", "train.exit_after_minutes=0.0001"], nproc=2)
+    assert "stopping after step 1 on time budget" in out.stdout, out.stdout[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000001"] and not list(ckpts.glob("*.tmp"))
