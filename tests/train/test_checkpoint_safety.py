@@ -173,6 +173,13 @@ def test_missing_latest_beside_checkpoints_is_an_error_naming_the_newest(base_ru
     assert_unchanged(before, run_dir)
 
 
+def test_a_refused_train_creates_no_run_dir(tmp_path, data_cache):
+    out = train(tmp_path / "new-run", data_cache, "train.steps=2", "data.sources=[{path: /nonexistent/corpus}]",
+                check=False)
+    one_error(out, "/nonexistent/corpus")
+    assert not (tmp_path / "new-run").exists()
+
+
 def test_run_dir_under_a_regular_file_is_one_error_line(tmp_path, data_cache):
     (tmp_path / "file").write_text("not a directory")
     before = tree_snapshot(tmp_path)
