@@ -15,6 +15,10 @@ from tests.conftest import TINY, run_cli
     ([str(TINY), "data.sources=[{procedural: 'rg:no_such_task'}]"], "no_such_task"),
     ([str(TINY), "data.sources=[{path: /nonexistent/corpus}]"], "run `recurdepth data preprocess`"),
     ([str(TINY), "data.sources=[{builtin: stdlib-docs, weight: -2}]"], "use a number >= 0"),
+    ([str(TINY), "data.split=abc"], "data.split=abc is not a split"),
+    ([str(TINY), "data.split=100,0,0"], "gives validation no documents but train.eval_interval=100 validates"),
+    # 20 samples: 98,2,0 leaves validation none, and b03f592 hung in megatron's epoch count (the timeout fails it)
+    ([str(TINY), "data.sources=[{procedural: sort, n: 20}]"], "leaves 0 of 20 documents of procedural sort"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     run_dir = tmp_path / "run"

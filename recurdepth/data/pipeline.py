@@ -8,10 +8,14 @@ ranks, so resuming from `consumed_samples` replays exactly the uninterrupted seq
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from recurdepth.config import Config
@@ -30,12 +34,19 @@ class Datasets:
     valid: object
 
 
-def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_zero: bool = True) -> Datasets:
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_zero: bool = True,
+                   need_valid: Optional[bool] = None) -> Datasets:
     """Build (or load cached) blended megatron GPT datasets for training and validation.
 
     Sources are prepared on rank 0 first (builtin corpus, procedural sets), then every rank opens them.
     The blend is megatron's `BlendedDataset` (exact proportions, deterministic); its index caches live
     under a folder named by the *contents* of the inputs, so editing a corpus in place rebuilds them.
+
+    Before megatron builds anything, `plan_splits` checks that every split the run reads has documents in
+    every source (megatron splits by whole documents and loops forever on an empty split) and bounds how often
+    a split would be repeated. `need_valid` (default: `valid_samples > 0` and `train.eval_interval > 0`) says
+    whether the validation split is used: when it is and a source leaves it empty, that is an error; when it
+    is not, an empty validation split is dropped with a warning (`Datasets.valid` is then None).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -46,6 +57,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
         return stepwise_datasets(cfg, tokenizer, train_samples, valid_samples)
     pause = pause_token(cfg, tokenizer) if cfg.objective.kind == "pause" else None
     n_pauses = pauses_per_sequence(cfg)
+    parse_split(d.split)  # a malformed data.split is refused before any source is prepared
     if is_rank_zero:
         prefixes = resolve_sources(cfg, tokenizer)
     _barrier()
@@ -66,12 +78,182 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
         path_to_cache=str(Path(d.cache_dir) / "index-cache" / content_fingerprint([p for p, _ in blend])),
         mmap_bin_files=True,
     )
+    if need_valid is None:
+        need_valid = valid_samples > 0 and cfg.train.eval_interval > 0
+    plan = plan_splits(gpt_config, [p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None,
+                       [train_samples, valid_samples, 0], need_valid, source_names(cfg, blend, prefixes),
+                       eval_interval=cfg.train.eval_interval)
+    if plan.warning and is_rank_zero:
+        print(f"warning: {plan.warning}", file=sys.stderr, flush=True)
+    gpt_config.split_matrix = plan.split_matrix
     train, valid, _ = BlendedMegatronDatasetBuilder(
         MaskedGPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config).build()
     if n_pauses:
         train, valid = (PauseInserted(ds, pause[0], n_pauses, cfg.train.seed, pause[1]) if ds is not None else None
                         for ds in (train, valid))
     return Datasets(tokenizer=tokenizer, train=train, valid=valid)
+
+
+# ------------------------------------------------------------------------------------------ split planning
+
+SPLIT_NAMES = ("training", "validation", "test")
+# a split repeated more often than this is a configuration mistake (a tiny corpus for a long run), and the
+# loop in which megatron counts the epochs it needs would take minutes; refused with the numbers
+MAX_EPOCHS = 1_000_000
+
+
+@dataclass
+class SplitPlan:
+    """What `plan_splits` decided: megatron's split matrix to use (test always None: the run never reads it,
+    and an empty one would hang megatron too), and a warning to print (an unused empty validation split
+    dropped), or None."""
+
+    split_matrix: list
+    warning: Optional[str] = None
+
+
+def parse_split(split) -> list:
+    """`data.split` ("train,valid,test" documents per 100) as three non-negative fractions summing to 1, or a
+    one-line DataError."""
+    text = str(split)
+    parts = [p.strip() for p in text.split(",")]
+    # the numbers megatron's own parser reads (plain decimals; it would misread "1e1" or "-5")
+    values = [float(p) for p in parts] if all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts) else None
+    if values is None or not 1 <= len(values) <= 3 or sum(values) <= 0:
+        raise DataError(f"data.split={text} is not a split; give three non-negative numbers train,validation,test "
+                        f"(shares of the documents), e.g. data.split=98,2,0")
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return [v / total for v in values]
+
+
+def split_range(bookends: Optional[tuple], documents: int) -> tuple[int, int]:
+    """The [begin, end) documents megatron gives a split (its rounding: BlendedMegatronDatasetBuilder)."""
+    if bookends is None:
+        return 0, 0
+    return int(round(bookends[0] * float(documents))), int(round(bookends[1] * float(documents)))
+
+
+def _split_text(vector: list) -> str:
+    return ",".join(f"{100 * v:.4g}" for v in vector)
+
+
+def _suggest_split(vector: list, documents: list[int]) -> Optional[str]:
+    """The first `T,V,test` (integer percentages, test share kept) giving every source's training and validation
+    at least one document, or None when none does (a source with a single document)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+
+    test = round(100 * vector[2])
+    for v in (1, 2, 5, 10, 15, 20, 25, 30, 40, 50):
+        t = 100 - v - test
+        if t <= 0:
+            break
+        matrix = convert_split_vector_to_split_matrix([t / 100, v / 100, test / 100])
+        if all(split_range(matrix[i], n)[1] > split_range(matrix[i], n)[0] for n in documents for i in (0, 1)):
+            return f"{t},{v},{test}"
+    return None
+
+
+def _min_documents(matrix: list) -> Optional[int]:
+    """The fewest documents for which the split matrix gives training and validation one each, if any."""
+    for n in range(2, 100_001):
+        if all(split_range(matrix[i], n)[1] > split_range(matrix[i], n)[0] for i in (0, 1)):
+            return n
+    return None
+
+
+def plan_splits(gpt_config, prefixes: list[str], weights: Optional[list], sizes: list, need_valid: bool,
+                names: Optional[list] = None, eval_interval: int = 0) -> SplitPlan:
+    """Check, before megatron builds anything, that every split the run reads has documents in every source and
+    is not repeated more than MAX_EPOCHS times; returns the split matrix to build with (see SplitPlan).
+
+    megatron gives split i of a source of N documents the documents [round(lo*N), round(hi*N)) and, for an
+    empty one, counts epochs forever (`GPTDataset._get_num_epochs`). Here the same rounding, the same samples
+    per source (`_get_size_per_split_per_dataset`) and the same epoch count are computed directly."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import _get_size_per_split_per_dataset
+    from megatron.core.datasets.utils import normalize
+
+    from recurdepth.data.preprocess import sequence_lengths
+
+    names = names or list(prefixes)
+    vector = parse_split(gpt_config.split)
+    split_text = str(gpt_config.split)
+    matrix = list(gpt_config.split_matrix)
+    matrix[2] = None  # never read by the run
+    if weights is None:
+        per_source = [list(sizes)]
+    else:
+        per_source = _get_size_per_split_per_dataset(normalize(weights), list(sizes),
+                                                     surplus=gpt_config.mid_level_dataset_surplus)
+    lengths = [sequence_lengths(p) for p in prefixes]
+    documents = [len(x) for x in lengths]
+    warning = None
+    if matrix[0] is None:
+        raise DataError(f"data.split={split_text} gives training no documents; give it a share, e.g. "
+                        f"data.split=98,2,0")
+    if need_valid and matrix[1] is None:
+        raise DataError(f"data.split={split_text} gives validation no documents but train.eval_interval="
+                        f"{eval_interval} validates; give it a share (e.g. data.split=98,2,0) or set "
+                        f"train.eval_interval=0")
+    for i in (0, 1):
+        if matrix[i] is None:
+            continue
+        for name, lens, n, want in zip(names, lengths, documents, per_source):
+            lo, hi = split_range(matrix[i], n)
+            if hi > lo:
+                continue
+            if i == 1 and not need_valid:
+                suggestion = _suggest_split(vector, documents)
+                warning = (f"data.split={split_text} leaves 0 of {n} documents of {name} for validation; training "
+                           f"without a validation split (train.eval_interval={eval_interval} does not use one)"
+                           + (f"; data.split={suggestion} would give it documents" if suggestion else ""))
+                matrix[1] = None
+                break
+            fixes = []
+            suggestion = _suggest_split(vector, documents)
+            if suggestion:
+                fixes.append(f"data.split={suggestion}")
+            fewest = _min_documents(matrix)
+            if fewest is not None and fewest > n:
+                fixes.append(f"a corpus of at least {fewest} documents"
+                             + (" (this one is a single document: give each paragraph or JSONL line its own, see "
+                                "`recurdepth data preprocess --text-docs`)" if n == 1 else ""))
+            if i == 1:
+                fixes.append("train.eval_interval=0 (no validation)")
+            raise DataError(f"data.split={split_text} leaves 0 of {n} documents of {name} for "
+                            f"{SPLIT_NAMES[i]} (megatron splits a corpus by whole documents); use "
+                            + " or ".join(fixes))
+    seq = int(gpt_config.sequence_length)
+    extra = int(bool(gpt_config.add_extra_token_to_sequence))
+    for i in (0, 1):
+        if matrix[i] is None:
+            continue
+        for name, lens, n, want in zip(names, lengths, documents, per_source):
+            lo, hi = split_range(matrix[i], n)
+            tokens = int(np.asarray(lens[lo:hi], dtype=np.int64).sum())
+            samples = int(want[i] or 0)
+            needed = samples * seq + extra
+            epochs = max(1, -(-needed // tokens)) if tokens > 0 else math.inf
+            if epochs > MAX_EPOCHS:
+                raise DataError(f"the run reads {samples} samples of {seq} tokens from the {SPLIT_NAMES[i]} split of "
+                                f"{name}, which holds {tokens} tokens in {hi - lo} documents: it would be repeated "
+                                f"{epochs if tokens else 'infinitely many'} times (at most {MAX_EPOCHS:,}); use more "
+                                f"data, a smaller weight for it, or fewer train.steps")
+    return SplitPlan(split_matrix=matrix, warning=warning)
+
+
+def source_names(cfg: Config, blend: list, prefixes: list) -> list[str]:
+    """A readable name of each blended source (its config entry), in blend order."""
+    by_prefix = {}
+    for src, prefix in zip(cfg.data.sources, prefixes):
+        if "path" in src:
+            label = str(src["path"])
+        elif "builtin" in src:
+            label = f"builtin {src['builtin']}"
+        else:
+            label = f"procedural {src['procedural']} (n={src.get('n', 10000)})"
+        by_prefix.setdefault(prefix, label)
+    return [by_prefix.get(p, p) for p, _ in blend]
 
 
 def stepwise_datasets(cfg: Config, tokenizer, train_samples: int, valid_samples: int) -> Datasets:

@@ -539,6 +539,63 @@ def check_indexed_dataset(prefix: PathLike) -> None:
                         f"truncated or mismatched; {_REBUILD}")
 
 
+def _index_header(prefix: str) -> tuple:
+    """(dtype of the tokens, sequence count, document count) from `<prefix>.idx`'s header (checked already)."""
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    _, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
+    return _DTYPE_CODES[code], n_seq, n_doc
+
+
+def sequence_lengths(prefix: PathLike) -> np.ndarray:
+    """The token count of every sequence (= document, as `preprocess` writes them) of an indexed dataset,
+    memory-mapped from its .idx; megatron's GPT splits count these."""
+    prefix = _strip_prefix(prefix)
+    check_indexed_dataset(prefix)
+    _, n_seq, _ = _index_header(prefix)
+    if n_seq == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=_HEADER_BYTES, shape=(n_seq,))
+
+
+def token_id_range(prefix: PathLike, block_tokens: int = 1 << 24) -> tuple[int, int]:
+    """(smallest, largest) token id in `<prefix>.bin` ((0, -1) when it holds none), streamed in blocks: one pass
+    over the file at disk speed, for a dataset whose manifest does not say which tokenizer made it."""
+    prefix = _strip_prefix(prefix)
+    dtype, _, _ = _index_header(prefix)
+    size = os.path.getsize(prefix + ".bin") // np.dtype(dtype).itemsize
+    if size == 0:
+        return 0, -1
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(size,))
+    low, top = 0, -1
+    for i in range(0, size, block_tokens):
+        block = data[i:i + block_tokens]
+        low, top = min(low, int(block.min())), max(top, int(block.max()))
+    del data
+    return low, top
+
+
+_ID_RANGES: dict = {}
+
+
+def check_token_ids(prefix: PathLike, vocab_size: int) -> None:
+    """Raise a one-line DataError when the dataset holds a token id outside a vocabulary of `vocab_size` ids
+    (it was tokenized by another tokenizer; the embedding lookup would fail on it)."""
+    prefix = _strip_prefix(prefix)
+    st = os.stat(prefix + ".bin")
+    key = (os.path.abspath(prefix), st.st_size, st.st_mtime_ns)
+    if key not in _ID_RANGES:  # build_datasets resolves the sources twice on rank 0: scan once
+        _ID_RANGES[key] = token_id_range(prefix)
+    low, top = _ID_RANGES[key]
+    if low < 0:
+        raise DataError(f"dataset {prefix!r} holds the negative token id {low}: it is corrupt; {_REBUILD}")
+    if top >= int(vocab_size):
+        raise DataError(f"dataset {prefix!r} holds token id {top} but the tokenizer has {vocab_size} ids (0.."
+                        f"{int(vocab_size) - 1}) and the dataset has no manifest ({prefix}.json) naming the "
+                        f"tokenizer that made it; {_REBUILD} using the run's tokenizer (or set data.tokenizer to "
+                        f"the one that made it)")
+
+
 def read_manifest(prefix: PathLike) -> Optional[dict]:
     """The manifest of an indexed dataset: `<prefix>.json` (written by `preprocess`), or the builtin
     corpus's `manifest.json` next to it; None if there is none."""
@@ -559,13 +616,16 @@ def check_tokenizer_matches(manifest_or_prefix, tokenizer, model_vocab_size: Opt
     vocabulary size, per its manifest) and, if given, `model_vocab_size` holds every id of `tokenizer`.
 
     `manifest_or_prefix` is a manifest dict or a dataset prefix. A dataset without a manifest is an error
-    unless `require_manifest=False` (then only the model vocabulary is checked)."""
+    unless `require_manifest=False`; either way its token ids are then scanned once (`check_token_ids`), so an
+    id the tokenizer does not have is refused before training."""
     fp, vocab = tokenizer.fingerprint(), int(tokenizer.vocab_size)
     if isinstance(manifest_or_prefix, dict):
         manifest, name = manifest_or_prefix, str(manifest_or_prefix.get("prefix", "dataset"))
     else:
         name = _strip_prefix(manifest_or_prefix)
         manifest = read_manifest(name)
+        if manifest is None:  # nothing says which tokenizer made it: at least every id must be one of ours
+            check_token_ids(name, vocab)
         if manifest is None and require_manifest:
             raise DataError(f"dataset {name!r} has no manifest ({name}.json), so the tokenizer that made it is "
                             f"unknown; {_REBUILD} with the tokenizer the run uses")

@@ -7,6 +7,7 @@ config, reshardable to any TP/PP layout when loaded."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -46,40 +47,65 @@ def _zero_adam_state(adam: torch.optim.Optimizer) -> None:
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, fmt: str = "hf-huginn", dtype: str = "float32",
-                      tokenizer=None) -> Path:
+                      tokenizer=None, overwrite: bool = False) -> Path:
+    """Export `checkpoint` to `out_dir` (refused, before anything is loaded, when `out_dir` is a file or a
+    non-empty directory without `overwrite`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
-    from recurdepth.export.hf_huginn import check_exportable, export_huginn
+    from recurdepth.export.hf_huginn import check_export_target, check_exportable, export_huginn
     from recurdepth.infer.loading import checkpoint_config, load_model, resolve_checkpoint
 
+    check_export_target(Path(out_dir), overwrite)
     check_exportable(checkpoint_config(resolve_checkpoint(checkpoint)))  # refuse before building anything
     loaded = load_model(checkpoint, tokenizer=tokenizer)
-    return export_huginn(loaded, Path(out_dir), _DTYPES[dtype])
+    return export_huginn(loaded, Path(out_dir), _DTYPES[dtype], overwrite=overwrite)
+
+
+def check_import_target(out: Path) -> None:
+    """Refuse an import into a file, under one, or into a folder that already holds checkpoints (its `latest`
+    would be repointed at the imported step 0, and the next `train` there would overwrite the run's own steps)
+    or a tokenizer.model."""
+    from recurdepth.export.hf_huginn import TOKENIZER, ExportError, check_output_path
+
+    check_output_path(out, "import")
+    if not out.is_dir():
+        return
+    for folder in (out, out / "checkpoints"):  # a checkpoints folder, or the run directory above one
+        if not folder.is_dir():
+            continue
+        steps = sorted(p.name for p in folder.iterdir() if p.name.startswith("step_"))
+        if steps or (folder / "latest").exists() or (folder / "latest").is_symlink():
+            newest = f"newest {steps[-1]}" if steps else "a `latest` pointer"
+            where = out if folder == out else f"{out} is a run directory: {folder}"
+            raise ExportError(f"{where} already holds checkpoints ({newest}); import into an empty or new folder")
+    if (out / TOKENIZER).exists():
+        raise ExportError(f"{out} already holds a {TOKENIZER}; import into an empty or new folder")
 
 
 def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
-    """A huginn_raven directory -> `out_dir/step_00000000` (+ `latest`, and the tokenizer when there is one)."""
+    """A huginn_raven directory -> `out_dir/step_00000000` (+ `latest`, and the tokenizer when there is one).
+
+    Everything is read and checked first, then built in a folder beside `out_dir` and moved into place at the
+    end, under the run-directory lock of `out_dir`: a refused or failed import leaves `out_dir` as it was."""
     from recurdepth.data.tokenizer import build_tokenizer
-    from recurdepth.export.hf_huginn import (TOKENIZER, check_imported_shapes, from_huginn_state, read_huginn,
+    from recurdepth.export.hf_huginn import (TOKENIZER, ExportError, Staging, check_imported_shapes,
+                                             from_huginn_state, read_huginn, real_path,
                                              recurdepth_config_from_huginn)
     from recurdepth.infer.loading import init_single_process
     from recurdepth.model.build import build_model
+    from recurdepth.train.lock import run_dir_lock
 
-    hf_dir, out = Path(hf_dir), Path(out_dir)
+    hf_dir, out = Path(hf_dir), real_path(Path(out_dir))
+    check_import_target(out)
     config, hf_state = read_huginn(hf_dir)
-    tok_file = None
-    if (hf_dir / TOKENIZER).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        tok_file = out / TOKENIZER
-        shutil.copyfile(hf_dir / TOKENIZER, tok_file)
-    elif config.get("recurdepth_tokenizer", "sentencepiece") != "byte":
-        from recurdepth.export.hf_huginn import ExportError
-
+    tok_src = hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None
+    if tok_src is None and config.get("recurdepth_tokenizer", "sentencepiece") != "byte":
         raise ExportError(f"{hf_dir} has no {TOKENIZER}; put the sentencepiece model the weights were trained with "
                           f"next to them (recurdepth export writes it there)")
     rows = hf_state["transformer.wte.weight"].shape[0]
-    cfg = recurdepth_config_from_huginn(config, tok_file, rows)
-    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
+    # the config names the tokenizer where it will be (out/tokenizer.model); it is read from where it is now
+    cfg = recurdepth_config_from_huginn(config, out / TOKENIZER if tok_src else None, rows)
+    tok = build_tokenizer(cfg.data.tokenizer, tok_src if tok_src else cfg.data.tokenizer_model)
     init_single_process(cfg)
     dtype = hf_state["transformer.wte.weight"].dtype
     model = build_model(cfg, tok.vocab_size, dtype)
@@ -88,11 +114,48 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(weights[name])
-    return write_checkpoint(cfg, model, out, tok.vocab_size)
+    made = [p for p in [out, *out.parents] if not p.exists()]  # taking the lock creates them
+    try:
+        with run_dir_lock(out, "import"):
+            check_import_target(out)  # again, now that no train or import can start there
+            staging = Staging(out, "import")
+            tmp = staging.path
+            try:
+                if tok_src is not None:
+                    shutil.copyfile(tok_src, tmp / TOKENIZER)
+                path = write_checkpoint(cfg, model, tmp, tok.vocab_size)
+                names = [p.name for p in tmp.iterdir() if p.name != "latest"] + ["latest"]  # the pointer last
+                moved = []
+                try:
+                    for name in names:
+                        os.replace(tmp / name, out / name)
+                        moved.append(name)
+                except OSError:
+                    for name in moved:  # nothing half-moved stays behind
+                        target = out / name
+                        if target.is_dir():
+                            shutil.rmtree(target, ignore_errors=True)
+                        else:
+                            target.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                raise ExportError(f"writing the import to {out} failed ({exc.strerror or exc}); nothing was "
+                                  f"written there") from None
+            finally:
+                staging.discard(parents=False)
+    except BaseException:
+        for p in made:  # made by taking the lock; empty again once the lock is released
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    return out / path.name
 
 
 def _export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.format, args.dtype, args.tokenizer)
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.format, args.dtype, args.tokenizer,
+                            overwrite=args.overwrite)
     print(f"wrote {out} (huginn_raven: config.json, model.safetensors)", flush=True)
     return 0
 
@@ -110,8 +173,11 @@ def add_export_parsers(verbs) -> None:
     e.add_argument("--format", default="hf-huginn", help="hf-huginn: Huginn-0125's Hugging Face format (default)")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the written weights")
     e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte' or a .model)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="export into a non-empty OUT_DIR, replacing the export's files there (other files are kept)")
     e.set_defaults(func=_export)
     i = verbs.add_parser("import", help="import a Huginn-format directory: recurdepth import HF_DIR OUT_CHECKPOINTS")
     i.add_argument("hf_dir")
-    i.add_argument("out_dir", help="checkpoint folder to write (step_00000000 and latest)")
+    i.add_argument("out_dir", help="checkpoint folder to write (step_00000000 and latest); new or empty, never "
+                                   "one that holds checkpoints")
     i.set_defaults(func=_import)

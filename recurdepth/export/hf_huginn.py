@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,10 @@ _BLOCK = {
 _STACKS = {"prelude": "transformer.prelude", "core": "transformer.core_block", "coda": "transformer.coda"}
 _TOP = {"embedding.word_embeddings.weight": "transformer.wte.weight", "adapter.proj.weight": "transformer.adapter.weight",
         "final_layernorm.weight": "transformer.ln_f.weight", "output_layer.weight": "lm_head.weight"}
+
+
+# every file an export may write (config.json last when they are moved into place)
+EXPORT_FILES = (WEIGHTS, "generation_config.json", TOKENIZER, "tokenizer_config.json", "config.json")
 
 
 class ExportError(RecurdepthError):
@@ -215,6 +220,10 @@ def from_huginn_state(hf: dict, cfg: Config) -> dict:
         if head not in back_stack or param not in back_block:
             raise ExportError(f"unexpected parameter {name} in a huginn_raven checkpoint")
         if param == "attn.Wqkv.weight":
+            if tensor.dim() != 2 or tensor.shape[0] % (3 * heads):
+                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, not [3 x {heads} heads x head "
+                                      f"size, hidden]: the Huginn weights do not fit the model their config "
+                                      f"describes")
             tensor = qkv_from_huginn(tensor, heads)
         out[f"{back_stack[head]}.{index}.{back_block[param]}"] = tensor
     return out
@@ -231,21 +240,137 @@ def _split_block_name(name: str) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------------------------------------------- directories
 
-def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write `out_dir/{config.json, model.safetensors, generation_config.json}` (+ tokenizer files) for the loaded
-    model (`recurdepth.infer.loading.LoadedModel`)."""
-    from safetensors.torch import save_file
+def real_path(path: Path) -> Path:
+    """`path`, or the folder it links to: staged output is renamed onto the real folder, never onto a link."""
+    return path.resolve() if path.is_symlink() else path
 
+
+def _nearest_existing(path: Path) -> Path:
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            return p
+    return Path(".")
+
+
+def check_output_path(out_dir: Path, what: str) -> None:
+    """`out_dir` can become a directory: it is not a regular file, no folder above it is one, and the nearest
+    existing folder is writable. One-line ExportError otherwise."""
+    out_dir = Path(out_dir)
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is an existing file, not a directory; give a new or empty directory for "
+                          f"the {what}")
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"cannot write the {what} to {out_dir}: {parent} is a regular file, not a "
+                              f"directory; choose another output path")
+    base = _nearest_existing(out_dir if out_dir.exists() else out_dir.parent)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the {what} to {out_dir}: {base} is not writable (permission denied); "
+                          f"choose a writable location")
+
+
+def check_export_target(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse an export into a regular file, under one, or into a non-empty directory without `overwrite`."""
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, "export")
+    if out_dir.is_dir() and not overwrite:
+        entries = sorted(p.name for p in out_dir.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ExportError(f"{out_dir} is not empty ({len(entries)} entries: {shown}); export into a new or empty "
+                              f"directory, or pass --overwrite to replace the export's files in it")
+
+
+class Staging:
+    """A fresh folder beside `out_dir` (same file system, so the result is renamed into place), and the
+    parent folders made for it; `discard()` removes the folder, and those parents when they are empty."""
+
+    def __init__(self, out_dir: Path, kind: str):
+        out_dir = Path(out_dir)
+        self.made = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
+        self.path = out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}.tmp"
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.path, ignore_errors=True)  # left by a killed earlier attempt of this pid
+            self.path.mkdir()
+        except OSError as exc:
+            self.discard()
+            raise ExportError(f"cannot write beside {out_dir} ({exc.strerror or exc}); choose a writable output "
+                              f"path") from None
+
+    def discard(self, parents: bool = True) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        for p in self.made if parents else ():
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _stale_export_files(out_dir: Path, written: set) -> list[Path]:
+    """Files of an earlier export in `out_dir` that this one does not write (a sharded index and its shards,
+    a tokenizer from a sentencepiece run): left in place they would be read instead of, or with, the new files."""
+    stale = [out_dir / n for n in EXPORT_FILES if n not in written and (out_dir / n).is_file()]
+    index = out_dir / (WEIGHTS + ".index.json")
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, OSError, AttributeError):
+            shards = set()
+        shards = {n for n in shards if isinstance(n, str) and n and "/" not in n and not n.startswith(".")}
+        stale += [out_dir / n for n in sorted(shards) if n not in written and (out_dir / n).is_file()] + [index]
+    return stale
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export in `tmp` to `out_dir`: one rename when `out_dir` is new or empty; otherwise
+    (--overwrite) each file replaced atomically, config.json last, and stale export files removed."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        os.replace(tmp, out_dir)
+        return
+    written = {p.name for p in tmp.iterdir()}
+    for stale in _stale_export_files(out_dir, written):
+        stale.unlink()
+    for name in sorted(written, key=lambda n: EXPORT_FILES.index(n) if n in EXPORT_FILES else -1):
+        os.replace(tmp / name, out_dir / name)
+    tmp.rmdir()
+
+
+def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Write `out_dir/{config.json, model.safetensors, generation_config.json}` (+ tokenizer files) for the loaded
+    model (`recurdepth.infer.loading.LoadedModel`). Everything is written into a folder beside `out_dir` and
+    moved into place at the end, so a failure leaves `out_dir` as it was; a non-empty `out_dir` is refused
+    unless `overwrite`."""
+    out_dir = real_path(Path(out_dir))
+    check_export_target(out_dir, overwrite)
     cfg = loaded.cfg
     check_exportable(cfg)
     tok_model = _tokenizer_file(cfg)
+    from safetensors import SafetensorError
+
+    staging = Staging(out_dir, "export")
+    try:
+        _write_export(loaded, cfg, tok_model, staging.path, dtype)
+        _publish(staging.path, out_dir)
+    except BaseException as exc:
+        staging.discard()
+        if isinstance(exc, (OSError, SafetensorError)):
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ExportError(f"writing the export to {out_dir} failed ({reason}); removed the partial export "
+                              f"beside it") from None
+        raise
+    staging.discard(parents=False)  # the folder itself is gone: renamed to out_dir, or emptied into it
+    return out_dir
+
+
+def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path, dtype: Optional[torch.dtype]) -> None:
+    from safetensors.torch import save_file
+
     state = to_huginn_state(loaded.model.state_dict(), cfg)
     if dtype is not None:
         state = {k: (v if k == "freqs_cis" else v.to(dtype)) for k, v in state.items()}
     rows, _ = state["transformer.wte.weight"].shape
     ffn = state[f"{_STACKS['core']}.0.mlp.proj.weight"].shape[1]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights_dtype = str(state["transformer.wte.weight"].dtype).replace("torch.", "")
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     config = huginn_config(cfg, rows, ffn, weights_dtype)
@@ -260,7 +385,6 @@ def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None) ->
         (out_dir / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
              "pad_token": "<pad>", "eos_token": "<eod>", "unk_token": "<unk>", "legacy": False}, indent=2) + "\n")
-    return out_dir
 
 
 def _tokenizer_file(cfg: Config) -> Optional[Path]:
@@ -289,17 +413,45 @@ def read_huginn(in_dir: Path) -> tuple[dict, dict]:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ExportError(f"{config_file} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read {config_file} ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_file} holds a JSON {type(config).__name__}, not an object; pass a Hugging Face "
+                          f"model directory")
     if config.get("model_type") != MODEL_TYPE:
         raise ExportError(f"{in_dir} holds a {config.get('model_type')!r} model, not {MODEL_TYPE!r}; only Huginn-format "
                           f"directories can be imported")
     index = in_dir / (WEIGHTS + ".index.json")
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    files = _weight_files(index) if index.is_file() else [WEIGHTS]
     state = {}
     for name in files:
-        if not (in_dir / name).is_file():
-            raise ExportError(f"{in_dir / name} is missing; the export is incomplete")
-        state.update(load_file(str(in_dir / name)))
+        path = in_dir / name
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; the export is incomplete")
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ExportError(f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; "
+                              f"export or download it again") from None
+        state.update(tensors)
+    if "transformer.wte.weight" not in state:
+        raise ExportError(f"{in_dir} has no transformer.wte.weight (the embedding); it is not a complete "
+                          f"huginn_raven checkpoint")
     return config, state
+
+
+def _weight_files(index: Path) -> list[str]:
+    """The safetensors shards a `model.safetensors.index.json` names."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        files = sorted(set(weight_map.values()))
+    except (ValueError, OSError, AttributeError, TypeError):
+        raise ExportError(f"{index} is not a safetensors index (a JSON object with a weight_map); export or "
+                          f"download it again") from None
+    if not files or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in files):
+        raise ExportError(f"{index} names no usable weight files; export or download it again")
+    return files
 
 
 def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path], rows: int) -> Config:
@@ -307,23 +459,17 @@ def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path],
     from Huginn's keys (with Huginn's fixed choices)."""
     if "recurdepth_config" in config:
         raw = config["recurdepth_config"]
+        if not isinstance(raw, dict):
+            raise ExportError("config.json's recurdepth_config is not an object; export the checkpoint again")
     else:
-        h, heads = int(config["n_embd"]), int(config.get("n_heads", config.get("num_attention_heads")))
-        if config.get("n_kv_heads", heads) != heads or config.get("bias", False):
-            raise ExportError("only Huginn models with one key/value head per head and no linear biases import")
-        divisible = 128 if rows % 128 == 0 else rows
-        raw = {"model": {"hidden_size": h, "num_heads": heads, "ffn_hidden_size": int(config["intermediate_size"]),
-                         "prelude_layers": int(config["n_layers_in_prelude"]),
-                         "core_layers": int(config["n_layers_in_recurrent_block"]),
-                         "coda_layers": int(config["n_layers_in_coda"]), "seq_length": int(config["block_size"]),
-                         "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
-                         "normalization": "RMSNorm", "norm_eps": float(config.get("norm_eps", 1e-6)),
-                         "activation": "swiglu", "tie_embeddings": bool(config.get("tie_embeddings", True)),
-                         "embedding_scale": math.sqrt(h), "norm_before_coda": True,
-                         "rotary_base": float(config.get("rope_base", 50000.0)),
-                         "initial_state": "zeros" if config.get("state_init") == "zero" else "trunc_normal"},
-               "recurrence": {"mean": float(config.get("mean_recurrence", 32)),
-                              "backprop_depth": int(config.get("mean_backprop_depth", 8))}}
+        try:
+            raw = _raw_config_from_huginn(config, rows)
+        except KeyError as exc:
+            raise ExportError(f"config.json has no {exc.args[0]!r}, which a huginn_raven config needs; pass a "
+                              f"complete Hugging Face huginn_raven directory") from None
+        except (TypeError, ValueError) as exc:
+            raise ExportError(f"config.json has a value of the wrong type ({' '.join(str(exc).split())[:160]}); "
+                              f"pass a valid huginn_raven directory") from None
     raw = json.loads(json.dumps(raw))  # a private copy
     if tokenizer_model is not None:
         raw.setdefault("data", {}).update(tokenizer="sentencepiece", tokenizer_model=str(tokenizer_model.resolve()))
@@ -333,6 +479,30 @@ def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path],
         return config_from_dict(raw)
     except ConfigError as exc:
         raise ExportError(f"the Huginn config cannot be expressed as a recurdepth config ({exc})") from None
+
+
+def _raw_config_from_huginn(config: dict, rows: int) -> dict:
+    """The recurdepth config sections of a foreign huginn_raven config.json (Huginn's fixed choices)."""
+    heads = config.get("n_heads", config.get("num_attention_heads"))
+    if heads is None:
+        raise KeyError("n_heads")
+    h, heads = int(config["n_embd"]), int(heads)
+    if config.get("n_kv_heads", heads) != heads or config.get("bias", False):
+        raise ExportError("only Huginn models with one key/value head per head and no linear biases import")
+    divisible = 128 if rows % 128 == 0 else rows
+    raw = {"model": {"hidden_size": h, "num_heads": heads, "ffn_hidden_size": int(config["intermediate_size"]),
+                     "prelude_layers": int(config["n_layers_in_prelude"]),
+                     "core_layers": int(config["n_layers_in_recurrent_block"]),
+                     "coda_layers": int(config["n_layers_in_coda"]), "seq_length": int(config["block_size"]),
+                     "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
+                     "normalization": "RMSNorm", "norm_eps": float(config.get("norm_eps", 1e-6)),
+                     "activation": "swiglu", "tie_embeddings": bool(config.get("tie_embeddings", True)),
+                     "embedding_scale": math.sqrt(h), "norm_before_coda": True,
+                     "rotary_base": float(config.get("rope_base", 50000.0)),
+                     "initial_state": "zeros" if config.get("state_init") == "zero" else "trunc_normal"},
+           "recurrence": {"mean": float(config.get("mean_recurrence", 32)),
+                          "backprop_depth": int(config.get("mean_backprop_depth", 8))}}
+    return raw
 
 
 def check_imported_shapes(model_state: dict, weights: dict) -> None:
