@@ -47,9 +47,9 @@ def _zero_adam_state(adam: torch.optim.Optimizer) -> None:
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, fmt: str = "hf-huginn", dtype: str = "float32",
-                      tokenizer=None, overwrite: bool = False) -> Path:
+                      tokenizer=None, overwrite: bool = False, verify: bool = True) -> Path:
     """Export `checkpoint` to `out_dir` (refused, before anything is loaded, when `out_dir` is a file or a
-    non-empty directory without `overwrite`)."""
+    non-empty directory without `overwrite`; and when a checkpoint file fails its checksum, unless not `verify`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     from recurdepth.export.hf_huginn import check_export_target, check_exportable, export_huginn
@@ -57,7 +57,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, fmt: str = "hf-huginn", dty
 
     check_export_target(Path(out_dir), overwrite)
     check_exportable(checkpoint_config(resolve_checkpoint(checkpoint)))  # refuse before building anything
-    loaded = load_model(checkpoint, tokenizer=tokenizer)
+    loaded = load_model(checkpoint, tokenizer=tokenizer, verify=verify)
     return export_huginn(loaded, Path(out_dir), _DTYPES[dtype], overwrite=overwrite)
 
 
@@ -155,7 +155,7 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
 
 def _export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out_dir, args.format, args.dtype, args.tokenizer,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, verify=not args.no_verify)
     print(f"wrote {out} (huginn_raven: config.json, model.safetensors)", flush=True)
     return 0
 
@@ -175,6 +175,8 @@ def add_export_parsers(verbs) -> None:
     e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte' or a .model)")
     e.add_argument("--overwrite", action="store_true",
                    help="export into a non-empty OUT_DIR, replacing the export's files there (other files are kept)")
+    e.add_argument("--no-verify", action="store_true",
+                   help="load the checkpoint without checking its files against the sha256 sums written at save")
     e.set_defaults(func=_export)
     i = verbs.add_parser("import", help="import a Huginn-format directory: recurdepth import HF_DIR OUT_CHECKPOINTS")
     i.add_argument("hf_dir")
