@@ -231,6 +231,9 @@ def init_distributed(cfg: Config, info: RankInfo) -> torch.device:
         for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
             os.environ.setdefault(key, str(value))
     check_layout(cfg, info.world_size)
+    from recurdepth.compat.checkpoint_writer import apply_checkpoint_writer_compat
+
+    apply_checkpoint_writer_compat()  # on GPU too: a stop signal to the process group must not break a save
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(info.local_rank)

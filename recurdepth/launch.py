@@ -1,8 +1,8 @@
 """`recurdepth launch slurm CONFIG --nodes N --gpus-per-node G [overrides...]`: a ready sbatch script.
 
-The script text lives in launch/sbatch.template (one torchrun per node under srun, c10d rendezvous on the
-first host of the allocation, USR1 `--signal` forwarded to every rank for a checkpoint before the time
-limit, environment and code version logged). The config and layout are validated here first, so an
+The script text lives in launch/sbatch.template (one torchrun per node under srun -- `python -m recurdepth.torchrun`,
+so that a clean stop exits 0 with one line --, c10d rendezvous on the first host of the allocation, USR1
+`--signal` forwarded to every rank for a checkpoint before the time limit, environment and code version logged). The config and layout are validated here first, so an
 impossible layout is one `error: ...` line at submission time, not a failed job hours later.
 """
 
@@ -79,7 +79,8 @@ def render_sbatch(config, nodes: int, gpus_per_node: int, time: str = "24:00:00"
         "signal_seconds": signal_seconds, "output": output, "extra_sbatch": "\n".join(extra),
         "root": shlex.quote(str(ROOT)), "config": shlex.quote(str(config_path)),
         "overrides": " ".join(shlex.quote(str(o)) for o in overrides),
-        "bin_dir": shlex.quote(str(Path(sys.executable).parent)), "rdzv_port": rdzv_port,
+        "bin_dir": shlex.quote(str(Path(sys.executable).parent)), "python": shlex.quote(sys.executable),
+        "rdzv_port": rdzv_port,
         "max_restarts": max_restarts, "requeue": int(bool(requeue)),
         # how long torchrun lets ranks finish their checkpoint after USR1 before it kills them
         "shutdown_timeout": max(30, signal_seconds - 30),

@@ -37,9 +37,11 @@ def megatron_single_process():
     """torch.distributed (gloo, world 1) + megatron parallel_state (TP=PP=1), for in-process model tests."""
     import torch
 
+    from recurdepth.compat.checkpoint_writer import apply_checkpoint_writer_compat
     from recurdepth.compat.megatron_cpu import apply_cpu_compat
 
     apply_cpu_compat()
+    apply_checkpoint_writer_compat()
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.distributed.is_initialized():

@@ -199,23 +199,27 @@ def test_render_sbatch_defaults_and_mistakes():
         5400, 1800, 86400, 172800, 129600]
 
 
-def simulate_sbatch(tmp_path: Path, signal_it: bool) -> tuple:
-    """Run the rendered script under fake srun/scontrol/torchrun; optionally send it USR1 once torchrun runs.
-    Returns (exit status, output, log folder)."""
+def simulate_sbatch(tmp_path: Path, signal_it: bool, usr1_status: int = 0) -> tuple:
+    """Run the rendered script under fake srun/scontrol/torchrun; optionally send it USR1 once torchrun runs
+    (the fake torchrun then exits `usr1_status`: 0 as recurdepth.torchrun after a clean stop of every rank).
+    The script runs with PATH = the fake-bin folder, /usr/bin, /bin and its absolute python, as on a machine
+    with nothing but what .ci/run installs. Returns (exit status, output, log folder)."""
     log = tmp_path / "log"
     log.mkdir()
     fake_bin(tmp_path, "srun", 'while [[ $1 == -* ]]; do shift; done\nexec "$@"')
     fake_bin(tmp_path, "scontrol", f'if [ "$1" = show ]; then tr , "\\n" <<< "$3"; else echo "$@" > {log}/scontrol; fi')
     wait_for_usr1 = "for i in $(seq 300); do sleep 0.1; done" if signal_it else "exit 0"
     bin_dir = fake_bin(tmp_path, "torchrun", f"printf '%s\\n' \"$@\" > {log}/args\n"
-                                             f"trap 'echo usr1 > {log}/usr1; exit 1' USR1\n"
+                                             f"trap 'echo usr1 > {log}/usr1; exit {usr1_status}' USR1\n"
                                              f"touch {log}/ready\n{wait_for_usr1}")
     text = render_sbatch(TINY, 2, 4, "1:00:00", 120, OVERRIDES, 0, "sim", requeue=True)
     text = re.sub(r"(?m)^export PATH=\S+:", f"export PATH={bin_dir}:", text)
+    assert f"PYTHON={sys.executable}" in text  # absolute: the versions line needs no python on PATH
+    text = re.sub(r"(?m)^TORCHRUN=\(.*\)$", f"TORCHRUN=({bin_dir}/torchrun)", text)
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     env = dict(os.environ, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_NNODES="2",
-               SLURM_JOB_NAME="sim")
+               SLURM_JOB_NAME="sim", PATH="/usr/bin:/bin")  # no python with recurdepth on PATH
     proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=tmp_path)
     try:
@@ -233,20 +237,36 @@ def simulate_sbatch(tmp_path: Path, signal_it: bool) -> tuple:
 
 def test_sbatch_script_forwards_usr1_to_torchrun_under_simulated_slurm(tmp_path):
     """The head node and the arguments reach torchrun, and USR1 sent to the batch shell (as
-    `--signal=B:USR1@...` does) reaches torchrun through srun; then the job requeues itself."""
+    `--signal=B:USR1@...` does) reaches torchrun through srun; after a clean stop (status 0) the job requeues
+    itself and exits 0."""
     status, out, log = simulate_sbatch(tmp_path, signal_it=True)
     assert (log / "usr1").exists(), out
     args = (log / "args").read_text().splitlines()
     assert args[:2] == ["--nnodes", "2"] and args[args.index("--nproc_per_node") + 1] == "4"
     assert args[args.index("--rdzv_endpoint") + 1] == "nodeA:29500" and args[args.index("--rdzv_id") + 1] == "4242"
     assert args[args.index("-m"):] == ["-m", "recurdepth", "train", str(TINY), *OVERRIDES]
-    assert "USR1 (time limit near): forwarding" in out and "srun exited with status 1" in out, out
+    assert "USR1 (time limit near): forwarding" in out and "srun exited with status 0" in out, out
     assert (log / "scontrol").read_text().split() == ["requeue", "4242"]
-    assert status == 1  # torchrun's status after forwarding a signal
+    assert status == 0 and "stopped by USR1 before the time limit" in out, out
     git_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for needle in ["== code", git_head, "== versions", "recurdepth 0.", "== nvidia-smi", "== environment",
                    "SLURM_JOB_ID=4242"]:
         assert needle in out, needle
+
+
+def test_sbatch_script_does_not_requeue_a_stop_that_was_not_clean(tmp_path):
+    status, out, log = simulate_sbatch(tmp_path, signal_it=True, usr1_status=1)
+    assert status == 1 and "the stop was not clean (status 1" in out, out
+    assert not (log / "scontrol").exists()
+
+
+def test_sbatch_script_says_so_when_its_python_lacks_recurdepth(tmp_path):
+    text = render_sbatch(TINY, 1, 2).replace(f"PYTHON={sys.executable}", "PYTHON=/usr/bin/false")
+    versions = text.split("== versions")[1].split('echo "== nvidia-smi"')[0]
+    script = tmp_path / "versions.sh"
+    script.write_text('PYTHON=/usr/bin/false\necho "== versions' + versions)
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True).stdout
+    assert "error: /usr/bin/false cannot import recurdepth and torch" in out, out
 
 
 def test_sbatch_script_without_a_signal_exits_with_trainings_status(tmp_path):

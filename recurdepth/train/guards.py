@@ -1,8 +1,12 @@
 """What keeps a long run safe: an agreed graceful stop, and a guard against non-finite or spiking losses.
 
-`StopRequest`: SIGTERM or SIGUSR1 on *any* rank (or the time budget `train.exit_after_minutes`) sets a
-local flag; `agree()` at every step boundary takes the maximum over all ranks, so every rank stops after
-the same step, checkpoints and exits 0.
+`StopRequest`: a stop signal (`train.stop_signals`, default SIGTERM, SIGUSR1, SIGINT) on *any* rank (or the
+time budget `train.exit_after_minutes`) sets a local flag; `agree()` at every step boundary takes the maximum
+over all ranks, so every rank stops after the same step, checkpoints and exits 0. Launchers deliver a signal
+to the whole process group and often twice (torchrun forwards the one the group already got): repeats only
+set the flag again, and once a stop signal has arrived, later ones are ignored until the process exits, so
+nothing interrupts the stop checkpoint or the shutdown after it. `STOPPED` records the agreed stop (for the
+exit record `recurdepth.cli` writes under `RECURDEPTH_EXIT_DIR`).
 
 `NumericalGuard`: after the backward pass and before the optimizer step, a non-finite loss or gradient, or a
 loss above `mean + spike_sigma * std` of the last `spike_window` steps, is a *bad step*; the configured
@@ -27,34 +31,71 @@ INJECT_NAN_ENV = "RECURDEPTH_INJECT_NAN_AT_STEP"
 KILL_AT_STEP_ENV = "RECURDEPTH_KILL_AT_STEP"
 
 
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# the stop signals a StopRequest built without `signals` handles: `recurdepth train` sets it from train.stop_signals
+configured_stop_signals: tuple = DEFAULT_STOP_SIGNALS
+# the agreed stop of this process, once there is one: {"reason": ..., "signal": name or None}
+STOPPED: Optional[dict] = None
+
+
+def stop_signal(name) -> signal.Signals:
+    """`SIGTERM`, `TERM`, `sigterm` or 15 -> signal.SIGTERM; ValueError naming the valid ones otherwise."""
+    if isinstance(name, signal.Signals):
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        try:
+            return signal.Signals(name)
+        except ValueError:
+            pass
+    text = str(name).strip().upper()
+    text = text if text.startswith("SIG") else "SIG" + text
+    if text in signal.Signals.__members__ and text not in ("SIGKILL", "SIGSTOP"):
+        return signal.Signals[text]
+    raise ValueError(f"{name!r} is not a signal a process can handle; use names such as SIGTERM, SIGUSR1, SIGINT")
+
+
 class StopRequest:
-    """A graceful-stop flag set by SIGTERM/SIGUSR1 or a time budget, agreed across ranks."""
+    """A graceful-stop flag set by a stop signal or a time budget, agreed across ranks."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, exit_after_minutes: Optional[float] = None):
+    def __init__(self, exit_after_minutes: Optional[float] = None, signals=None):
         self.reason: Optional[str] = None
+        self.received: Optional[str] = None  # the first stop signal's name
         self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
+        names = configured_stop_signals if signals is None else signals
+        self.signals = tuple(dict.fromkeys(stop_signal(s) for s in names))
         self._previous = {}
-        for sig in self.SIGNALS:
+        for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.reason = signal.Signals(signum).name
+        if self.received is None:  # a repeat (torchrun forwarding what the group already got) changes nothing
+            self.received = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
 
     def restore(self) -> None:
+        """Give the signals their previous handlers back, except after a stop signal: then the process is
+        checkpointed and on its way out, and a repeated signal must not kill it before it exits 0."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, _ignore_late_signal if self.received else handler)
+        self._previous = {}
 
     def agree(self, device) -> Optional[str]:
         """The stop reason if any rank wants to stop now (collective over the world), else None."""
+        global STOPPED
         if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
             self.reason = "time budget (train.exit_after_minutes)"
         flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0:
-            return self.reason or "a stop request on another rank"
+            reason = self.reason or "a stop request on another rank"
+            STOPPED = {"reason": reason, "signal": self.received}
+            return reason
         return None
+
+
+def _ignore_late_signal(signum, frame) -> None:
+    """A stop signal after the agreed stop: the checkpoint is written or being written; nothing to do."""
 
 
 class NumericalGuard:
