@@ -99,3 +99,15 @@ def assert_same_losses(reference: list, rows: list, steps: int, rel: float = 1e-
         tol = atol if atol is not None else rel * abs(a["loss"])
         assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=grad_rel)
+
+
+def assert_one_error(out: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refused command: exit 2, no traceback, and stderr (less Python's warnings) exactly one `error:` line
+    containing every needle; returns that line."""
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -327,6 +328,38 @@ def _save_failed(root: Path, tmp: Path, name: str, exc: Optional[BaseException])
     return CheckpointError(f"saving {name} to {root} failed ({kind}: {reason}); removed the partial {tmp.name}, {kept}")
 
 
+def _write_shards(sharded: dict, tmp: Path, root: Path, name: str, step: int) -> None:
+    """megatron's dist_checkpointing.save of `sharded` into `tmp`. Its errors after the write phase are raised
+    on every rank (a CheckpointException) and agreed by the caller; an error in one rank's own write phase
+    leaves the other ranks waiting in megatron's barrier, so that rank stops the run at once with the reason
+    (the launcher then ends the other ranks; the partial save is removed, the previous checkpoint intact)."""
+    from megatron.core import dist_checkpointing
+
+    from recurdepth.train.faults import maybe_fail_save
+
+    # megatron logs a writer's failure itself before raising it: we report it, in one line
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)
+    try:
+        maybe_fail_save(step)
+        dist_checkpointing.save(sharded, str(tmp))
+    except CheckpointException:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if _world() == 1:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "no space left on device" if _no_space(exc) or _disk_nearly_full(root) else (
+            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+        error = CheckpointError(f"saving {name} to {root} failed on rank {_rank()} ({what}); removed the partial "
+                                f"{tmp.name}, the previous checkpoint is intact; stopping every rank")
+        error.same_on_every_rank = False
+        raise error from exc
+    finally:
+        writer_log.setLevel(level)
+
+
 def existing_checkpoint(final: Path, lineage: Lineage) -> Path:
     """A complete checkpoint already at the path a save would write: this lineage's is the same state (a stop
     right after an interval save, a halt right after a resume) and is returned as it is; another lineage's is
@@ -345,8 +378,6 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
     With the deepspeed engine, model and optimizer are DeepSpeed's own files (in `deepspeed/`) and the rest
     is a `common.pt` beside them; the directory layout, atomicity, checksums and `latest` are the same.
     A step that already has a complete checkpoint is not written again (its path is returned)."""
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     lineage = lineage or Lineage()
     name = checkpoint_name(state.step)
@@ -373,11 +404,13 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
         else:
             sharded = {"model": _unwrap(model).sharded_state_dict(), **common}
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
-            dist_checkpointing.save(sharded, str(tmp))
+            _write_shards(sharded, tmp, root, name, state.step)
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):  # test hook: die half-way through a save
             _crash_now()
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"world_size": _world(), "state": rng_state()}, tmp / "rng" / f"rank_{_rank():05d}.pt")
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException
         failure = exc
     if _any_rank(failure is not None):

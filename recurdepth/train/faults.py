@@ -6,11 +6,14 @@ see a good step):
     RECURDEPTH_INJECT_NAN_GRAD_AT_STEP=N    one element of the embedding's gradient becomes NaN on global rank 0
                                             during backward (the loss stays finite): the gradient check must see it
     RECURDEPTH_INJECT_SPIKE_AT_STEP=N[:F]   the step's loss, and so its gradients, are scaled by F (default 100)
+    RECURDEPTH_KILL_AT_STEP=N:RANK          SIGKILL global rank RANK after step N (first attempt only)
+    RECURDEPTH_FAIL_SAVE_AT_STEP=N:RANK     the save of step N fails on global rank RANK alone (an I/O error)
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Optional
 
 import torch
@@ -18,6 +21,8 @@ import torch
 NAN_LOSS_ENV = "RECURDEPTH_INJECT_NAN_AT_STEP"
 NAN_GRAD_ENV = "RECURDEPTH_INJECT_NAN_GRAD_AT_STEP"
 SPIKE_ENV = "RECURDEPTH_INJECT_SPIKE_AT_STEP"
+KILL_AT_STEP_ENV = "RECURDEPTH_KILL_AT_STEP"
+FAIL_SAVE_ENV = "RECURDEPTH_FAIL_SAVE_AT_STEP"
 
 
 def _at(env: str) -> tuple[Optional[int], float]:
@@ -72,3 +77,28 @@ class FaultInjector:
     def end(self) -> None:
         if self.spike is not None and self.step == self.spike:
             self.fired.add(("spike", self.spike))
+
+
+def _step_and_rank(env: str) -> Optional[tuple[int, int]]:
+    spec = os.environ.get(env)
+    if not spec:
+        return None
+    at, rank = (int(x) for x in spec.split(":"))
+    return at, rank
+
+
+def maybe_kill(step: int) -> None:
+    """RECURDEPTH_KILL_AT_STEP=N:RANK: SIGKILL global rank RANK after step N, on the first attempt only
+    (torchrun sets TORCHELASTIC_RESTART_COUNT on restarts)."""
+    spec = _step_and_rank(KILL_AT_STEP_ENV)
+    if spec is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if spec == (step, torch.distributed.get_rank()):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail_save(step: int) -> None:
+    """RECURDEPTH_FAIL_SAVE_AT_STEP=N:RANK: the save of step N raises an I/O error on rank RANK only."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if _step_and_rank(FAIL_SAVE_ENV) == (step, rank):
+        raise OSError(5, "Input/output error (injected by RECURDEPTH_FAIL_SAVE_AT_STEP)")

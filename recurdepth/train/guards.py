@@ -26,11 +26,6 @@ from typing import Optional
 
 import torch
 
-# test hooks (documented in docs/operations.md): make step N's loss NaN / kill this rank at step N
-INJECT_NAN_ENV = "RECURDEPTH_INJECT_NAN_AT_STEP"
-KILL_AT_STEP_ENV = "RECURDEPTH_KILL_AT_STEP"
-
-
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 # the stop signals a StopRequest built without `signals` handles: `recurdepth train` sets it from train.stop_signals
 configured_stop_signals: tuple = DEFAULT_STOP_SIGNALS
@@ -136,26 +131,3 @@ def grads_finite(model, device) -> bool:
 
 def _grad_buffers(model):
     return list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
-
-
-_INJECTED: set = set()
-
-
-def injected_nan(step: int) -> bool:
-    """Test hook: RECURDEPTH_INJECT_NAN_AT_STEP=N makes the loss of step N (1-based) NaN, once per process
-    (a rolled-back run reaches step N again and must then see a good batch)."""
-    if os.environ.get(INJECT_NAN_ENV) != str(step) or step in _INJECTED:
-        return False
-    _INJECTED.add(step)
-    return True
-
-
-def maybe_kill(step: int) -> None:
-    """Test hook: RECURDEPTH_KILL_AT_STEP=N:RANK SIGKILLs global rank RANK after step N, on the first attempt
-    only (torchrun sets TORCHELASTIC_RESTART_COUNT on restarts)."""
-    spec = os.environ.get(KILL_AT_STEP_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    at, rank = (int(x) for x in spec.split(":"))
-    if step == at and torch.distributed.get_rank() == rank:
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -27,8 +27,8 @@ from recurdepth.train.callbacks import StepMetrics, default_callbacks
 from recurdepth.train.checkpoint import (LATEST, Lineage, TrainState, apply_resume_plan, latest_checkpoint,
                                          load_checkpoint, manifest, plan_resume, save_checkpoint)
 from recurdepth.train.flops import looped_flops, peak_flops
-from recurdepth.train.faults import FaultInjector
-from recurdepth.train.guards import NumericalGuard, StopRequest, grads_finite, maybe_kill
+from recurdepth.train.faults import FaultInjector, maybe_kill
+from recurdepth.train.guards import NumericalGuard, StopRequest, grads_finite
 from recurdepth.train.lock import RunDirLock
 
 _SCHEDULE_NAMES = {"cosine": "cosine", "constant": "constant", "wsd": "WSD", "linear": "linear"}
@@ -243,7 +243,7 @@ class Trainer:
         cfg, result = self.cfg, TrainResult()
         last_saved, first_step = None, self.state.step
         self.start()
-        stop = StopRequest(cfg.train.exit_after_minutes)
+        stop = StopRequest(cfg.train.exit_after_minutes, cfg.train.stop_signals)
         try:
             return self._fit(result, stop, first_step)
         finally:

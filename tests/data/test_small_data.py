@@ -14,7 +14,7 @@ import pytest
 
 from recurdepth.data.preprocess import preprocess
 from recurdepth.errors import DataError
-from tests.conftest import SMALL, TINY, run_cli
+from tests.conftest import SMALL, TINY, assert_one_error, run_cli
 from tests.snapshot import assert_unchanged, tree_snapshot
 
 RUN = SMALL + ["train.steps=2", "checkpoint.interval=0", "checkpoint.save_final=false"]
@@ -24,16 +24,6 @@ def stderr_lines(out) -> list[str]:
     """stderr without python's warnings (megatron's import-time UserWarnings)."""
     return [ln for ln in out.stderr.splitlines()
             if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
-
-
-def assert_one_error(out, *needles) -> str:
-    lines = stderr_lines(out)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def corpus(root, name, docs: list[str]) -> str:

@@ -13,19 +13,9 @@ import pytest
 import torch
 
 from recurdepth.errors import RecurdepthError
-from tests.conftest import run_cli
+from tests.conftest import assert_one_error, run_cli
 from tests.export.test_hf_huginn import huginn_cfg
 from tests.snapshot import assert_unchanged, tree_snapshot
-
-
-def assert_one_error(out, *needles) -> str:
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def leftovers(folder: Path) -> list[str]:

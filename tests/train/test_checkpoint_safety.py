@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from recurdepth.train.checkpoint import ARCHIVE, LATEST, MANIFEST, complete_checkpoints, manifest
-from tests.conftest import ROOT, SMALL, TINY, cli_command, read_metrics, run_cli
+from tests.conftest import ROOT, SMALL, TINY, assert_one_error, cli_command, read_metrics, run_cli
 from tests.snapshot import assert_unchanged, tree_snapshot
 
 # Huginn-exportable small shapes (export is one of the loaders that must verify checksums)
@@ -23,16 +23,6 @@ COMMON = ["train", str(TINY), *SMALL, "logging.tensorboard=false", "data.sources
 def train(run_dir: Path, data_cache: str, *extra: str, check: bool = True, env: dict | None = None):
     return run_cli([*COMMON, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}", *extra], check=check,
                    env_extra=env)
-
-
-def one_error(out, *needles: str) -> str:
-    """The run failed with exit 2 and exactly one `error:` line (containing each needle), no traceback."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def test_resume_never_is_refused_where_checkpoints_exist_and_fresh_moves_them_as
     run_dir = copy_of(base_run, tmp_path)
     before = tree_snapshot(run_dir)
     out = train(run_dir, data_cache, "train.steps=20", "checkpoint.keep_last=1", "--resume", "never", check=False)
-    one_error(out, "--resume fresh", "step_00000030")
+    assert_one_error(out, "--resume fresh", "step_00000030")
     assert_unchanged(before, run_dir)
     out = train(run_dir, data_cache, "train.steps=20", "checkpoint.interval=10", "checkpoint.keep_last=1",
                 "--resume", "fresh")
@@ -98,11 +88,11 @@ def test_a_same_size_corrupted_shard_is_refused_by_every_loader(base_run, tmp_pa
     corrupt_same_size(ckpt)
     before = tree_snapshot(run_dir)
     out = train(run_dir, data_cache, "train.steps=31", check=False)
-    one_error(out, "step_00000030 is corrupt", "does not match the sha256", "earlier step_*")
+    assert_one_error(out, "step_00000030 is corrupt", "does not match the sha256", "earlier step_*")
     for args in (["eval", str(run_dir), "--depths", "1", "--n", "1", "--valid-samples", "0"],
                  ["generate", str(run_dir), "--prompt", "a", "--depth", "1", "--max-new-tokens", "1"],
                  ["export", str(ckpt), str(tmp_path / "hf")]):
-        one_error(run_cli(args, check=False, timeout=120), "is corrupt")
+        assert_one_error(run_cli(args, check=False, timeout=120), "is corrupt")
     assert not (tmp_path / "hf").exists()
     assert_unchanged(before, run_dir)
     out = run_cli(["generate", str(run_dir), "--prompt", "a", "--depth", "1", "--max-new-tokens", "1",
@@ -119,7 +109,7 @@ def test_the_numerical_guard_never_rewrites_the_checkpoint_it_stops_or_rolls_bac
     out = train(run_dir, data_cache, "train.steps=33", "checkpoint.interval=0", f"train.on_bad_step={action}",
                 check=False, env={"RECURDEPTH_INJECT_NAN_AT_STEP": "31"})
     if action == "halt":
-        one_error(out, "step 31: non-finite loss", "halted")
+        assert_one_error(out, "step 31: non-finite loss", "halted")
     else:
         assert out.returncode == 0 and "rolled back to step_00000030" in out.stdout, out.stderr[-2000:]
     assert_unchanged(before, ckpt)
@@ -138,7 +128,7 @@ def test_a_second_train_on_a_run_dir_in_use_exits_2_naming_the_owner(base_run, t
         assert lock.is_file(), first.communicate()
         config = (run_dir / "config.yaml").read_text()
         second = train(run_dir, data_cache, "train.steps=5", "model.hidden_size=128", check=False)
-        one_error(second, f"pid {first.pid}", "in use by")
+        assert_one_error(second, f"pid {first.pid}", "in use by")
         assert (run_dir / "config.yaml").read_text() == config  # the first run's config, not the second's
         assert first.poll() is None  # still training, undisturbed
     finally:
@@ -157,7 +147,7 @@ def test_resume_refuses_a_change_to_the_models_function(base_run, tmp_path, data
     before = tree_snapshot(run_dir)
     key = override.split("=")[0]
     out = train(run_dir, data_cache, "train.steps=31", override, check=False)
-    one_error(out, key, "checkpoint", "config", f"checkpoint.allow_changes=[{key}]")
+    assert_one_error(out, key, "checkpoint", "config", f"checkpoint.allow_changes=[{key}]")
     assert_unchanged(before, run_dir)
     if key == "model.rotary_base":  # forced: accepted
         out = train(run_dir, data_cache, "train.steps=31", override, f"checkpoint.allow_changes=[{key}]")
@@ -168,7 +158,7 @@ def test_missing_latest_beside_checkpoints_is_an_error_naming_the_newest(base_ru
     run_dir = copy_of(base_run, tmp_path)
     (run_dir / "checkpoints" / LATEST).unlink()
     before = tree_snapshot(run_dir)
-    one_error(train(run_dir, data_cache, "train.steps=31", check=False), "no `latest`", "step_00000030",
+    assert_one_error(train(run_dir, data_cache, "train.steps=31", check=False), "no `latest`", "step_00000030",
               "--resume fresh")
     assert_unchanged(before, run_dir)
 
@@ -176,14 +166,14 @@ def test_missing_latest_beside_checkpoints_is_an_error_naming_the_newest(base_ru
 def test_a_refused_train_creates_no_run_dir(tmp_path, data_cache):
     out = train(tmp_path / "new-run", data_cache, "train.steps=2", "data.sources=[{path: /nonexistent/corpus}]",
                 check=False)
-    one_error(out, "/nonexistent/corpus")
+    assert_one_error(out, "/nonexistent/corpus")
     assert not (tmp_path / "new-run").exists()
 
 
 def test_run_dir_under_a_regular_file_is_one_error_line(tmp_path, data_cache):
     (tmp_path / "file").write_text("not a directory")
     before = tree_snapshot(tmp_path)
-    one_error(train(tmp_path / "file" / "run", data_cache, "train.steps=2", check=False), "regular file")
+    assert_one_error(train(tmp_path / "file" / "run", data_cache, "train.steps=2", check=False), "regular file")
     assert_unchanged(before, tmp_path)
 
 
@@ -208,7 +198,7 @@ def small_disk(tmp_path):
 
 def test_read_only_run_dir_is_one_error_line(small_disk, data_cache):
     ro = small_disk("ro", "1m", read_only=True)
-    one_error(train(ro / "run", data_cache, "train.steps=2", check=False), str(ro / "run"))
+    assert_one_error(train(ro / "run", data_cache, "train.steps=2", check=False), str(ro / "run"))
     assert tree_snapshot(ro) == {}
 
 
@@ -216,7 +206,7 @@ def test_a_full_disk_during_a_save_removes_the_partial_save_and_says_so(small_di
     disk = small_disk("disk", "300k")
     out = train(tmp_path / "run", data_cache, "train.steps=4", "checkpoint.interval=2", f"checkpoint.dir={disk}",
                 check=False)
-    one_error(out, "no space left on device", "removed the partial step_00000002.tmp")
+    assert_one_error(out, "no space left on device", "removed the partial step_00000002.tmp")
     assert not list(disk.glob("step_*")), sorted(p.name for p in disk.iterdir())
 
 

@@ -313,6 +313,31 @@ def test_repeated_sigterm_to_the_launcher_pid_only_stops_cleanly(tmp_path, data_
 
 
 @pytest.mark.slow
+def test_a_save_failing_on_one_rank_stops_the_run_with_its_reason_not_a_hang(tmp_path, data_cache):
+    """Rank 1's write of step 4 fails (an I/O error) while rank 0 waits in megatron's barrier: rank 1 says why
+    in one line and exits, the launcher ends rank 0 and says which rank failed; step_2 stays complete."""
+    from recurdepth.train.checkpoint import verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RECURDEPTH_FAIL_SAVE_AT_STEP="4:1")
+    job = Launched(["bash", str(ROOT / "launch" / "torchrun.sh"), "2", str(TINY),
+                    *train_args(run_dir, data_cache, steps=6)], env, tmp_path, "failed")
+    try:
+        status = job.finish(timeout=180)
+        err = job.err.read_text()
+        assert status != 0, job.output()
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert any("saving step_00000004" in ln and "failed on rank 1" in ln and "Input/output error" in ln
+                   for ln in errors), job.output()
+        assert "rank 1 exited 2" in job.out.read_text() + err, job.output()
+        ckpts = run_dir / "checkpoints"
+        assert (ckpts / "latest").read_text().strip() == "step_00000002" and verify_checkpoint(ckpts / "step_00000002")
+        assert job.leftovers(str(run_dir)) == []
+    finally:
+        job.kill()
+
+
+@pytest.mark.slow
 def test_bare_torchrun_group_sigterm_every_rank_checkpoints_and_exits_0(tmp_path, data_cache):
     """Bare torchrun: every rank records exit 0 after the agreed stop; torchrun itself still exits 1 with its
     SignalException traceback (documented in docs/operations.md; recurdepth.torchrun turns it into one line)."""
