@@ -51,6 +51,14 @@ def _describe(owner: dict) -> str:
             + (f", {owner['job']}" if owner.get("job") else "") + ")")
 
 
+def _is_me(owner: dict) -> bool:
+    """Whether the lock names this very process (not an earlier one that had the same pid)."""
+    if owner.get("pid") != os.getpid() or owner.get("host") != socket.gethostname():
+        return False
+    mine, theirs = _process_start(os.getpid()), owner.get("process_start")
+    return theirs is None or mine is None or abs(mine - float(theirs)) <= 1.0
+
+
 def _in_use(directory: Path, owner: dict, path: Path) -> str:
     return (f"{directory} is in use by {_describe(owner)}; two writers would corrupt it: wait for it to finish or "
             f"use another directory (if that process is gone, remove {path})")
@@ -112,7 +120,7 @@ class RunDirLock:
                 return self
             except FileExistsError:
                 current = self.read()
-                if current is not None and current.get("pid") == os.getpid() and current.get("host") == owner["host"]:
+                if current is not None and _is_me(current):
                     self.held = True  # this process holds it already
                     return self
                 reason = "it is unreadable" if current is None else stale_reason(current)
@@ -127,7 +135,7 @@ class RunDirLock:
     def check(self) -> None:
         """Raise as `acquire` would if another live process holds the lock, writing nothing."""
         current = self.read() if self.path.is_file() else None
-        if current is None or (current.get("pid") == os.getpid() and current.get("host") == socket.gethostname()):
+        if current is None or _is_me(current):
             return
         if stale_reason(current) is None:
             raise CheckpointError(_in_use(self.directory, current, self.path))
