@@ -9,6 +9,7 @@ LR schedule step. Engine pieces (DDP, distributed optimizer, scheduler) are mega
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,10 @@ class Trainer:
                         print(f"note: {lock.took_over}", flush=True)
                 if self._archive is not None:
                     dest = apply_resume_plan(cfg.checkpoint_dir, self._archive)
+                    if dest is not None and self._archive.target is None:  # a fresh start: the old run's logs too
+                        for name in ("metrics.jsonl", "bad_steps.jsonl", "tensorboard", "config.yaml"):
+                            if (self.run_dir / name).exists():
+                                os.rename(self.run_dir / name, dest / name)
                     if dest is not None:
                         moved = sum(1 for p in self._archive.archive if p.name != LATEST)
                         print(f"moved {moved} checkpoint(s) aside into {dest} ({self._archive.why})", flush=True)

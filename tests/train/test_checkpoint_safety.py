@@ -56,6 +56,8 @@ def test_resume_never_is_refused_where_checkpoints_exist_and_fresh_moves_them_as
     archived = sorted(p.name for p in (ckpts / ARCHIVE).glob("*/step_*"))
     assert archived == ["step_00000010", "step_00000020", "step_00000030"]  # the old run, whole
     assert manifest(ckpts / "step_00000020")["run_id"] != manifest(base_run / "checkpoints" / "step_00000020")["run_id"]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 21))  # the old run's rows moved aside too
+    assert [r["step"] for r in read_metrics(next((ckpts / ARCHIVE).iterdir()))] == list(range(1, 31))
 
 
 def test_resuming_an_earlier_step_with_keep_last_keeps_the_resume_point(base_run, tmp_path, data_cache):
