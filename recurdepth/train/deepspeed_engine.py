@@ -74,8 +74,13 @@ def deepspeed_config(cfg, dp_size: int, dtype: torch.dtype) -> dict:
     }
 
 
-def build_deepspeed(cfg, model, dtype: torch.dtype, dp_size: int):
-    """Wrap `model` in a DeepSpeed engine; returns (engine, zero optimizer, megatron scheduler, ds config)."""
+def build_deepspeed(cfg, model, dtype: torch.dtype, dp_size: int, local_rank: int = 0):
+    """Wrap `model` in a DeepSpeed engine; returns (engine, zero optimizer, megatron scheduler, ds config).
+    DeepSpeed insists on LOCAL_RANK in the environment: a plain process, srun or MPICH's mpirun sets none, so
+    it is filled from the rank recurdepth discovered."""
+    import os
+
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 
     from recurdepth.train.trainer import build_scheduler

@@ -103,8 +103,8 @@ class Trainer:
             from recurdepth.train.deepspeed_engine import build_deepspeed
 
             model = build_model(cfg, self.data.tokenizer.vocab_size, torch.float32, self.device)
-            self.model, self.optimizer, self.scheduler, self.ds_config = build_deepspeed(cfg, model, self.dtype,
-                                                                                        self.dp_size)
+            self.model, self.optimizer, self.scheduler, self.ds_config = build_deepspeed(
+                cfg, model, self.dtype, self.dp_size, self.info.local_rank)
         else:
             model = build_model(cfg, self.data.tokenizer.vocab_size, self.dtype, self.device)
             self.model = DistributedDataParallel(

@@ -82,3 +82,20 @@ def test_deepspeed_refuses_model_parallel_layouts(tmp_path, data_cache):
                    "train.steps=1"], check=False)
     assert out.returncode == 2 and "deepspeed.offload_params" in out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_plain_process_trains_with_deepspeed_without_launcher_variables(tmp_path, data_cache):
+    """No torchrun, no LOCAL_RANK (a plain process, srun, MPICH): DeepSpeed's own assertion wants LOCAL_RANK;
+    the engine fills it from the discovered rank instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-m", "recurdepth", *common(tmp_path / "run", data_cache),
+                          "train.steps=2", "train.engine=deepspeed", "checkpoint.interval=0",
+                          "checkpoint.save_final=false"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0 and "done: 2 steps" in out.stdout, out.stderr[-3000:]
