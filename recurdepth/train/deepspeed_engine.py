@@ -44,6 +44,13 @@ def import_deepspeed():
         import deepspeed
     except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
         raise ConfigError(f"train.engine=deepspeed needs the deepspeed package ({exc}); pip install deepspeed") from None
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (~35 s on 2 cores, again for
+        # every new install path) that only its inference all-reduce uses; training reduces through gloo.
+        import importlib
+
+        # by module name: `import deepspeed.comm.torch as m` would bind deepspeed.comm's attribute `torch` (torch)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
