@@ -59,11 +59,11 @@ class TrainState:
 @dataclass
 class Lineage:
     """Which line of saves a checkpoint belongs to: `run_id` is shared by every checkpoint of one lineage,
-    `parent` names the checkpoint this process resumed from (None for a fresh start)."""
+    `parent` names the checkpoint this process resumed from (None for a fresh start), which retention never
+    removes while this process runs."""
 
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     parent: Optional[str] = None
-    resumed_from: Optional[str] = None  # never pruned while this process runs
 
 
 def checkpoint_name(step: int) -> str:
@@ -309,23 +309,31 @@ def _disk_nearly_full(path: Path, reserve: int = 16 << 20) -> bool:
     return False
 
 
-def _save_failed(root: Path, tmp: Path, name: str, exc: Optional[BaseException]) -> CheckpointError:
-    """Remove the partial save and say what happened, in one line, the same on every rank (collective)."""
-    mine = None if exc is None else (type(exc).__name__, (str(exc).splitlines() or [""])[0][:200],
-                                     _no_space(exc) or _disk_nearly_full(tmp))
-    failures = [f for f in _gather(mine) if f is not None]
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _failure(exc: BaseException, tmp: Path) -> tuple[str, bool]:
+    """(what went wrong, in a few words; whether the disk is full) for a save that raised `exc`."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}", _no_space(exc) or _disk_nearly_full(tmp)
+
+
+def _save_failed_message(root: Path, tmp: Path, name: str, what: str, no_space: bool, where: str = "") -> str:
+    """The one line for a failed save whose partial `tmp` was removed, naming what is left to resume from."""
     try:
         previous = (Path(root) / LATEST).read_text().strip()
     except OSError:
         previous = None
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-    if any(f[2] for f in failures):
-        return CheckpointError(f"no space left on device while saving {name} to {root}; removed the partial "
-                               f"{tmp.name}, {kept}; free space or set checkpoint.dir to a larger disk, then resume")
-    kind, reason, _ = failures[0] if failures else ("Error", "unknown", False)
-    return CheckpointError(f"saving {name} to {root} failed ({kind}: {reason}); removed the partial {tmp.name}, {kept}")
+    if no_space:
+        return (f"no space left on device while saving {name} to {root}{where}; removed the partial {tmp.name}, "
+                f"{kept}; free space or set checkpoint.dir to a larger disk, then resume")
+    return f"saving {name} to {root} failed{where} ({what}); removed the partial {tmp.name}, {kept}"
+
+
+def _save_failed(root: Path, tmp: Path, name: str, exc: Optional[BaseException]) -> CheckpointError:
+    """Remove the partial save and say what happened, in one line, the same on every rank (collective)."""
+    failures = [f for f in _gather(None if exc is None else _failure(exc, tmp)) if f is not None]
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    what = failures[0][0] if failures else "Error: unknown"
+    return CheckpointError(_save_failed_message(root, tmp, name, what, any(f[1] for f in failures)))
 
 
 def _write_shards(sharded: dict, tmp: Path, root: Path, name: str, step: int) -> None:
@@ -349,11 +357,10 @@ def _write_shards(sharded: dict, tmp: Path, root: Path, name: str, step: int) ->
     except Exception as exc:  # noqa: BLE001
         if _world() == 1:
             raise
+        what, no_space = _failure(exc, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        what = "no space left on device" if _no_space(exc) or _disk_nearly_full(root) else (
-            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
-        error = CheckpointError(f"saving {name} to {root} failed on rank {_rank()} ({what}); removed the partial "
-                                f"{tmp.name}, the previous checkpoint is intact; stopping every rank")
+        error = CheckpointError(_save_failed_message(root, tmp, name, what, no_space, f" on rank {_rank()}")
+                                + "; stopping every rank")
         error.same_on_every_rank = False
         raise error from exc
     finally:
@@ -444,7 +451,7 @@ def commit_checkpoint(root: Path, tmp: Path, meta: dict, keep_last: int = 0, kee
     _fsync_dir(Path(root))
     _atomic_write(Path(root) / LATEST, final.name + "\n")
     if keep_last > 0:
-        protect = [lineage.resumed_from] if lineage is not None and lineage.resumed_from else []
+        protect = [lineage.parent] if lineage is not None and lineage.parent else []
         _prune(root, keep_last, keep_every, protect)
     return final
 
@@ -559,20 +566,14 @@ def config_changes(saved: dict, current: dict, allowed: Iterable[str] = ()) -> l
 
 def check_compatible(path: Path, config: dict, vocab_size: Optional[int] = None,
                      allowed: Iterable[str] = ()) -> None:
-    """Refuse a checkpoint whose model (or objective) differs from the configured one, naming the keys, both
-    values and how to force it; and one whose tokenizer vocabulary differs."""
-    if "model" not in config:  # a bare model section (older callers)
-        config = {"model": config}
-    saved = saved_config(path)
-    diff = config_changes(saved, config, allowed) if "objective" in config else config_changes(
-        {"model": saved.get("model", {})}, config, allowed)
+    """Refuse a checkpoint whose model or objective (`config`: the resolved config as a dict) differs from the
+    configured one, naming the keys, both values and how to force it; and one whose tokenizer vocabulary differs."""
     saved_vocab = manifest(path).get("vocab_size")
-    vocab = []
     if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
-        vocab = [f"tokenizer vocabulary: checkpoint {saved_vocab} vs data.tokenizer {vocab_size}"]
-    if vocab:
-        raise CheckpointError(f"checkpoint {path} is for another tokenizer ({vocab[0]}); use the tokenizer it was "
-                              f"trained with or a fresh run directory")
+        raise CheckpointError(f"checkpoint {path} is for another tokenizer (tokenizer vocabulary: checkpoint "
+                              f"{saved_vocab} vs data.tokenizer {vocab_size}); use the tokenizer it was trained "
+                              f"with or a fresh run directory")
+    diff = config_changes(saved_config(path), config, allowed)
     if diff:
         keys = ",".join(d.split(":")[0] for d in diff)
         raise CheckpointError(f"checkpoint {path} was trained with another model ({'; '.join(diff)}); resuming would "
@@ -585,7 +586,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
                     allowed_changes: Iterable[str] = ()) -> tuple[TrainState, dict]:
     """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (megatron engine: any
     TP/PP/DP layout; deepspeed engine: the same data-parallel size), after verifying its checksums.
-    `model_cfg`: the resolved config (or its model section) to check the checkpoint against."""
+    `model_cfg`: the resolved config (as a dict) to check the checkpoint against."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); "

@@ -180,8 +180,8 @@ class Trainer:
                                         model_cfg=self.cfg.to_dict(), vocab_size=self.data.tokenizer.vocab_size,
                                         engine=self.engine, verify=c.verify, allowed_changes=c.allow_changes)
         saved = manifest(plan.target)
-        self.lineage = Lineage(run_id=saved.get("run_id") or Lineage().run_id, parent=plan.target.name,
-                               resumed_from=plan.target.name)
+        # a checkpoint from before lineages has no run_id: continue it under this run's (agreed) id
+        self.lineage = Lineage(run_id=saved.get("run_id") or self.lineage.run_id, parent=plan.target.name)
         if self.is_logger:
             print(f"resumed from {plan.target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)

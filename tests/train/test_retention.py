@@ -71,7 +71,7 @@ def test_resuming_an_older_step_moves_newer_ones_aside_and_keeps_the_resume_poin
                                                                                          "step_00000030"]
     apply_resume_plan(tmp_path, plan)
     assert latest_checkpoint(tmp_path).name == "step_00000010"  # a crash before the first save resumes here
-    branch = Lineage(run_id=lineage.run_id, parent="step_00000010", resumed_from="step_00000010")
+    branch = Lineage(run_id=lineage.run_id, parent="step_00000010")
     for step in (11, 12, 13):
         fake_save(tmp_path, step, branch, keep_last=1)
     assert steps_in(tmp_path) == [10, 13]  # the resume point survives keep_last=1 while this process runs
@@ -134,14 +134,14 @@ def _random_history(rng: random.Random, root: Path, ops: int) -> None:
             if plan.target is not None:
                 step = manifest(plan.target)["step"]
                 if op == "resume":  # a new process: a new resume point
-                    lineage = Lineage(manifest(plan.target)["run_id"], plan.target.name, plan.target.name)
+                    lineage = Lineage(manifest(plan.target)["run_id"], plan.target.name)
         elif op == "older":
             existing = complete_checkpoints(root)
             if existing:
                 plan = plan_resume(root, "auto", rng.choice(existing))
                 apply_resume_plan(root, plan)
                 step = manifest(plan.target)["step"]
-                lineage = Lineage(manifest(plan.target)["run_id"], plan.target.name, plan.target.name)
+                lineage = Lineage(manifest(plan.target)["run_id"], plan.target.name)
         else:
             try:
                 plan_resume(root, "never")
@@ -157,7 +157,7 @@ def _random_history(rng: random.Random, root: Path, ops: int) -> None:
             assert op == "save", f"{before[ident]} vanished during {op}"
             gone_step, gone_run = written[ident]
             assert gone_run == manifest(newest)["run_id"] and gone_step < manifest(newest)["step"]
-            assert before[ident].name != lineage.resumed_from
+            assert before[ident].name != lineage.parent
             assert not (keep_every and gone_step % keep_every == 0)
 
 
