@@ -32,14 +32,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launcher_rank() -> int:
-    """This process's rank as any launcher (torchrun, slurm, mpirun) exported it; 0 when none did."""
-    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recurdepth", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -78,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=r".*Transformer Engine.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from recurdepth.exits import ExitRecord
+    from recurdepth.exits import ExitRecord, launcher_rank
 
     record = ExitRecord.start()  # under RECURDEPTH_EXIT_DIR: how this process ended, for its launcher
     try:
@@ -93,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except RecurdepthError as exc:
         if os.environ.get("RECURDEPTH_DEBUG"):  # the full traceback, chained causes included
             raise
-        if _launcher_rank() == 0 or not exc.same_on_every_rank:  # the same error on every rank: say it once
+        if launcher_rank() == 0 or not exc.same_on_every_rank:  # the same error on every rank: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = USAGE_EXIT
     except KeyboardInterrupt:

@@ -390,13 +390,31 @@ class Config:
                      "use at least 1 optimizer step per stage")
 
 
-def _is_stop_signal(name: Any) -> bool:
-    """SIGTERM, TERM, sigterm: a signal Python can install a handler for (not SIGKILL/SIGSTOP)."""
+def stop_signal(name) -> "signal.Signals":
+    """`SIGTERM`, `TERM`, `sigterm` or 15 -> signal.SIGTERM; ValueError naming the valid ones otherwise (not
+    SIGKILL/SIGSTOP: no process can handle them)."""
     import signal
 
+    if isinstance(name, signal.Signals):
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        try:
+            return signal.Signals(name)
+        except ValueError:
+            pass
     text = str(name).strip().upper()
     text = text if text.startswith("SIG") else "SIG" + text
-    return isinstance(name, str) and text in signal.Signals.__members__ and text not in ("SIGKILL", "SIGSTOP")
+    if text in signal.Signals.__members__ and text not in ("SIGKILL", "SIGSTOP"):
+        return signal.Signals[text]
+    raise ValueError(f"{name!r} is not a signal a process can handle; use names such as SIGTERM, SIGUSR1, SIGINT")
+
+
+def _is_stop_signal(name: Any) -> bool:
+    """A signal *name* in a config (`stop_signal` accepts numbers too; a config names its signals)."""
+    try:
+        return isinstance(name, str) and stop_signal(name) is not None
+    except ValueError:
+        return False
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:

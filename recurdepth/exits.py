@@ -28,7 +28,8 @@ _RANK_KEYS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _STEP = re.compile(r"step_(\d+)$")
 
 
-def _env_rank(keys=_RANK_KEYS) -> int:
+def launcher_rank(keys=_RANK_KEYS) -> int:
+    """This process's rank as any launcher (torchrun, slurm, mpirun) exported it; 0 when none did."""
     for key in keys:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
@@ -53,8 +54,8 @@ class ExitRecord:
         return cls()
 
     def prepare(self, args) -> None:
-        """For `train`: the checkpoint folder (for the record) and `train.stop_signals` (for the trainer's
-        StopRequest). A config that does not load is left for the verb itself to report."""
+        """For `train`: the checkpoint folder (for the record). A config that does not load is left for the
+        verb itself to report."""
         self.verb = getattr(args, "verb", None)
         if self.verb != "train":
             return
@@ -65,13 +66,10 @@ class ExitRecord:
         except Exception:  # noqa: BLE001 - `train` reports it as its one error line
             return
         self.checkpoint_dir = cfg.checkpoint_dir
-        from recurdepth.train import guards
-
-        guards.configured_stop_signals = tuple(cfg.train.stop_signals)
 
     def fields(self, code) -> dict:
         code = 0 if code is None else code if isinstance(code, int) else 1
-        record = {"rank": _env_rank(), "local_rank": _env_rank(("LOCAL_RANK", "SLURM_LOCALID")),
+        record = {"rank": launcher_rank(), "local_rank": launcher_rank(("LOCAL_RANK", "SLURM_LOCALID")),
                   "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0), "pid": os.getpid(),
                   "verb": self.verb, "code": code, "stopped": None, "signal": None, "step": None, "checkpoint": None}
         if self.verb == "train":

@@ -26,27 +26,11 @@ from typing import Optional
 
 import torch
 
-DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-# the stop signals a StopRequest built without `signals` handles: `recurdepth train` sets it from train.stop_signals
-configured_stop_signals: tuple = DEFAULT_STOP_SIGNALS
+from recurdepth.config import stop_signal
+
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a StopRequest built without `signals`
 # the agreed stop of this process, once there is one: {"reason": ..., "signal": name or None}
 STOPPED: Optional[dict] = None
-
-
-def stop_signal(name) -> signal.Signals:
-    """`SIGTERM`, `TERM`, `sigterm` or 15 -> signal.SIGTERM; ValueError naming the valid ones otherwise."""
-    if isinstance(name, signal.Signals):
-        return name
-    if isinstance(name, int) and not isinstance(name, bool):
-        try:
-            return signal.Signals(name)
-        except ValueError:
-            pass
-    text = str(name).strip().upper()
-    text = text if text.startswith("SIG") else "SIG" + text
-    if text in signal.Signals.__members__ and text not in ("SIGKILL", "SIGSTOP"):
-        return signal.Signals[text]
-    raise ValueError(f"{name!r} is not a signal a process can handle; use names such as SIGTERM, SIGUSR1, SIGINT")
 
 
 class StopRequest:
@@ -56,7 +40,7 @@ class StopRequest:
         self.reason: Optional[str] = None
         self.received: Optional[str] = None  # the first stop signal's name
         self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
-        names = configured_stop_signals if signals is None else signals
+        names = DEFAULT_STOP_SIGNALS if signals is None else signals
         self.signals = tuple(dict.fromkeys(stop_signal(s) for s in names))
         self._previous = {}
         for sig in self.signals:
