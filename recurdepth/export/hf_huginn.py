@@ -88,10 +88,9 @@ def check_exportable(cfg: Config) -> None:
 
 def mean_recurrence(cfg: Config) -> int:
     """Huginn's default test-time depth: recurrence.eval_depth, else the sampler's mean (or fixed depth)."""
-    r = cfg.recurrence
-    if r.eval_depth:
-        return int(r.eval_depth)
-    return int(r.depth if r.sampler == "fixed" else round((r.low + r.high) / 2 if r.sampler == "uniform" else r.mean))
+    from recurdepth.model.depth import eval_depth
+
+    return eval_depth(cfg.recurrence)
 
 
 def huginn_config(cfg: Config, vocab_rows: int, ffn: int, dtype: str = "float32") -> dict:

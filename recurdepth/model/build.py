@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from recurdepth.config import Config
 from recurdepth.errors import ConfigError
+from recurdepth.model.depth import mean_depth
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
 from recurdepth.objectives.quiet_star import attach_quiet_star
@@ -54,9 +55,8 @@ def init_std(cfg: Config) -> float:
 
 def effective_depth(cfg: Config) -> float:
     """Layers a token passes through at the mean recurrence: P + R * mean(r) + C."""
-    m, r = cfg.model, cfg.recurrence
-    mean_r = r.depth if r.sampler == "fixed" else (r.low + r.high) / 2 if r.sampler == "uniform" else r.mean
-    return m.prelude_layers + m.core_layers * mean_r + m.coda_layers
+    m = cfg.model
+    return m.prelude_layers + m.core_layers * mean_depth(cfg.recurrence) + m.coda_layers
 
 
 def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, on_cpu: bool = True) -> TransformerConfig:

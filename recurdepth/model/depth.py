@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,27 @@ class BackpropWindow:
     @property
     def no_grad(self) -> int:
         return self.total - self.with_grad
+
+    def iterations(self) -> Iterator["Iteration"]:
+        """The loop, in order: iteration j = 1..r, with gradients only through the last `with_grad`. Every loop
+        over the core (the model's forward, the pipeline schedule's chunks, the pipelined objectives' passes,
+        the decoder) walks this, so the truncation rule is stated once."""
+        for j in range(1, self.total + 1):
+            yield Iteration(j, j > self.no_grad, j == self.no_grad + 1, j == self.total)
+
+    def grad_at(self, j: int) -> bool:
+        """Whether iteration j (1-based) carries gradients."""
+        return j > self.no_grad
+
+
+class Iteration(NamedTuple):
+    """One trip through the core: its 1-based `index`, whether it carries gradients, whether it is the
+    truncation point (the first grad iteration: nothing flows into its input state) and whether it is the last."""
+
+    index: int
+    grad: bool
+    first_grad: bool
+    last: bool
 
 
 class DepthSampler:
@@ -76,7 +98,26 @@ class DepthSampler:
         return BackpropWindow.of(self.sample(step), self.cfg.backprop_depth)
 
     def eval_depth(self) -> int:
-        c = self.cfg
-        if c.eval_depth is not None:
-            return c.eval_depth
-        return c.depth if c.sampler == "fixed" else max(1, round(c.mean))
+        return eval_depth(self.cfg)
+
+
+def mean_depth(cfg: RecurrenceConfig) -> float:
+    """The r a step runs on average, for FLOPs, memory and init: the configured mean (lognormal_poisson,
+    curriculum: its final mean), `depth` (fixed) or (low + high) / 2 (uniform), capped by `max_depth` as the
+    sampler caps every draw. The one definition: plan, init, FLOPs and reports import it."""
+    value = cfg.depth if cfg.sampler == "fixed" else (cfg.low + cfg.high) / 2 if cfg.sampler == "uniform" else cfg.mean
+    return min(value, cfg.max_depth) if cfg.max_depth is not None else value
+
+
+def max_depth(cfg: RecurrenceConfig) -> float:
+    """The largest r the sampler can draw (inf when unbounded)."""
+    top = {"fixed": cfg.depth, "uniform": cfg.high}.get(cfg.sampler, math.inf)
+    return min(top, cfg.max_depth) if cfg.max_depth is not None else top
+
+
+def eval_depth(cfg: RecurrenceConfig) -> int:
+    """r for validation and the exported model's default: `eval_depth`, else `depth` (fixed), else the rounded
+    mean depth (at least 1)."""
+    if cfg.eval_depth:
+        return int(cfg.eval_depth)
+    return int(cfg.depth) if cfg.sampler == "fixed" else max(1, round(mean_depth(cfg)))

@@ -44,7 +44,9 @@ class TrainResult:
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+    from recurdepth.precision import uses_bf16
+
+    if uses_bf16(cfg.train.precision, device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
