@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from recurdepth.errors import ConfigError
+from recurdepth.objectives.base import ObjectiveSection
 
 
 @dataclass
@@ -178,30 +179,6 @@ class LoggingConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """What a micro-batch's loss is (recurdepth/objectives): the plain LM loss, or a thought-token objective
-    that gives the model extra computation through tokens. See docs/objectives.md."""
-
-    kind: Literal["lm", "pause", "quiet_star", "coconut"] = "lm"
-    # quiet_star (Zelikman et al. 2024): T thought tokens after every position, scored on the next n_ahead tokens
-    thought_length: int = 8  # quiet_star: T sampled thought tokens between <|start_thought|> and <|end_thought|>
-    n_ahead: int = 4  # quiet_star: true tokens predicted (teacher-forced) after each thought
-    n_passes: int = 2  # quiet_star: thoughts sampled per position; their mean reward is the REINFORCE baseline
-    reinforce_weight: float = 1.0  # quiet_star: weight of the REINFORCE term on the thought tokens
-    thought_temperature: float = 1.0  # quiet_star: sampling temperature of thought tokens (and of their log-probs)
-    base_loss_weight: float = 0.5  # quiet_star: share of the plain LM loss in the NLL (the rest: the mixed loss)
-    checkpoint_thoughts: bool = False  # quiet_star: recompute each thought pass in backward instead of storing it
-    # pause (Goyal et al. 2023): learned <pause> tokens; no loss where the next token is a pause
-    pause_fraction: float = 0.1  # pause: share of every pretraining sequence that is pauses, at random positions
-    pause_count: int = 0  # pause: M pauses between prompt and answer of procedural samples (finetuning)
-    pause_variant: Literal["pause", "filler"] = "pause"  # filler: "." instead of <pause>, and a target (Pfau et al.)
-    # coconut (Hao et al. 2024): stage k replaces the first k reasoning steps by k*c continuous thoughts
-    coconut_thoughts_per_step: int = 1  # coconut: c latents per replaced step
-    coconut_max_stage: int = 3  # coconut: most steps replaced; the stage after it drops every language step
-    coconut_stage_steps: int = 100  # coconut: optimizer steps per curriculum stage (stage = step // this)
-
-
-@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine (`train.engine: deepspeed`): ZeRO data parallelism; this section maps onto the
     DeepSpeed config written into the run directory (`deepspeed_config.json`)."""
@@ -223,7 +200,7 @@ SECTIONS = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
-    "objective": ObjectiveConfig,
+    "objective": ObjectiveSection,
     "deepspeed": DeepSpeedConfig,
 }
 
@@ -240,7 +217,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)  # its class is the kind's (registry)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict:
@@ -299,14 +276,14 @@ class Config:
         _require(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "use >= 0")
         for key in self.checkpoint.allow_changes:
             section, _, name = str(key).partition(".")
-            _require(section in ("model", "objective") and name in {f.name for f in fields(SECTIONS[section])},
+            section_fields = fields(self.objective if section == "objective" else SECTIONS.get(section, ModelConfig))
+            _require(section in ("model", "objective") and name in {f.name for f in section_fields},
                      "checkpoint.allow_changes", key, "name keys of the model or objective section, e.g. "
                      "[model.rotary_base]")
         if t.engine == "deepspeed":
             self._validate_deepspeed()
         self._validate_sources()
-        self._validate_quiet_star()
-        self._validate_pause_and_coconut()
+        self.objective.validate(self)  # the objective's own rules (recurdepth/objectives)
         return self
 
     def _validate_deepspeed(self) -> None:
@@ -350,44 +327,6 @@ class Config:
         if d.tokenizer == "sentencepiece":
             _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
                      "tokenizer=sentencepiece needs the .model file written by `recurdepth data tokenizer`")
-
-
-    def _validate_quiet_star(self) -> None:
-        o = self.objective
-        if o.kind != "quiet_star":
-            return
-        _require(o.thought_length >= 1, "objective.thought_length", o.thought_length, "use at least 1 thought token")
-        _require(1 <= o.n_ahead < self.model.seq_length, "objective.n_ahead", o.n_ahead,
-                 f"use 1 <= n_ahead < model.seq_length={self.model.seq_length}")
-        _require(o.n_passes >= 1, "objective.n_passes", o.n_passes, "use at least 1 thought per position")
-        _require(o.reinforce_weight >= 0, "objective.reinforce_weight", o.reinforce_weight, "use a weight >= 0")
-        _require(o.n_passes >= 2 or o.reinforce_weight == 0, "objective.n_passes", o.n_passes,
-                 "REINFORCE needs n_passes >= 2 (their mean reward is the baseline), or set reinforce_weight=0")
-        _require(o.thought_temperature > 0, "objective.thought_temperature", o.thought_temperature,
-                 "use a temperature > 0")
-        _require(0 <= o.base_loss_weight <= 1, "objective.base_loss_weight", o.base_loss_weight, "use 0 <= w <= 1")
-        _require(not self.parallel.sequence_parallel, "parallel.sequence_parallel", True,
-                 "objective.kind=quiet_star does not support sequence parallelism yet; set it to false")
-        _require(not (o.checkpoint_thoughts and self.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
-                 "per-thought checkpointing is single-stage only; set it to false with parallel.pipeline > 1")
-
-
-    def _validate_pause_and_coconut(self) -> None:
-        o, s = self.objective, self.model.seq_length
-        if o.kind == "pause":
-            _require(0 <= o.pause_fraction < 1, "objective.pause_fraction", o.pause_fraction,
-                     "use a share 0 <= f < 1 of each sequence")
-            _require(round(o.pause_fraction * s) < s - 1, "objective.pause_fraction", o.pause_fraction,
-                     f"leave at least 2 real tokens per sequence of model.seq_length={s}")
-            _require(o.pause_count >= 0, "objective.pause_count", o.pause_count, "use 0 or more pauses")
-            _require(o.pause_fraction > 0 or o.pause_count > 0, "objective.pause_fraction", o.pause_fraction,
-                     "objective.kind=pause inserts no pause; set pause_fraction > 0 (pretraining) or pause_count > 0")
-        if o.kind == "coconut":
-            _require(o.coconut_thoughts_per_step >= 1, "objective.coconut_thoughts_per_step",
-                     o.coconut_thoughts_per_step, "use at least 1 latent per step")
-            _require(o.coconut_max_stage >= 0, "objective.coconut_max_stage", o.coconut_max_stage, "use 0 or more")
-            _require(o.coconut_stage_steps >= 1, "objective.coconut_stage_steps", o.coconut_stage_steps,
-                     "use at least 1 optimizer step per stage")
 
 
 def stop_signal(name) -> "signal.Signals":
@@ -457,8 +396,45 @@ def config_from_dict(raw: dict) -> Config:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
-        sections[name] = _build_section(name, SECTIONS[name], value)
+        if name == "objective":
+            sections[name] = _build_objective_section(value)
+        else:
+            sections[name] = _build_section(name, SECTIONS[name], value)
     return Config(**sections).validate()
+
+
+def _build_objective_section(values: dict):
+    """The `objective` section as the dataclass of its kind (each objective owns its options). A key of another
+    kind's section is refused with the kind it belongs to, unless it holds that kind's default (configs saved
+    before sections were per kind list every objective's options)."""
+    from recurdepth.objectives.registry import OBJECTIVES, section_class
+
+    kind = values.get("kind", "lm")
+    if not isinstance(kind, str):
+        raise ConfigError(f"objective.kind={kind!r} must be a name, e.g. lm")
+    cls = section_class(kind)
+    own = {f.name for f in dataclasses.fields(cls)}
+    kept = {}
+    for key, value in values.items():
+        if key in own:
+            kept[key] = value
+            continue
+        for other in sorted(OBJECTIVES):
+            if other == kind:
+                continue
+            try:
+                other_cls = section_class(other)
+            except Exception:  # noqa: BLE001 - a broken plug-in must not hide this key's error
+                continue
+            defaults = {f.name: f.default for f in dataclasses.fields(other_cls)}
+            if key in defaults:
+                if value == defaults[key]:
+                    break
+                raise ConfigError(f"objective.{key} is an option of objective.kind={other}, not of {kind}; set "
+                                  f"objective.kind={other} or remove objective.{key}")
+        else:
+            kept[key] = value  # unknown everywhere: _build_section names it with a suggestion
+    return _build_section("objective", cls, kept)
 
 
 def _build_section(section: str, cls: type, values: dict):

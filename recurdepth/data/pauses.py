@@ -1,13 +1,14 @@
-"""Pause tokens in the data (Goyal et al. 2023, arXiv 2310.02226; filler tokens: Pfau et al. 2024).
+"""Tokens inserted into the data at random positions: the data side of the pause objective (Goyal et al. 2023,
+arXiv 2310.02226; filler tokens: Pfau et al. 2024), which decides the token and how many (objectives/pause.py).
 
-Pretraining (`objective.pause_fraction` f): every training sequence of s tokens holds n = round(f s) pause
+Pretraining (pause fraction f): every training sequence of s tokens holds n = round(f s) pause
 tokens at random positions and s - n real tokens. megatron's GPTDataset packs windows of s - n + 1 real
 tokens (so no text is lost or repeated) and `PauseInserted` spreads n pauses over the s + 1 positions, drawn
 from (seed, global sample index): the same sequence under every data-parallel layout and after a resume.
 A label that is a pause carries no loss (the model is never asked to predict a pause); with the `filler`
 variant the inserted token is an ordinary "." and is a target (supervised filler: the model learns to emit it).
 
-Finetuning (`objective.pause_count` M): procedural samples are written as prompt, M pauses, answer, with the
+Finetuning (M pauses per sample): procedural samples are written as prompt, M pauses, answer, with the
 loss on the answer only (`encode_with_mask(..., filler=...)`, procedural_corpus.py).
 """
 
@@ -15,30 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from recurdepth.errors import DataError
 from recurdepth.seeding import derive_seed
 
 _PAUSE_STREAM = 0xA05E
-
-
-def pause_token(cfg, tokenizer) -> tuple[int, bool]:
-    """(token id, supervised) of the inserted token: `<pause>` (never a target) or the filler "." (a target)."""
-    from recurdepth.data.tokenizer import require_special_tokens
-
-    if cfg.objective.pause_variant == "filler":
-        ids = tokenizer.tokenize(".")
-        if len(ids) != 1:
-            raise DataError(f"objective.pause_variant=filler needs \".\" to be one token, but the tokenizer encodes it "
-                            f"as {ids}; use objective.pause_variant=pause")
-        return ids[0], True
-    return require_special_tokens(tokenizer, ("<pause>",), "objective.kind=pause")["<pause>"], False
-
-
-def pauses_per_sequence(cfg) -> int:
-    """n = round(pause_fraction * seq_length) pauses in each pretraining sequence (0 unless objective.kind=pause)."""
-    if cfg.objective.kind != "pause":
-        return 0
-    return int(round(cfg.objective.pause_fraction * cfg.model.seq_length))
 
 
 def insert_pauses(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, positions: torch.Tensor,

@@ -21,10 +21,10 @@ import torch
 from recurdepth.config import Config
 from recurdepth.data.builtin_corpus import prepare_builtin_corpus
 from recurdepth.data.masked import MaskedGPTDataset, has_mask, mask_prefix
-from recurdepth.data.pauses import PauseInserted, pause_token, pauses_per_sequence
 from recurdepth.data.stepwise import optional_problems
 from recurdepth.data.tokenizer import build_tokenizer
 from recurdepth.errors import DataError
+from recurdepth.objectives.registry import objective_class
 
 
 @dataclass
@@ -53,10 +53,11 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
 
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_model)
-    if cfg.objective.kind == "coconut":  # one step-by-step problem per sample, never packed
-        return stepwise_datasets(cfg, tokenizer, train_samples, valid_samples)
-    pause = pause_token(cfg, tokenizer) if cfg.objective.kind == "pause" else None
-    n_pauses = pauses_per_sequence(cfg)
+    objective = objective_class(cfg.objective.kind)  # the objective's data hooks (objectives/base.py)
+    own = objective.datasets(cfg, tokenizer, train_samples, valid_samples)
+    if own is not None:
+        return Datasets(tokenizer=tokenizer, train=own[0], valid=own[1])
+    n_reserved = objective.reserved_positions(cfg)
     parse_split(d.split)  # a malformed data.split is refused before any source is prepared
     if is_rank_zero:
         prefixes = resolve_sources(cfg, tokenizer)
@@ -67,7 +68,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
     blend = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
     gpt_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length - n_pauses,  # pauses fill the sequence up to seq_length
+        sequence_length=cfg.model.seq_length - n_reserved,  # the objective fills the sequence up to seq_length
         blend=([p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None),
         split=d.split,
         tokenizer=tokenizer,
@@ -88,9 +89,8 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
     gpt_config.split_matrix = plan.split_matrix
     train, valid, _ = BlendedMegatronDatasetBuilder(
         MaskedGPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config).build()
-    if n_pauses:
-        train, valid = (PauseInserted(ds, pause[0], n_pauses, cfg.train.seed, pause[1]) if ds is not None else None
-                        for ds in (train, valid))
+    train = objective.transform_dataset(cfg, tokenizer, train, "train")
+    valid = objective.transform_dataset(cfg, tokenizer, valid, "valid")
     return Datasets(tokenizer=tokenizer, train=train, valid=valid)
 
 
@@ -256,19 +256,6 @@ def source_names(cfg: Config, blend: list, prefixes: list) -> list[str]:
     return [by_prefix.get(p, p) for p, _ in blend]
 
 
-def stepwise_datasets(cfg: Config, tokenizer, train_samples: int, valid_samples: int) -> Datasets:
-    """Coconut's data: step-by-step problems from the procedural sources, checked to fit every stage."""
-    from recurdepth.data.stepwise import StepwiseProblems, check_fits, stage_layouts
-
-    o, s = cfg.objective, cfg.model.seq_length
-    train, valid = (StepwiseProblems(cfg.data.sources, tokenizer, max(n, 1), s, cfg.train.seed, split)
-                    for n, split in ((train_samples, "train"), (valid_samples, "test")))
-    layouts = stage_layouts(o.coconut_thoughts_per_step, o.coconut_max_stage)
-    for ds in (train, valid):
-        check_fits(ds, layouts, s)
-    return Datasets(tokenizer=tokenizer, train=train, valid=valid)
-
-
 def resolve_sources(cfg: Config, tokenizer) -> list[str]:
     """The indexed-dataset prefix of every configured source, preparing builtin/procedural ones on first use."""
     d = cfg.data
@@ -279,10 +266,11 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
         elif "procedural" in src:
             from recurdepth.data.procedural_corpus import prepare_procedural_corpus
 
-            pad_to = cfg.model.seq_length - pauses_per_sequence(cfg) if src.get("pad") else 0
+            objective = objective_class(cfg.objective.kind)
+            pad_to = cfg.model.seq_length - objective.reserved_positions(cfg) if src.get("pad") else 0
             prefixes.append(prepare_procedural_corpus(
                 src["procedural"], int(src.get("n", 10000)), src.get("difficulty"), int(src.get("seed", 0)),
-                tokenizer, d.cache_dir, pad_to=pad_to, **answer_pauses(cfg, tokenizer)))
+                tokenizer, d.cache_dir, pad_to=pad_to, **objective.procedural_options(cfg, tokenizer)))
         else:
             from recurdepth.data.preprocess import check_indexed_dataset, check_tokenizer_matches
 
@@ -296,16 +284,6 @@ def resolve_sources(cfg: Config, tokenizer) -> list[str]:
             check_tokenizer_matches(prefix, tokenizer, require_manifest=False)
             prefixes.append(prefix)
     return prefixes
-
-
-def answer_pauses(cfg: Config, tokenizer) -> dict:
-    """Finetuning with pauses: `objective.pause_count` pauses (or supervised fillers) between the prompt and the
-    answer of every procedural sample (keyword arguments of `prepare_procedural_corpus`)."""
-    o = cfg.objective
-    if o.kind != "pause" or not o.pause_count:
-        return {}
-    token, supervised = pause_token(cfg, tokenizer)
-    return {"filler": (token,) * o.pause_count, "filler_target": supervised}
 
 
 def content_fingerprint(prefixes: list[str]) -> str:

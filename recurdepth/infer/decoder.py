@@ -1,7 +1,7 @@
 """Incremental (KV-cached) forward of a `LoopedGPTModel`, with adaptive depth per token.
 
-The same equations as the model's own forward, run on its own submodules (norms, `linear_qkv`, `linear_proj`,
-MLP, adapter, embedding, output layer), a few positions at a time:
+The model's own forward (`embed`, `iteration`, `head`), a few positions at a time, with every layer's
+self-attention replaced through the model's `attend_for` hook by one over a KV cache:
 
     e_t  = prelude(embed(x_t) * scale)                       # keys/values cached per prelude layer
     s_0  = 0 | TruncNormal * scale | s_r of token t-1 (warm start)
@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from recurdepth.infer.kv_cache import LoopedKVCache
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.model.layers import apply_rope
 
 INITS = ("zeros", "random")
 
@@ -69,20 +70,17 @@ class LoopedDecoder:
         self.generator = torch.Generator().manual_seed(options.seed)
         self.depths: list[torch.Tensor] = []
 
-    # ------------------------------------------------------------------ one transformer block, cached
+    # ------------------------------------------------------------------ the model's blocks, with a cache
 
     def _attention(self, layer, x: torch.Tensor, name: str, start: int, iteration: Optional[int],
                    rows: Optional[torch.Tensor]) -> torch.Tensor:
-        """Self-attention of positions [start, start + s) over the cache; x `[s, b, h]` (already normed)."""
+        """Self-attention of positions [start, start + s) over the cache; x `[s, b, h]` (already normed): the
+        layer's own q/k/v projection and RoPE, keys/values kept in the cache, the layer's output projection."""
         attn = layer.self_attention
-        mixed, _ = attn.linear_qkv(x)
+        q, k, v = attn.get_query_key_value_tensors(x)  # [s, b, n, hn], k/v with the query groups' heads
         s, b = x.shape[:2]
-        per_group = self.heads // self.groups
-        mixed = mixed.view(s, b, self.groups, (per_group + 2) * self.head_dim)
-        q, k, v = torch.split(mixed, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        q = q.reshape(s, b, self.heads, self.head_dim)
         freqs = self.rope_table[start:start + s]
-        q, k = _apply_rotary_pos_emb_bshd(q, freqs), _apply_rotary_pos_emb_bshd(k, freqs)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, hn]
         keys, values = self.cache.update(name, k, v, start, iteration, rows)
         mask = None
@@ -93,59 +91,35 @@ class LoopedDecoder:
         out, bias = attn.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim))
         return out if bias is None else out + bias
 
-    def _block(self, layer, x: torch.Tensor, name: str, start: int, iteration: Optional[int] = None,
-               rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`LoopedTransformerLayer.forward` with cached attention."""
-        return layer(x, attend=lambda normed: self._attention(layer, normed, name, start, iteration, rows))
-
-    # ------------------------------------------------------------------ the equations
-
-    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        e = self.model.embedding(input_ids=tokens, position_ids=None)
-        if self.model.model_cfg.embedding_scale != 1.0:
-            e = e * self.model.model_cfg.embedding_scale
-        for i, layer in self.model.prelude.items():
-            e = self._block(layer, e, f"prelude.{i}", start)
-        return e
-
-    def _core_step(self, state, e, start: int, iteration: int, rows=None) -> torch.Tensor:
-        x = self.model.adapter(state, e)
-        for j, layer in self.model.core.items():
-            x = self._block(layer, x, f"core.{j}", start, iteration, rows)
-        return x
-
-    def _head(self, state: torch.Tensor, start: int) -> torch.Tensor:
-        model = self.model
-        x = model.final_layernorm(state) if model.model_cfg.norm_before_coda else state
-        for i, layer in model.coda.items():
-            x = self._block(layer, x, f"coda.{i}", start)
-        x = model.final_layernorm(x)
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-        logits, _ = model.output_layer(x, weight=weight)
-        return logits  # [s, b, V]
+    def _cached(self, start: int, iteration: Optional[int] = None, rows: Optional[torch.Tensor] = None):
+        """The model's `attend_for` hook: each layer attends through the cache (slot `iteration` for core layers)."""
+        def attend_for(name: str, layer):
+            slot = iteration if name.startswith("core.") else None
+            return lambda normed: self._attention(layer, normed, name, start, slot, rows)
+        return attend_for
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
         if self.options.warm_start and self.prev_state is not None and e.shape[0] == 1:
             return self.prev_state
         if self.options.init == "zeros":
             return torch.zeros_like(e)
-        std = self.model.state_std
-        draw = torch.nn.init.trunc_normal_(torch.empty(e.shape, dtype=e.dtype), 0.0, std, -3 * std, 3 * std,
-                                           generator=self.generator)
-        return draw.to(e.device) * self.model.model_cfg.embedding_scale
+        return self.model.draw_state(e.shape, e.dtype, self.generator).to(e.device)
+
+    def _head(self, state: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model.head(state, attend_for=self._cached(start)).transpose(0, 1)  # logits [s, b, V]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, s0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append `tokens [b, s]` at the next positions; their logits `[b, s, V]`. `s0 [s, b, h]` overrides the
         initial state. Adaptive exit applies to single positions (s = 1); longer chunks run the full depth."""
         start, s = self.cache.length, tokens.shape[1]
-        e = self._embed(tokens.to(self.device), start)
+        e = self.model.embed(tokens.to(self.device), attend_for=self._cached(start))
         state = self._initial_state(e) if s0 is None else s0.to(e)
         depth, eps = self.options.depth, self.options.exit_kl
         b = tokens.shape[0]
         if eps is None or s > 1:
-            for i in range(depth):
-                state = self._core_step(state, e, start, i)
+            for it in BackpropWindow(depth, 0).iterations():
+                state = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1))
             used = torch.full((b,), depth, dtype=torch.long)
             logits = self._head(state, start)
         else:
@@ -162,8 +136,8 @@ class LoopedDecoder:
         active = torch.ones(b, dtype=torch.bool, device=state.device)
         used = torch.zeros(b, dtype=torch.long)
         logits, prev_logp = None, None
-        for i in range(self.options.depth):
-            new = self._core_step(state, e, start, i, rows=active)
+        for it in BackpropWindow(self.options.depth, 0).iterations():
+            new = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1, active))
             state = torch.where(active.view(1, -1, 1), new, state)
             used += active.cpu().long()
             new_logits = self._head(state, start)

@@ -20,7 +20,6 @@ from recurdepth.errors import ConfigError
 from recurdepth.model.depth import mean_depth
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
-from recurdepth.objectives.quiet_star import attach_quiet_star
 from recurdepth.seeding import derive_seed
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
@@ -124,9 +123,22 @@ def use_transformer_engine(cfg: Config, device: torch.device | str) -> bool:
     return True
 
 
+def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """The embedding and output rows: `model.vocab_size` when set (at least the tokenizer's: the extra rows are
+    padding no token id reaches), else the tokenizer's; rounded up to `model.make_vocab_size_divisible_by`."""
+    wanted = cfg.model.vocab_size
+    if wanted is not None and wanted < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={wanted} is smaller than the tokenizer's vocabulary ({tokenizer_vocab} "
+                          f"ids); set model.vocab_size >= {tokenizer_vocab} or null (= the tokenizer's)")
+    return padded_vocab_size(wanted or tokenizer_vocab, cfg.model.make_vocab_size_divisible_by)
+
+
 def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> LoopedGPTModel:
-    """Build and initialise the looped model for this rank (parallel_state must be initialised)."""
+                device: torch.device | str = "cpu", extra_modules=None) -> LoopedGPTModel:
+    """Build and initialise the looped model for this rank (parallel_state must be initialised). `vocab_size` is
+    the tokenizer's (`model_vocab_size` gives the rows); `extra_modules(cfg, first_stage, last_stage)` (default:
+    the configured objective's `extra_modules`) names the submodules registered on the model before its
+    initialisation, so DDP, the optimizer and checkpoints see them."""
     use_te = use_transformer_engine(cfg, device)
     tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -136,12 +148,16 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
         core_range = (0, cfg.model.core_layers) if pp_rank == 0 else (cfg.model.core_layers,) * 2
     else:
         core_range = (pp_rank * per_stage, (pp_rank + 1) * per_stage)
-    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence,
-                           padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, model_vocab_size(cfg, vocab_size),
                            seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
                            post_process=pp_rank == pp_size - 1,
                            core_range=core_range)
-    attach_quiet_star(model, cfg)  # objective weights live in the model: DDP, optimizer and checkpoints see them
+    if extra_modules is None:
+        from recurdepth.objectives.registry import objective_class
+
+        extra_modules = objective_class(cfg.objective.kind).extra_modules
+    for name, module in extra_modules(cfg, model.pre_process, model.post_process).items():
+        model.add_module(name, module)  # construction: the objective's weights live in the model
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
     initialize_parameters(model, cfg)
@@ -152,67 +168,12 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """`torch.compile` every transformer block in place (`train.compile`): inductor fuses the norms, RoPE, SwiGLU
-    and residual adds around the matmuls. The loop, its no-grad/grad split and checkpointing stay eager, so the
-    graphs are one block each (grad and no-grad variants), shared by every block of the same shape. A block's
-    graph must not break (tests/model/test_compile.py counts breaks): each break is a separate graph and loses
-    the fusion across it."""
-    import warnings
-
-    from megatron.core.tensor_parallel import RowParallelLinear
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
+    and residual adds around the matmuls, one graph per block; the workarounds that keep each block one graph are
+    megatron patches, so they live (under the version gate) in `recurdepth.compat.compile`."""
+    from recurdepth.compat.compile import compile_blocks as compile_transformer_blocks
     from recurdepth.model.layers import LoopedTransformerLayer
 
-    blocks = [m for m in model.modules() if isinstance(m, (LoopedTransformerLayer, TransformerLayer))]
-    dynamo = torch._dynamo.config
-    dynamo.reorderable_logging_functions.add(warnings.warn)  # megatron's one-time warnings would split the graph
-    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(blocks))  # grad/no-grad x per-block constants
-    for block in blocks:
-        for linear in block.modules():
-            if isinstance(linear, RowParallelLinear):
-                _bind_row_parallel_group(linear)
-        _compile_block(block)
-
-
-def _compile_block(block: torch.nn.Module) -> None:
-    """Compile `block.forward` (the module, its parameters and state-dict keys stay as they are) behind an eager
-    wrapper that hands our attention RoPE as ready (cos, sin) tables instead of frequencies (`rope_cos_sin`)."""
-    from recurdepth.model.layers import LoopedTransformerLayer, RotarySelfAttention, rope_cos_sin
-
-    if not isinstance(getattr(block, "self_attention", None), RotarySelfAttention):  # TE / megatron attention
-        block.compile(dynamic=False)
-        return
-    body = torch.compile(block.forward, dynamic=False)
-    looped = isinstance(block, LoopedTransformerLayer)
-
-    def forward(*args, **kwargs):
-        if looped and len(args) > 1 and torch.is_tensor(args[1]):
-            args = (args[0], rope_cos_sin(args[1], args[0].dtype), *args[2:])
-        elif torch.is_tensor(kwargs.get("rotary_pos_emb")) and kwargs.get("rotary_pos_cos") is None:
-            x = args[0] if args else kwargs["hidden_states" if not looped else "x"]
-            cos, sin = rope_cos_sin(kwargs["rotary_pos_emb"], x.dtype)
-            if looped:
-                kwargs["rotary_pos_emb"] = (cos, sin)
-            else:
-                kwargs.update(rotary_pos_emb=None, rotary_pos_cos=cos, rotary_pos_sin=sin)
-        return body(*args, **kwargs)
-
-    block.forward = forward
-
-
-def _bind_row_parallel_group(linear) -> None:
-    """megatron's `RowParallelLinear.forward` passes `tp_group=None` to its matmul, which then looks the default
-    TP group up and, on rank 0, calls `warnings.warn(..., DeprecationWarning)` on every call: a graph break in every
-    compiled block. The group is unused on that path (row-parallel: no dgrad all-reduce, no sequence parallelism
-    inside the matmul), so hand it the layer's own group instead."""
-    impl = linear._forward_impl
-
-    def forward_impl(input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", 0) is None:
-            kwargs["tp_group"] = linear.tp_group
-        return impl(input, weight, *args, **kwargs)
-
-    linear._forward_impl = forward_impl
+    compile_transformer_blocks(model, (LoopedTransformerLayer,))
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:

@@ -39,7 +39,11 @@ class BackpropWindow:
         over the core (the model's forward, the pipeline schedule's chunks, the pipelined objectives' passes,
         the decoder) walks this, so the truncation rule is stated once."""
         for j in range(1, self.total + 1):
-            yield Iteration(j, j > self.no_grad, j == self.no_grad + 1, j == self.total)
+            yield self.iteration(j)
+
+    def iteration(self, j: int) -> "Iteration":
+        """Iteration j (1-based) of this window."""
+        return Iteration(j, j > self.no_grad, j == self.no_grad + 1, j == self.total)
 
     def grad_at(self, j: int) -> bool:
         """Whether iteration j (1-based) carries gradients."""

@@ -101,33 +101,46 @@ def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
     return _ROPE_CACHE[0][2], _ROPE_CACHE[0][3]
 
 
+def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE of `t [s, b, n, d]` at the frequencies `freqs [s, 1, 1, d]` (float64 angles), as the model's attention
+    applies it (`_ApplyRotary`, megatron's non-interleaved formula)."""
+    cos, sin = rope_cos_sin(freqs, t.dtype)
+    return _ApplyRotary.apply(t, cos, sin)
+
+
+_FAST_PATH_UNSUPPORTED = ("key_value_states", "inference_context", "rotary_pos_cos_sin", "packed_seq_params",
+                          "sequence_len_offset", "inference_params")
+
+
 class RotarySelfAttention(SelfAttention):
     """megatron-core `SelfAttention` whose training/eval forward (no KV cache, no packed sequences, full-width
     non-interleaved RoPE) applies RoPE with `_ApplyRotary` and cos/sin computed once per frequency table (or
     given as `rotary_pos_cos`/`rotary_pos_sin` `[s, 1, 1, d]` instead of `rotary_pos_emb`); every other case is
     megatron's own forward. `[s, b, h] -> ([s, b, h], bias)`."""
 
-    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
-                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
-                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        """Our fast path for the keyword calls the looped layer makes (`rotary_pos_emb=`, or `rotary_pos_cos=` and
+        `rotary_pos_sin=`); anything else (positional extras, KV cache, packed sequences, other RoPE variants)
+        is megatron's own forward with the arguments untouched, so its signature is never restated here."""
         c = self.config
-        special = (key_value_states, inference_context, rotary_pos_cos_sin, packed_seq_params, sequence_len_offset,
-                   inference_params)
-        given = rotary_pos_cos is not None and rotary_pos_sin is not None and rotary_pos_emb is None
-        table = rotary_pos_cos if given else rotary_pos_emb
-        if (any(x is not None for x in special) or not torch.is_tensor(table) or c.rotary_interleaved
-                or (not given and (rotary_pos_cos is not None or rotary_pos_sin is not None))
+        emb, cos, sin = (kwargs.get(k) for k in ("rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin"))
+        given = cos is not None and sin is not None and emb is None
+        table = cos if given else emb
+        if (args or any(kwargs.get(k) is not None for k in _FAST_PATH_UNSUPPORTED)
+                or set(kwargs) - {"rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin", "attention_bias",
+                                  *_FAST_PATH_UNSUPPORTED}
+                or not torch.is_tensor(table) or c.rotary_interleaved
+                or (not given and (cos is not None or sin is not None))
                 or c.multi_latent_attention or c.attention_output_gate or c.no_rope_freq or c.apply_rope_fusion
                 or self.checkpoint_core_attention or getattr(c, "yarn_rotary_scaling_factor", None) is not None
                 or table.shape[-1] != self.hidden_size_per_attention_head):
-            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
-                                   rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
-                                   packed_seq_params, sequence_len_offset, inference_params=inference_params)
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         query, key, value = self.get_query_key_value_tensors(hidden_states)
-        cos, sin = (rotary_pos_cos, rotary_pos_sin) if given else rope_cos_sin(rotary_pos_emb, query.dtype)
+        if not given:
+            cos, sin = rope_cos_sin(emb, query.dtype)
         query, key = _ApplyRotary.apply(query, cos, sin), _ApplyRotary.apply(key, cos, sin)
         out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                                  attention_bias=attention_bias)
+                                  attention_bias=kwargs.get("attention_bias"))
         return self.linear_proj(out)
 
 

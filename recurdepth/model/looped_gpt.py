@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from recurdepth.config import ModelConfig, RecurrenceConfig
-from recurdepth.model.depth import BackpropWindow
+from recurdepth.model.depth import BackpropWindow, Iteration
 from recurdepth.seeding import derive_seed
 from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules
 
@@ -92,10 +92,20 @@ class LoopedGPTModel(LanguageModule):
         self.last_health: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ the equations
+    #
+    # Each block call takes an optional `attend_for(name, layer)`: given a layer's global name ("prelude.0",
+    # "core.3", "coda.1") it returns the `attend(normed_x)` hook that replaces that layer's self-attention
+    # (the KV-cached decoder), or None for the layer's own attention.
+
+    def _blocks(self, stack: str, x: torch.Tensor, rope, attention_mask, attend_for=None) -> torch.Tensor:
+        for i, layer in getattr(self, stack).items():
+            attend = None if attend_for is None else attend_for(f"{stack}.{i}", layer)
+            x = layer(x, rope, attention_mask, attend=attend)
+        return x
 
     def embed(self, input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor] = None,
-              position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
-              ) -> torch.Tensor:
+              position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+              attend_for=None) -> torch.Tensor:
         """`[b, s]` token ids (or ready token embeddings `inputs_embeds [b, s, h]`) -> `e = prelude(embed(x) *
         scale)` as `[s, b, h]` (this rank's sequence slice under sequence parallelism)."""
         if inputs_embeds is None:
@@ -106,15 +116,22 @@ class LoopedGPTModel(LanguageModule):
                 e = tensor_parallel.scatter_to_sequence_parallel_region(e)
         if self.model_cfg.embedding_scale != 1.0:
             e = e * self.model_cfg.embedding_scale
-        rope = self.rope(self.full_seq_len(e), position_ids)
-        for layer in self.prelude.values():
-            e = layer(e, rope, attention_mask)
-        return e
+        rope = None if attend_for is not None else self.rope(self.full_seq_len(e), position_ids)
+        return self._blocks("prelude", e, rope, attention_mask, attend_for)
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The word embeddings `[b, s, h]` of `input_ids` (reduced over TP, whole sequence, unscaled): what
         `inputs_embeds` expects, for objectives that splice other vectors in (continuous thoughts)."""
         return self.embedding.word_embeddings(input_ids)
+
+    def draw_state(self, shape: Sequence[int], dtype: torch.dtype, generator: Optional[torch.Generator] = None
+                   ) -> torch.Tensor:
+        """A truncated normal (+-3 std) of `shape` on the CPU from `generator`, scaled by embedding_scale: the
+        initial-state distribution (`initial_state` seeds one generator per sample; the decoder keeps its own)."""
+        std = self.state_std
+        draw = torch.nn.init.trunc_normal_(torch.empty(tuple(shape), dtype=dtype), 0.0, std, -3 * std, 3 * std,
+                                           generator=generator)
+        return draw * self.model_cfg.embedding_scale
 
     def initial_state(self, e: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """s_0 `[s, b, h]`: zeros, or a truncated normal (+-3 std) drawn per sample from a generator seeded by
@@ -127,65 +144,73 @@ class LoopedGPTModel(LanguageModule):
         if sample_ids is None:
             state = torch.empty_like(e)
             torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
-        else:
-            assert len(sample_ids) == b, f"need one sample id per batch row, got {len(sample_ids)} for {b}"
-            draws = []
-            for sid in sample_ids:
-                g = torch.Generator().manual_seed(derive_seed(self.seed, _STATE_STREAM, sid))
-                draws.append(torch.nn.init.trunc_normal_(torch.empty(s, h, dtype=e.dtype), 0.0, std,
-                                                         -3 * std, 3 * std, generator=g))
-            state = torch.stack(draws, dim=1)
-            if self.config.sequence_parallel:  # this TP rank's slice of the sequence, as e is
-                state = state.chunk(parallel_state.get_tensor_model_parallel_world_size())[
-                    parallel_state.get_tensor_model_parallel_rank()]
-            state = state.to(e.device, non_blocking=True)
-        return state * self.model_cfg.embedding_scale
+            return state * self.model_cfg.embedding_scale
+        assert len(sample_ids) == b, f"need one sample id per batch row, got {len(sample_ids)} for {b}"
+        draws = [self.draw_state((s, h), e.dtype, torch.Generator().manual_seed(
+            derive_seed(self.seed, _STATE_STREAM, sid))) for sid in sample_ids]
+        state = torch.stack(draws, dim=1)
+        if self.config.sequence_parallel:  # this TP rank's slice of the sequence, as e is
+            state = state.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+                parallel_state.get_tensor_model_parallel_rank()]
+        return state.to(e.device, non_blocking=True)
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor],
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  attention_mask: Optional[torch.Tensor] = None, attend_for=None) -> torch.Tensor:
         """One iteration `s_i = core(adapter(s_{i-1}, e))` (on one pipeline stage: its share of it)."""
         x = self.adapter(state, e) if self.pre_process else state
-        for layer in self.core.values():
-            x = layer(x, rope, attention_mask)
-        return x
+        return self._blocks("core", x, rope, attention_mask, attend_for)
+
+    def iteration(self, it: Iteration, state: torch.Tensor, e: Optional[torch.Tensor], rope: Optional[torch.Tensor],
+                  attention_mask: Optional[torch.Tensor] = None, attend_for=None) -> torch.Tensor:
+        """One trip through the core as the window's `it` says: without autograd (truncated backprop), with it,
+        or checkpointed (`recurrence.checkpoint_iterations`: recomputed in backward). Every loop over the core
+        (`recur`, the pipeline schedule's chunks, `pipelined_forward`, the decoder) runs its iterations here."""
+        if not it.grad:
+            with torch.no_grad():
+                return self.core_step(state, e, rope, attention_mask, attend_for)
+        if self.checkpoint_iterations and torch.is_grad_enabled() and attend_for is None:
+            return checkpoint(self.core_step, state, e, rope, attention_mask, use_reentrant=False)
+        return self.core_step(state, e, rope, attention_mask, attend_for)
 
     def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """This pipeline stage's part of one iteration (the pipeline schedule's `LoopedStage` interface)."""
-        return self.core_step(x, e, self.rope(self.full_seq_len(x), position_ids), attention_mask)
+                   attention_mask: Optional[torch.Tensor] = None, it: Optional[Iteration] = None) -> torch.Tensor:
+        """This pipeline stage's part of one iteration (the pipeline schedule's `LoopedStage` interface); with
+        `it`, run as that iteration of the window (`iteration`), else as a plain step."""
+        rope = self.rope(self.full_seq_len(x), position_ids)
+        if it is None:
+            return self.core_step(x, e, rope, attention_mask)
+        return self.iteration(it, x, e, rope, attention_mask)
 
     def recur(self, state: torch.Tensor, e: torch.Tensor, window: BackpropWindow,
               collect_health: bool = False, position_ids: Optional[torch.Tensor] = None,
               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the core `window.total` times: the first `window.no_grad` without autograd."""
         rope = self.rope(self.full_seq_len(e), position_ids)
-        with torch.no_grad():
-            for _ in range(window.no_grad):
-                state = self.core_step(state, e, rope, attention_mask)
         previous = state
-        for _ in range(window.with_grad):
-            previous = state
-            if self.checkpoint_iterations and torch.is_grad_enabled():
-                state = checkpoint(self.core_step, state, e, rope, attention_mask, use_reentrant=False)
-            else:
-                state = self.core_step(state, e, rope, attention_mask)
+        for it in window.iterations():
+            previous, state = state, self.iteration(it, state, e, rope, attention_mask)
         if collect_health:
             self.last_health = recurrence_health(previous.detach(), state.detach())
         return state
 
-    def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None,
-             position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-             return_hidden: bool = False):
-        """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`.
-        With `return_hidden`, also the final-norm output `[b, s, h]` (whole sequence): (output, hidden)."""
-        rope = self.rope(self.full_seq_len(state), position_ids)
-        x = self.final_layernorm(state) if self.model_cfg.norm_before_coda else state  # Huginn's ln_f, used twice
-        for layer in self.coda.values():
-            x = layer(x, rope, attention_mask)
-        x = self.final_layernorm(x)
+    def output(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output layer on final-norm hidden states `x [s, b, h]`: the per-token loss `[b, s]` if labels, else
+        logits `[s, b, v/tp]` (megatron's layout; `head` transposes them)."""
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(x, weight=weight)
-        out = logits.transpose(0, 1).contiguous() if labels is None else self.compute_language_model_loss(labels, logits)
+        return logits if labels is None else self.compute_language_model_loss(labels, logits)
+
+    def head(self, state: torch.Tensor, labels: Optional[torch.Tensor] = None,
+             position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+             return_hidden: bool = False, attend_for=None):
+        """coda -> final norm -> output layer; the per-token loss `[b, s]` if labels, else logits `[b, s, v/tp]`.
+        With `return_hidden`, also the final-norm output `[b, s, h]` (whole sequence): (output, hidden)."""
+        rope = None if attend_for is not None else self.rope(self.full_seq_len(state), position_ids)
+        x = self.final_layernorm(state) if self.model_cfg.norm_before_coda else state  # Huginn's ln_f, used twice
+        x = self.final_layernorm(self._blocks("coda", x, rope, attention_mask, attend_for))
+        out = self.output(x, labels)
+        if labels is None:
+            out = out.transpose(0, 1).contiguous()
         if not return_hidden:
             return out
         if self.config.sequence_parallel:
@@ -196,13 +221,15 @@ class LoopedGPTModel(LanguageModule):
                 window: BackpropWindow = BackpropWindow(4, 4), sample_ids: Optional[Sequence[int]] = None,
                 collect_health: bool = False, *, inputs_embeds: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, s0: Optional[torch.Tensor] = None):
         """The whole model (one pipeline stage holds it all). Optional, for objectives and inference:
         `inputs_embeds [b, s, h]` instead of `input_ids` (see `token_embeddings`); `position_ids [s]` (shared by
         the batch; RoPE positions, default 0..s-1, each < max(s, model.seq_length)); `attention_mask` boolean,
-        broadcastable to `[b, 1, s, s]`, True = masked out (default causal); `return_hidden` -> (output, hidden)."""
+        broadcastable to `[b, 1, s, s]`, True = masked out (default causal); `return_hidden` -> (output, hidden);
+        `s0 [s, b, h]`: the initial state to start from instead of `initial_state`'s draw."""
         e = self.embed(input_ids, inputs_embeds, position_ids, attention_mask)
-        state = self.recur(self.initial_state(e, sample_ids), e, window, collect_health, position_ids, attention_mask)
+        state = self.recur(self.initial_state(e, sample_ids) if s0 is None else s0, e, window, collect_health,
+                           position_ids, attention_mask)
         return self.head(state, labels, position_ids, attention_mask, return_hidden)
 
     # ------------------------------------------------------------------ helpers

@@ -18,32 +18,54 @@ prefix pass draws the per-sample s_0 as for the whole sequence, so a thought doe
 Each pass is a whole forward of the looped model, so every latent goes through the recurrent core r times
 (with the step's truncated-backprop window): the thought is the state the loop converged to, read out by the
 coda. Gradients flow from the loss back through every fed-back hidden state, as in the reference.
-Under pipeline parallelism the passes run through `pipelined_forward` (objectives/pipelined.py), the fed-back
+Under pipeline parallelism the passes run through `pipelined_forward` (parallel/passes.py), the fed-back
 thoughts `[b, h]` travel from the last stage to stage 0 with their gradients.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from recurdepth.config import _require
 from recurdepth.data.stepwise import THOUGHT_SPECIALS, StageLayout, encode_problem
 from recurdepth.data.tokenizer import require_special_tokens
 from recurdepth.errors import DataError
 from recurdepth.model.depth import BackpropWindow
-from recurdepth.objectives import masked_loss_sum
-from recurdepth.objectives.pipelined import StageLink, pipelined_forward, run_micro_batches, unwrap
+from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.objectives.lm import masked_loss_sum
+from recurdepth.parallel.passes import StageLink, pipelined_forward, run_micro_batches, unwrap
 
 
-class CoconutObjective:
+@dataclass
+class CoconutSection(ObjectiveSection):
+    """`objective.*` of Coconut: stage k replaces the first k reasoning steps by k*c continuous thoughts."""
+
+    kind: str = "coconut"
+    coconut_thoughts_per_step: int = 1  # c latents per replaced step
+    coconut_max_stage: int = 3  # most steps replaced; the stage after it drops every language step
+    coconut_stage_steps: int = 100  # optimizer steps per curriculum stage (stage = step // this)
+
+    def validate(self, cfg) -> None:
+        _require(self.coconut_thoughts_per_step >= 1, "objective.coconut_thoughts_per_step",
+                 self.coconut_thoughts_per_step, "use at least 1 latent per step")
+        _require(self.coconut_max_stage >= 0, "objective.coconut_max_stage", self.coconut_max_stage, "use 0 or more")
+        _require(self.coconut_stage_steps >= 1, "objective.coconut_stage_steps", self.coconut_stage_steps,
+                 "use at least 1 optimizer step per stage")
+
+
+class CoconutObjective(Objective):
     """Continuous thoughts with a stage curriculum; see the module docstring. `forward_passes` counts every
     model pass run (the same on every stage); `on_thought(i, thought [b, h])`, if set, sees each fed-back
     thought on the last stage (tests hook its gradient)."""
 
     kind = "coconut"
+    Section = CoconutSection
 
     def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
         o = cfg.objective
         self.ids = require_special_tokens(tokenizer, THOUGHT_SPECIALS, "objective.kind=coconut")
         self.c, self.max_stage, self.stage_steps = o.coconut_thoughts_per_step, o.coconut_max_stage, o.coconut_stage_steps
@@ -51,6 +73,22 @@ class CoconutObjective:
         self.step = 0
         self.forward_passes = 0
         self.on_thought: Optional[Callable] = None
+
+    # ------------------------------------------------------------------ data
+
+    @classmethod
+    def datasets(cls, cfg, tokenizer, train_samples: int, valid_samples: int) -> tuple:
+        """Step-by-step problems from the procedural sources (one per sample, never packed), checked to fit
+        every stage of the curriculum."""
+        from recurdepth.data.stepwise import StepwiseProblems, check_fits, stage_layouts
+
+        o, s = cfg.objective, cfg.model.seq_length
+        train, valid = (StepwiseProblems(cfg.data.sources, tokenizer, max(n, 1), s, cfg.train.seed, split)
+                        for n, split in ((train_samples, "train"), (valid_samples, "test")))
+        layouts = stage_layouts(o.coconut_thoughts_per_step, o.coconut_max_stage)
+        for ds in (train, valid):
+            check_fits(ds, layouts, s)
+        return train, valid
 
     # ------------------------------------------------------------------ the curriculum
 
@@ -83,9 +121,6 @@ class CoconutObjective:
 
     def loss_tokens(self, mb) -> torch.Tensor:
         return self.encode(mb, mb.loss_mask.device)[2].sum()
-
-    def pipeline_loss(self, per_token: torch.Tensor, mb) -> torch.Tensor:
-        raise NotImplementedError("coconut runs its own passes under pipeline parallelism (pipeline_run)")
 
     def pipeline_run(self, model, batches: list, window: BackpropWindow) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches on its pipeline stage; the summed loss on the last."""

@@ -34,19 +34,52 @@ position each get r iterations.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from recurdepth.config import _require
 from recurdepth.model.depth import BackpropWindow
-from recurdepth.objectives import masked_loss_sum
-from recurdepth.objectives.pipelined import StageLink, pipelined_forward, run_micro_batches, unwrap
+from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.objectives.lm import masked_loss_sum
+from recurdepth.parallel.passes import StageLink, pipelined_forward, run_micro_batches, unwrap
 from recurdepth.seeding import derive_seed
 
 _NOISE_STREAM = 0x7A1E57  # thought-sampling noise, apart from the other per-sample streams
+
+
+@dataclass
+class QuietStarSection(ObjectiveSection):
+    """`objective.*` of Quiet-STaR: T thought tokens after every position, scored on the next n_ahead tokens."""
+
+    kind: str = "quiet_star"
+    thought_length: int = 8  # T sampled thought tokens between <|start_thought|> and <|end_thought|>
+    n_ahead: int = 4  # true tokens predicted (teacher-forced) after each thought
+    n_passes: int = 2  # thoughts sampled per position; their mean reward is the REINFORCE baseline
+    reinforce_weight: float = 1.0  # weight of the REINFORCE term on the thought tokens
+    thought_temperature: float = 1.0  # sampling temperature of thought tokens (and of their log-probs)
+    base_loss_weight: float = 0.5  # share of the plain LM loss in the NLL (the rest: the mixed loss)
+    checkpoint_thoughts: bool = False  # recompute each thought pass in backward instead of storing it
+
+    def validate(self, cfg) -> None:
+        _require(self.thought_length >= 1, "objective.thought_length", self.thought_length,
+                 "use at least 1 thought token")
+        _require(1 <= self.n_ahead < cfg.model.seq_length, "objective.n_ahead", self.n_ahead,
+                 f"use 1 <= n_ahead < model.seq_length={cfg.model.seq_length}")
+        _require(self.n_passes >= 1, "objective.n_passes", self.n_passes, "use at least 1 thought per position")
+        _require(self.reinforce_weight >= 0, "objective.reinforce_weight", self.reinforce_weight, "use a weight >= 0")
+        _require(self.n_passes >= 2 or self.reinforce_weight == 0, "objective.n_passes", self.n_passes,
+                 "REINFORCE needs n_passes >= 2 (their mean reward is the baseline), or set reinforce_weight=0")
+        _require(self.thought_temperature > 0, "objective.thought_temperature", self.thought_temperature,
+                 "use a temperature > 0")
+        _require(0 <= self.base_loss_weight <= 1, "objective.base_loss_weight", self.base_loss_weight,
+                 "use 0 <= w <= 1")
+        _require(not cfg.parallel.sequence_parallel, "parallel.sequence_parallel", True,
+                 "objective.kind=quiet_star does not support sequence parallelism yet; set it to false")
+        _require(not (self.checkpoint_thoughts and cfg.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
+                 "per-thought checkpointing is single-stage only; set it to false with parallel.pipeline > 1")
 
 
 class QuietStarParameters(torch.nn.Module):
@@ -76,12 +109,6 @@ class QuietStarParameters(torch.nn.Module):
         """w `[..., 1]` from the base and post-thought hidden states `[..., h]`."""
         z = torch.nn.functional.linear(torch.cat([base, thought], -1), self.mix_in, self.mix_in_bias).relu()
         return torch.tanh(z @ self.mix_out.unsqueeze(-1) + self.mix_out_bias)
-
-
-def attach_quiet_star(model, cfg) -> None:
-    """Register `model.quiet_star` (before initialisation) when the objective is quiet_star."""
-    if cfg.objective.kind == "quiet_star":
-        model.quiet_star = QuietStarParameters(cfg.model.hidden_size, model.pre_process, model.post_process)
 
 
 # ---------------------------------------------------------------- layout of the thought streams
@@ -156,16 +183,17 @@ class QuietStarTerms:
     base_loss: torch.Tensor
 
 
-class QuietStarObjective:
+class QuietStarObjective(Objective):
     """Quiet-STaR: parallel thoughts after every position, a mixing head, teacher-forced loss on the next n_ahead
     tokens and REINFORCE on the thought tokens (module docstring; docs/objectives.md). Under pipeline
-    parallelism every stage runs the same code through `pipelined_forward` (objectives/pipelined.py)."""
+    parallelism every stage runs the same code through `pipelined_forward` (parallel/passes.py)."""
 
     kind = "quiet_star"
+    Section = QuietStarSection
 
     def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
         o = cfg.objective
-        self.cfg, self.tokenizer = cfg, tokenizer
         self.T, self.n_ahead, self.passes = o.thought_length, o.n_ahead, o.n_passes
         self.temperature, self.reinforce_weight = o.thought_temperature, o.reinforce_weight
         self.base_weight, self.checkpointed = o.base_loss_weight, o.checkpoint_thoughts
@@ -175,16 +203,15 @@ class QuietStarObjective:
         self.real_vocab = tokenizer.vocab_size
         self.pad = getattr(tokenizer, "pad", 0)
 
+    @classmethod
+    def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict:
+        """`model.quiet_star`: the thought embeddings (first stage) and the mixing head (last stage)."""
+        return {"quiet_star": QuietStarParameters(cfg.model.hidden_size, first_stage, last_stage)}
+
     # the trainer's interface ------------------------------------------------------------
 
     def loss_sum(self, model, mb, window: BackpropWindow, collect_health: bool = False) -> torch.Tensor:
         return self.total(self.terms(model, mb, window, StageLink(), collect_health))
-
-    def loss_tokens(self, mb) -> torch.Tensor:
-        return mb.loss_mask.sum()
-
-    def pipeline_loss(self, per_token: torch.Tensor, mb) -> torch.Tensor:
-        raise NotImplementedError("quiet_star runs its own passes under pipeline parallelism (pipeline_run)")
 
     def pipeline_run(self, model, batches: list, window: BackpropWindow) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches on its pipeline stage; the summed loss on the last."""
@@ -260,9 +287,11 @@ class QuietStarObjective:
         positions = stream_positions(s, blocks, tokens.device)
         mask = stream_mask(s, blocks, tokens.device)
         inputs = self.stream_inputs(m, tokens, thoughts, blocks) if m.is_first else None
-        with streams_initial_state(m, None if s0 is None else s0.repeat(blocks, 1, 1)):
-            out = pipelined_forward(model, window, link, inputs_embeds=inputs, position_ids=positions,
-                                    attention_mask=mask, return_hidden=True, batch_shape_=(rows, blocks * s))
+        # every thought token starts from the s_0 of the position it thinks after (tiled over the blocks), not a
+        # fresh draw for the stream length, which would differ from the plain forward's and between passes
+        out = pipelined_forward(model, window, link, inputs_embeds=inputs, position_ids=positions,
+                                attention_mask=mask, return_hidden=True, batch_shape_=(rows, blocks * s),
+                                s0=None if s0 is None else s0.repeat(blocks, 1, 1))
         if out is None:
             return None, None
         return full_vocab(out[0]), out[1].transpose(0, 1)
@@ -326,37 +355,14 @@ class QuietStarObjective:
                 h_k = hidden[block * s:(block + 1) * s, p * b:(p + 1) * b]  # [s, b, h], stream i -> label i + k
                 h_k = torch.cat([base_x[:k], h_k[:s - k]])  # label-indexed; labels < k have no stream (w * 0)
                 w = m.quiet_star.mixing_weight(base_x, h_k)
-                per_k.append(lm_loss(m, base_x + w * (h_k - base_x), labels))
+                per_k.append(m.output(base_x + w * (h_k - base_x), labels))
             talk.append(torch.stack(per_k))
         return logp, torch.stack(talk)
-
-
-@contextmanager
-def streams_initial_state(m, s0: Optional[torch.Tensor]):
-    """Within the block, `m.initial_state` returns `s0 [S, rows, h]` (the real tokens' s_0, tiled over the
-    blocks) instead of a fresh draw for the stream length, which would differ from the plain forward's and
-    between the growing sampling forwards. Inside `run_streams`, so a checkpoint's recomputation sees it too."""
-    if s0 is None:
-        yield
-        return
-    m.initial_state = lambda e, sample_ids=None: s0
-    try:
-        yield
-    finally:
-        del m.initial_state
 
 
 def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     """Sampling and log-probabilities in float32 or better (bf16 logits are upcast, float64 kept)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def lm_loss(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token loss `[b, s]` of final-norm hidden states `x [s, b, h]`: the output layer and loss of
-    `LoopedGPTModel.head`, called the same way, so equal inputs give bit-equal losses."""
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(x, weight=weight)
-    return model.compute_language_model_loss(labels, logits)
 
 
 def full_vocab(logits: torch.Tensor) -> torch.Tensor:

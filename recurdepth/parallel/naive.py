@@ -7,6 +7,8 @@ that of a two-stage split with very unequal stages. `LoopedPipelineSchedule` dri
 
 from __future__ import annotations
 
+import torch
+
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.parallel.pipeline import LoopedPipelineSchedule
 
@@ -27,8 +29,11 @@ class _AllIterationsOnFirstStage:
     def initial_state(self, e, sample_ids):
         return self.model.initial_state(e, sample_ids)
 
-    def core_chunk(self, x, e):
-        return self.model.recur(x, e, self.window) if self.model.is_first else x.clone()
+    def core_chunk(self, x, e, it=None):  # the schedule's one trip (`it`) is the whole window here
+        if not self.model.is_first:
+            return x.clone()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (it is None or it.grad)):
+            return self.model.recur(x, e, self.window)
 
     def head(self, x, labels):
         return self.model.head(x, labels)

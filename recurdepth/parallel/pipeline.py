@@ -68,6 +68,8 @@ megatron DDP, wrap it in `no_sync()` and finish the grad sync afterwards as mega
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -90,7 +92,8 @@ class LoopedStage(Protocol):
 
     def initial_state(self, e: Tensor, sample_ids) -> Tensor: ...  # first only: s_0 [s, b, h]
 
-    def core_chunk(self, x: Tensor, e: Optional[Tensor]) -> Tensor: ...  # first: adapter(x, e) then its layers
+    def core_chunk(self, x: Tensor, e: Optional[Tensor], it=None) -> Tensor: ...  # first: adapter(x, e), its layers;
+    # `it` (model.depth.Iteration): run as that iteration of the window (no grad / grad / checkpointed)
 
     def head(self, x: Tensor, labels: Tensor) -> Tensor: ...  # last only: per-token loss [b, s]
 
@@ -116,6 +119,9 @@ class LoopedPipelineSchedule:
         if bool(stage.is_first) != (self.rank == 0) or bool(stage.is_last) != (self.rank == self.p - 1):
             raise ValueError(f"stage {self.rank} of {self.p}: is_first={stage.is_first}, is_last={stage.is_last} "
                              "do not match its rank in the pipeline group")
+        # a stage that takes the iteration (`LoopedGPTModel.core_chunk(..., it=)`) runs it as its window says
+        # (checkpointed under recurrence.checkpoint_iterations); a plain `core_chunk(x, e)` is called as it is
+        self.stage_takes_iteration = "it" in inspect.signature(stage.core_chunk).parameters
         self.timeline: list[TimelineSlot] = []
         self.last_orders: Optional[list[list[Op]]] = None
         self._orders_cache: dict = {}
@@ -284,14 +290,16 @@ class _Run:
         else:
             x, arrival = self._receive(op)
         e = self.e[mb][1] if self.me == 0 else None
-        if op.kind == "f":
+        it = self.window.iteration(j)  # "f" / "F" are the window's no-grad / grad iterations (schedule.py)
+        chunk = functools.partial(st.core_chunk, it=it) if self.s.stage_takes_iteration else st.core_chunk
+        if not it.grad:
             with torch.no_grad():
-                out = st.core_chunk(x, e)
+                out = chunk(x, e)
         else:
             # the first grad iteration's input on stage 0 is the truncation point: no grad flows into it
-            x = x.detach().requires_grad_(not (self.me == 0 and j == self.window.no_grad + 1))
+            x = x.detach().requires_grad_(not (self.me == 0 and it.first_grad))
             with torch.enable_grad():
-                out = st.core_chunk(x, e)
+                out = chunk(x, e)  # the model's iteration: checkpointed under recurrence.checkpoint_iterations
             self.acts[(mb, j)] = (x, out)
         end = self._clock(op, arrival)
         if produced_message(op, self.me, self.p, self.window) is not None:

@@ -5,7 +5,7 @@
 """
 
 from recurdepth.objectives import OBJECTIVES, LMObjective, masked_loss_sum
-from recurdepth.objectives.pipelined import pipelined_forward, run_micro_batches
+from recurdepth.parallel.passes import pipelined_forward, run_micro_batches
 
 
 class PipelinedLMObjective(LMObjective):

@@ -37,7 +37,7 @@ def inputs(seed: int = 0):
 def case_lm(model, link, r, k):
     """One pass with labels: the plain LM loss through the primitive."""
     from recurdepth.model.depth import BackpropWindow
-    from recurdepth.objectives.pipelined import pipelined_forward
+    from recurdepth.parallel.passes import pipelined_forward
 
     tokens, labels, mask, ids = inputs()
     out = pipelined_forward(model, BackpropWindow.of(r, k), link, input_ids=tokens, labels=labels, sample_ids=ids)
@@ -48,7 +48,7 @@ def case_feedback(model, link, r, k):
     """Coconut-like: the last hidden state of pass 1 at position 2 replaces the input embedding at position 3
     of pass 2 (and again for pass 3 at position 4); the loss of pass 3 back-propagates through all three."""
     from recurdepth.model.depth import BackpropWindow
-    from recurdepth.objectives.pipelined import pipelined_forward, unwrap
+    from recurdepth.parallel.passes import pipelined_forward, unwrap
 
     m = unwrap(model)
     tokens, labels, mask, ids = inputs(1)
@@ -79,7 +79,7 @@ def case_feedback(model, link, r, k):
 def case_shared_ids(model, link, r, k):
     """Token ids chosen on the last stage (greedy from pass 1's logits) become pass 2's input everywhere."""
     from recurdepth.model.depth import BackpropWindow
-    from recurdepth.objectives.pipelined import pipelined_forward
+    from recurdepth.parallel.passes import pipelined_forward
 
     tokens, labels, mask, ids = inputs(2)
     window = BackpropWindow.of(r, k)
@@ -96,7 +96,7 @@ CASES = {"lm-r3k2": (case_lm, 3, 2), "lm-r1k1": (case_lm, 1, 1), "feedback-r2k2"
 
 def run_case(model, name: str, grad: bool = True) -> dict:
     """Run one case on this rank: loss (last stage), gradients by parameter name, passes, extra."""
-    from recurdepth.objectives.pipelined import StageLink
+    from recurdepth.parallel.passes import StageLink
 
     fn, r, k = CASES[name]
     model.zero_grad(set_to_none=True)

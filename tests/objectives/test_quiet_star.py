@@ -13,7 +13,7 @@ from recurdepth.data.tokenizer import ByteTokenizer
 from recurdepth.errors import ConfigError
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.objectives import LMObjective, build_objective
-from recurdepth.objectives.pipelined import StageLink
+from recurdepth.parallel.passes import StageLink
 from recurdepth.objectives.quiet_star import reinforce_surrogate, stream_mask, stream_positions
 from tests.model.test_recurrence import make_model
 

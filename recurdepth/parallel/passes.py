@@ -1,5 +1,5 @@
-"""A differentiable whole-model forward across pipeline stages, for objectives that run the model several times
-per micro-batch (Coconut's continuous thoughts, Quiet-STaR's thoughts) and feed one pass's output into the next.
+"""A differentiable whole-model forward across pipeline stages (stage-to-stage autograd transport), for objectives
+that run the model several times per micro-batch (Coconut's continuous thoughts, Quiet-STaR's thoughts) and feed one pass's output into the next.
 
 The looped pipeline schedule (recurdepth/parallel/pipeline.py) runs exactly one forward per micro-batch. Here
 an objective writes its multi-pass logic once, as if the model were whole, and every pipeline stage runs the
@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from recurdepth.model.depth import BackpropWindow
 
@@ -222,7 +221,8 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                       inputs_embeds: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                       attention_mask: Optional[Tensor] = None, sample_ids: Optional[Sequence[int]] = None,
                       labels: Optional[Tensor] = None, return_hidden: bool = False,
-                      batch_shape_: Optional[tuple[int, int]] = None, state_length: Optional[int] = None):
+                      batch_shape_: Optional[tuple[int, int]] = None, state_length: Optional[int] = None,
+                      s0: Optional[Tensor] = None):
     """One whole-model forward (`LoopedGPTModel.forward`'s arguments) across the pipeline stages.
 
     Every stage calls it with the same window and with what it has: stage 0 needs `input_ids [b, s]` or
@@ -232,7 +232,8 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     (per-token loss `[b, s]` or logits `[b, s, v/tp]`, with `return_hidden` also the final-norm hidden
     `[b, s, h]`), None on other stages. With one stage it is the model's forward (without health metrics).
     `state_length` (> s, not with sequence parallelism): draw s_0 as for that many positions and keep the first
-    s, so a pass over a prefix sees the s_0 of the whole sequence (s_0 draws are not prefix-stable)."""
+    s, so a pass over a prefix sees the s_0 of the whole sequence (s_0 draws are not prefix-stable). `s0 [s, b, h]`
+    (first stage): start from this initial state instead of a draw (as the model's forward takes it)."""
     m = unwrap(model)
     link.passes += 1
     b, s = batch_shape(input_ids, inputs_embeds, labels, batch_shape_)
@@ -248,26 +249,26 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     e = state = None
     if m.is_first:
         e = m.embed(input_ids, inputs_embeds, position_ids, attention_mask)
-        if state_length is not None and state_length > e.shape[0]:
+        if s0 is not None:
+            state = s0
+        elif state_length is not None and state_length > e.shape[0]:
             if m.config.sequence_parallel:
                 raise ValueError("state_length is not supported with sequence parallelism")
             state = m.initial_state(e.new_empty((state_length, *e.shape[1:])), sample_ids)[:e.shape[0]]
         else:
             state = m.initial_state(e, sample_ids)
-    for j in range(1, window.total + 1):
-        with_grad = grad_on and j > window.no_grad
+    rope = m.rope(s, position_ids)
+    for it in window.iterations():  # the model's loop, one trip around the ring of stages per iteration
+        with_grad = grad_on and it.grad
         with torch.set_grad_enabled(with_grad):
             if not m.is_first:
                 state = link.recv(link.rank - 1, shape, dtype, device, with_grad)
-            elif j > 1 and link.p > 1:
-                state = link.recv(last_stage, shape, dtype, device, grad_on and j - 1 > window.no_grad)
-            if with_grad and m.checkpoint_iterations:
-                state = checkpoint(m.core_chunk, state, e, position_ids, attention_mask, use_reentrant=False)
-            else:
-                state = m.core_chunk(state, e, position_ids, attention_mask)
+            elif it.index > 1 and link.p > 1:
+                state = link.recv(last_stage, shape, dtype, device, grad_on and window.grad_at(it.index - 1))
+            state = m.iteration(it, state, e, rope, attention_mask)
             if not m.is_last:
                 link.send(state, link.rank + 1, with_grad)
-            elif j < window.total and link.p > 1:
+            elif not it.last and link.p > 1:
                 link.send(state, 0, with_grad)
     if not m.is_last:
         return None
