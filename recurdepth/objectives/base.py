@@ -40,6 +40,7 @@ class Objective:
       `procedural_options(cfg, tokenizer)`                  (classmethod) options for writing procedural samples;
       `transform_dataset(cfg, tokenizer, dataset, split)`  (classmethod) the data this objective trains on;
       `extra_modules(cfg, first_stage, last_stage)`         (classmethod) weights it adds to the model, by name;
+      `bind(model)`                                         the model it runs through (the trainer calls it once);
       `set_step(step)`                                      the optimizer step about to run (curricula);
       `pipeline_run(model, batches, window)`               overridden: under PP it runs its own passes
                                                             (`multi_pass`), else the looped schedule runs it;
@@ -92,6 +93,11 @@ class Objective:
         """Whether it runs several model passes per micro-batch (it overrides `pipeline_run`): under pipeline
         parallelism it then drives the stages itself; single-pass objectives run in the looped schedule."""
         return type(self).pipeline_run is not Objective.pipeline_run
+
+    def bind(self, model) -> None:
+        """The (engine-wrapped) model this objective's losses run through; the trainer binds it once, so hooks
+        without a model argument (`pipeline_loss`) can reach the objective's extra modules (`unwrap(self.model)`)."""
+        self.model = model
 
     def set_step(self, step: int) -> None:
         """The optimizer step about to run."""
