@@ -8,6 +8,7 @@ verifier never sees the stored answer, so a generator bug that writes a wrong an
 from __future__ import annotations
 
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -102,6 +103,19 @@ class Task(ABC):
 
 # ---- helpers shared by tasks and corruption ------------------------------------------------------------
 DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+ANSWER = "\nAnswer:"  # every own task's prompt ends with it
+
+
+def match_prompt(prompt: str, pattern: re.Pattern) -> Optional[re.Match]:
+    """`pattern` matched against the whole prompt; None for a non-string or a prompt of another shape."""
+    return pattern.fullmatch(prompt) if isinstance(prompt, str) else None
+
+
+def require_at_least(task: Task, d: Mapping[str, Any], *keys: str, minimum: int = 1) -> None:
+    """DataError unless every difficulty value `d[key]` of `keys` is >= `minimum`."""
+    for k in keys:
+        if d[k] < minimum:
+            raise DataError(f"difficulty {k}={d[k]} for task {task.name!r} must be >= {minimum}")
 
 
 def change_digit(number: str, rng: random.Random, base: int = 10) -> str:

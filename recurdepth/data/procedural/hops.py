@@ -10,12 +10,24 @@ number of sequential steps is k: a graded-depth task for looped models (train on
 from __future__ import annotations
 
 import re
+from typing import Optional
 
-from recurdepth.data.procedural.base import Sample, Task
+from recurdepth.data.procedural.base import ANSWER, Sample, Task, match_prompt
 from recurdepth.errors import DataError
 
-ANSWER = "\nAnswer:"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def parse_arrows(listing: str) -> Optional[dict]:
+    """`{a: b}` of an arrow listing `a>b c>d ...` (letters, in the listing's order); None when a letter has two
+    arrows. The listing is the first group of the tasks' prompt patterns, so its shape is already checked."""
+    arrow = {}
+    for pair in listing.split():
+        a, b = pair.split(">")
+        if a in arrow:
+            return None
+        arrow[a] = b
+    return arrow
 
 
 class HopsTask(Task):
@@ -52,15 +64,10 @@ class HopsTask(Task):
         return Sample(self.name, prompt, path[-1], tuple(path[1:]))
 
     def solve(self, prompt):
-        m = self._re.fullmatch(prompt) if isinstance(prompt, str) else None
-        if not m:
+        m = match_prompt(prompt, self._re)
+        arrow = parse_arrows(m.group(1)) if m else None
+        if arrow is None:
             return None
-        arrow = {}
-        for pair in m.group(1).split():
-            a, b = pair.split(">")
-            if a in arrow:
-                return None
-            arrow[a] = b
         node, k = m.group(3), int(m.group(2))
         if k < 1 or k > 10_000:
             return None
@@ -71,7 +78,7 @@ class HopsTask(Task):
         return node
 
     def corrupt(self, sample, rng):
-        letters = sorted({p.split(">")[0] for p in self._re.fullmatch(sample.prompt).group(1).split()})
+        letters = sorted(parse_arrows(self._re.fullmatch(sample.prompt).group(1)))
         return rng.choice([x for x in letters if x != sample.answer])
 
 
@@ -140,16 +147,9 @@ class RootTask(Task):
         return {**difficulty, "questions": 1}  # one question per prompt: accuracy per depth, no answers to lean on
 
     def _arrows(self, prompt):
-        m = self._re.fullmatch(prompt) if isinstance(prompt, str) else None
-        if not m:
-            return None, None
-        arrow = {}
-        for pair in m.group(1).split():
-            a, b = pair.split(">")
-            if a in arrow:
-                return None, None
-            arrow[a] = b
-        return arrow, m.group(2)
+        m = match_prompt(prompt, self._re)
+        arrow = parse_arrows(m.group(1)) if m else None
+        return (None, None) if arrow is None else (arrow, m.group(2))
 
     @staticmethod
     def _root(arrow, node):
@@ -187,7 +187,7 @@ class RootTask(Task):
         return tail == "" or (re.fullmatch(r"[a-z]\??", tail) is not None and arrow.get(tail[0]) is not None)
 
     def corrupt(self, sample, rng):
-        pairs = [p.split(">") for p in self._re.fullmatch(sample.prompt).group(1).split()]
+        pairs = list(parse_arrows(self._re.fullmatch(sample.prompt).group(1)).items())
         first, _, rest = sample.answer.partition(" ")
         roots = [a for a, b in pairs if a == b and a != first]
         wrong = rng.choice(roots or [a for a, _ in pairs if a != first])
