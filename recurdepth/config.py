@@ -104,7 +104,7 @@ class DataConfig:
     tokenizer: Literal["byte", "sentencepiece"] = "byte"
     tokenizer_model: Optional[str] = None  # the .model file for tokenizer=sentencepiece
     builtin_max_mb: float = 4.0  # how much stdlib text to harvest for the builtin corpus
-    cache_dir: str = ".cache/recurdepth"
+    cache_dir: str = "data/prepared"  # prepared corpora and index caches (data/README.md); relative to the cwd
     split: str = "98,2,0"  # train, validation, test documents per 100
 
 

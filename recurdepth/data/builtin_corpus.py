@@ -2,7 +2,8 @@
 
 It exists on every machine with Python, needs no download, and is real English technical prose. The
 harvest is deterministic (sorted files, bounded size) and written once as a megatron-core indexed
-dataset (.bin/.idx) under the cache directory, keyed by Python version, size and tokenizer.
+dataset (.bin/.idx) under the cache directory (`data.cache_dir`, by default data/prepared/), keyed by
+Python version, size and tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
+from recurdepth.atomic import fsync_dir, write_atomically
+from recurdepth.data.staging import fsync_file
 from recurdepth.data.tokenizer import ByteTokenizer
 
 
@@ -64,11 +67,15 @@ def prepare_builtin_corpus(cache_dir: str, max_mb: float, tokenizer: ByteTokeniz
         builder.add_document(np.asarray(ids, dtype=np.uint16), [len(ids)])
         docs, tokens = docs + 1, tokens + len(ids)
     builder.finalize(str(tmp_dir / "corpus.idx"))
-    (tmp_dir / "manifest.json").write_text(json.dumps(
+    for name in ("corpus.bin", "corpus.idx"):
+        fsync_file(tmp_dir / name)
+    write_atomically(tmp_dir / "manifest.json", json.dumps(  # fsynced, with the staging folder
         {"source": "python stdlib docstrings", "documents": docs, "tokens": tokens,
          "tokenizer": tokenizer.fingerprint()}, indent=1))
     try:
         os.rename(tmp_dir, final_dir)  # atomic: a reader sees the whole corpus or none
     except OSError:  # another rank or process won the race
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    else:
+        fsync_dir(final_dir.parent)  # the rename survives a crash
     return str(prefix)

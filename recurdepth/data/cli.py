@@ -47,7 +47,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from recurdepth.data.preprocess import check_indexed_dataset, check_tokenizer_matches
+    from recurdepth.data.indexed import check_indexed_dataset, check_tokenizer_matches
     from recurdepth.data.tokenizer import tokenizer_from_spec
 
     for prefix in args.prefix:

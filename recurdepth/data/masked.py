@@ -20,6 +20,8 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from recurdepth.data.staging import commit_staged
+
 MASK_SUFFIX = "_lossmask"
 
 
@@ -57,8 +59,8 @@ def write_masked_documents(documents: Iterable[tuple[Sequence[int], Sequence[int
                            vocab_size: int) -> dict:
     """Write (token ids, target mask) documents as `<prefix>` + `<prefix>_lossmask`, atomically.
 
-    Files are written under a temporary name in the same folder and renamed only when both are complete.
-    Returns counts: documents, tokens, target tokens.
+    Files are written under a temporary name in the same folder, fsynced and renamed only when both are
+    complete. Returns counts: documents, tokens, target tokens.
     """
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +78,9 @@ def write_masked_documents(documents: Iterable[tuple[Sequence[int], Sequence[int
             docs, n_tokens, n_targets = docs + 1, n_tokens + len(ids), n_targets + int(np.sum(mask))
         tokens.finalize(tmp + ".idx")
         masks.finalize(mask_prefix(tmp) + ".idx")
-        for src, dst in ((mask_prefix(tmp), mask_prefix(prefix)), (tmp, prefix)):  # tokens last: they mark "done"
-            for ext in (".bin", ".idx"):
-                os.replace(src + ext, dst + ext)
+        # fsynced, renamed, folder fsynced; the tokens last: they mark "done"
+        commit_staged((src + ext, dst + ext) for src, dst in ((mask_prefix(tmp), mask_prefix(prefix)), (tmp, prefix))
+                      for ext in (".bin", ".idx"))
     finally:
         for leftover in (tmp, mask_prefix(tmp)):
             for ext in (".bin", ".idx"):

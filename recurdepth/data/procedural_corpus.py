@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from recurdepth.atomic import write_atomically
 from recurdepth.data.masked import write_masked_documents
 from recurdepth.data.procedural.base import encode_with_mask
 from recurdepth.data.procedural.splits import generate_split
@@ -45,8 +46,7 @@ def prepare_procedural_corpus(task: str, n: int, difficulty: Optional[Mapping[st
         documents = [(ids + [tokenizer.eod] * (pad_to - len(ids)), mask + [0] * (pad_to - len(ids)))
                      for ids, mask in documents]
     counts = write_masked_documents(documents, str(prefix), tokenizer.vocab_size)
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"task": task, "n": n, "difficulty": dict(difficulty or {}), "seed": seed,
-                               "split": split, "tokenizer": tokenizer.fingerprint(), **counts}, indent=1))
-    tmp.replace(manifest)  # the manifest marks the corpus complete
+    write_atomically(manifest, json.dumps({"task": task, "n": n, "difficulty": dict(difficulty or {}), "seed": seed,
+                                           "split": split, "tokenizer": tokenizer.fingerprint(), **counts},
+                                          indent=1))  # the manifest marks the corpus complete
     return str(prefix)

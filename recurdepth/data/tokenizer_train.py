@@ -19,7 +19,9 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from recurdepth.data.preprocess import ReadStats, empty_corpus_error, iter_documents, resolve_inputs
+from recurdepth.atomic import write_atomically
+from recurdepth.data.readers import ReadStats, empty_corpus_error, iter_documents, resolve_inputs
+from recurdepth.data.staging import commit_staged
 from recurdepth.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, resolve_model_path
 from recurdepth.errors import DataError
 
@@ -165,7 +167,7 @@ def _write_model(proto: bytes, tokenizer: SentencePieceTokenizer, out_prefix: Pa
     prefix = Path(out_prefix)
     if not prefix.name or str(out_prefix).endswith(("/", os.sep)):
         raise DataError(f"output prefix {str(out_prefix)!r} names a folder; give a path prefix such as "
-                        f"tokenizers/spm8k (writes .model, .vocab and .json)")
+                        f"data/tok/spm8k (writes .model, .vocab and .json)")
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -177,16 +179,17 @@ def _write_model(proto: bytes, tokenizer: SentencePieceTokenizer, out_prefix: Pa
                     pad=tokenizer.pad, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
     vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     tmp = prefix.parent / f".{prefix.name}.tmp-{os.getpid()}"
-    items = [(".model", proto), (".vocab", vocab_lines.encode("utf-8")),
-             (".json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))]
+    items = [(".model", proto), (".vocab", vocab_lines.encode("utf-8"))]
     written = []
     try:
         for ext, data in items:
             p = Path(str(tmp) + ext)
             written.append(p)
             p.write_bytes(data)
-        for ext, _ in items:  # the manifest last
-            os.replace(str(tmp) + ext, str(prefix) + ext)
+        Path(str(prefix) + ".json").unlink(missing_ok=True)  # never a new model next to an old manifest
+        commit_staged((str(tmp) + ext, str(prefix) + ext) for ext, _ in items)  # fsynced, renamed, dir fsynced
+        write_atomically(str(prefix) + ".json",  # the manifest last
+                         (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def add_procedural_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--train-n", type=int, default=None, help="size of the train split to exclude (test)")
     gen.add_argument("--train-difficulty", nargs="*", metavar="KEY=VALUE",
                      help="difficulty of the train split to exclude (test; default: --difficulty)")
-    gen.add_argument("--out", required=True, help="output .jsonl path")
+    gen.add_argument("--out", required=True, help="output .jsonl path (e.g. data/procedural/sort-test.jsonl)")
     ver = verbs.add_parser("verify", help="re-verify every sample of a JSONL file")
     ver.add_argument("path")
     proc.set_defaults(func=run_procedural)

@@ -13,6 +13,7 @@ import os
 import random
 from typing import Any, Iterable, Mapping, Optional
 
+from recurdepth.atomic import write_atomically
 from recurdepth.data.procedural.base import Sample
 from recurdepth.data.procedural.registry import get_task, verify_sample
 from recurdepth.data.procedural.rg import RGTask
@@ -115,30 +116,10 @@ def _to_record(sample: Sample) -> dict:
 
 def write_jsonl(samples: Iterable[Sample], path) -> None:
     """One JSON object per line ({"task", "prompt", "answer", "steps"}, plus "meta" for reasoning-gym
-    samples), written atomically: `path + '.tmp'`, fsync, `os.replace`."""
+    samples), written atomically (`recurdepth.atomic.write_atomically`: tmp file, fsync, rename, fsync dir)."""
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(_to_record(s), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, "".join(json.dumps(_to_record(s), ensure_ascii=False) + "\n" for s in samples))
 
 
 def read_jsonl(path) -> list[Sample]:
