@@ -517,3 +517,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 def _suggest(word: str, options: typing.Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def set_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply `section.key=value` overrides to a raw config mapping in place (what `load_config` does to a
+    file's) and return it; `config_from_dict` then types and validates it."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return raw

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from recurdepth.config import Config
+from recurdepth.devices import ACCELERATORS, datasheet_peak_flops
 from recurdepth.model.layers import default_ffn_hidden_size
 
-# Dense bf16 peak FLOP/s of common accelerators (datasheet, without sparsity).
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s of common accelerators (datasheet, without sparsity), by CUDA device-name substring:
+# the one table is recurdepth/devices.py, which `recurdepth plan` reads too.
+GPU_PEAK_FLOPS = {acc.match: acc.peak_flops for acc in ACCELERATORS}
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,8 @@ def peak_flops(cfg: Config, device: torch.device) -> float:
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
+        datasheet = datasheet_peak_flops(torch.cuda.get_device_name(device))
+        if datasheet is not None:
+            return datasheet
         return measure_matmul_peak((4096, 8192), repeats=2, dtype=torch.bfloat16, device=str(device))
     return measure_matmul_peak()
