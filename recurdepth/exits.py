@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from recurdepth.atomic import write_atomically
+
 EXIT_DIR_ENV = "RECURDEPTH_EXIT_DIR"
 LAUNCHER_PID_ENV = "RECURDEPTH_LAUNCHER_PID"
 _RANK_KEYS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -103,9 +105,7 @@ class ExitRecord:
         try:
             record = self.fields(code)
             path = Path(folder) / f"rank_{record['rank']}.json"
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, path)
+            write_atomically(path, json.dumps(record) + "\n")
         except Exception:  # noqa: BLE001 - a launcher without a record reports the rank as lost
             pass
 

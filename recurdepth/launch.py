@@ -9,14 +9,13 @@ impossible layout is one `error: ...` line at submission time, not a failed job 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from recurdepth.atomic import write_atomically as _write_atomically
 from recurdepth.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,18 +98,11 @@ def render_sbatch(config, nodes: int, gpus_per_node: int, time: str = "24:00:00"
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write next to PATH, then rename over it: a reader never sees half a script."""
+    """The script at PATH, executable, via the one atomic write (`recurdepth.atomic`: tmp, fsync, rename, fsync
+    dir): a reader never sees half a script."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, text, mode=0o755)
 
 
 def _slurm(args: argparse.Namespace) -> int:

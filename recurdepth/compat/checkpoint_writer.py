@@ -8,32 +8,11 @@ processes megatron's checkpoint saver starts must neither die of those signals n
 Call :func:`apply_checkpoint_writer_compat` once per process before the first checkpoint save (on CPU and
 GPU alike: nothing here is CPU specific; `recurdepth.distributed.init_distributed` calls it). Idempotent.
 
-  patch                                    what megatron assumes -> what breaks without the patch -> the fix
-  ---------------------------------------  ------------------------------------------------------------------
-  filesystem_async._get_write_results_     the write results may come from another process (async save), so
-    queue -> one in-process queue.Queue      the first save starts a persistent spawn-context
-                                             `Manager().Queue()`: a helper *process* in the trainer's process
-                                             group with default signal handlers -> a group-delivered SIGTERM/
-                                             SIGUSR1/SIGINT kills it, the stop-save then dies with
-                                             BrokenPipeError (exit 1, traceback, step_N.tmp left, the steps
-                                             since the last checkpoint lost), and after SIGKILL of the trainer
-                                             it stays alive as an orphan -> recurdepth saves synchronously
-                                             (`dist_checkpointing.save`, never `async_sharded_save`): the
-                                             results are put and got in the trainer process, so a plain
-                                             `queue.Queue` does it with no helper process at all
-  FileSystemWriterAsync.write_preloaded_   its forked writer workers (`write_preloaded_data_multiproc`, one
-    data -> the same, run in a worker        per file, fork context) inherit the trainer's signal handlers
-    that first sets PR_SET_PDEATHSIG=        and nothing ties their life to it -> a stop signal that the
-    SIGKILL and ignores stop signals         trainer's handler does not cover kills a writer (megatron then
-                                             waits for it forever in `count_queue.join()`), and a writer
-                                             outlives a SIGKILLed trainer -> each worker dies with the
-                                             thread that forked it (the trainer's main thread) and ignores
-                                             the group's SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP: the trainer
-                                             decides, the writer finishes its file. The wrapper keeps the
-                                             signature (functools.wraps; megatron inspects it)
-
-Version check: megatron-core's version must be in TESTED_MEGATRON_VERSIONS (the CPU layer's list), else
-CompatError; RECURDEPTH_ALLOW_UNTESTED_MEGATRON=1 downgrades that to a warning and patches what exists.
+The two patches (`_get_write_results_queue` -> one in-process queue; `write_preloaded_data` -> the same, run in
+a worker that dies with its parent and ignores stop signals), each with what megatron assumes and what breaks
+without it, are rows of the one table of megatron patches in `recurdepth/compat/__init__.py` (`PATCHES`,
+module "checkpoint_writer"). Version check: the one gate, `recurdepth.compat.version.check_megatron_version`
+(RECURDEPTH_ALLOW_UNTESTED_MEGATRON=1 downgrades a refusal to a warning and patches what exists).
 Not covered: megatron's async checkpoint save (its results cross processes; recurdepth never uses it).
 """
 
@@ -49,11 +28,11 @@ import signal
 import sys
 import warnings
 
-from recurdepth.compat.megatron_cpu import TESTED_MEGATRON_VERSIONS, CompatError, _megatron_version
+from recurdepth.compat.version import check_megatron_version, megatron_version
 
 __all__ = ["apply_checkpoint_writer_compat", "is_applied", "die_with_parent", "WRITER_IGNORED_SIGNALS"]
 
-_ALLOW_UNTESTED_ENV = "RECURDEPTH_ALLOW_UNTESTED_MEGATRON"
+_WHAT = "recurdepth's checkpoint-writer patch"
 _MODULE = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 _MARK = "_recurdepth_writer_compat"
 _PR_SET_PDEATHSIG = 1
@@ -73,16 +52,17 @@ def apply_checkpoint_writer_compat() -> bool:
     """Patch megatron-core's checkpoint writer (see the module docstring). Returns True once patched;
     idempotent. Raises CompatError for an untested megatron-core (unless the opt-out variable is set)."""
     global _APPLIED
+    check_megatron_version(_WHAT)
     if _APPLIED:
         return True
-    untested = _check_version()
+    version = megatron_version()
     module = importlib.import_module(_MODULE)
     writer = getattr(module, "FileSystemWriterAsync", None)
     missing = [name for name, ok in (("_get_write_results_queue", hasattr(module, "_get_write_results_queue")),
                                      ("FileSystemWriterAsync.write_preloaded_data",
                                       hasattr(writer, "write_preloaded_data"))) if not ok]
     if missing:
-        msg = (f"megatron-core {untested} has no {', '.join(missing)}: the checkpoint-writer patch does not apply, "
+        msg = (f"megatron-core {version} has no {', '.join(missing)}: the checkpoint-writer patch does not apply, "
                f"so a stop signal to the process group may break the stop checkpoint")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     # megatron: the results may cross processes (async save) -> a Manager process; ours never do.
@@ -97,20 +77,6 @@ def apply_checkpoint_writer_compat() -> bool:
             writer.write_preloaded_data = staticmethod(wrapper)
     _APPLIED = True
     return True
-
-
-def _check_version() -> str:
-    """The installed version; raises CompatError when untested (unless opted out, then warns)."""
-    version = _megatron_version()
-    if version.split("+")[0] in TESTED_MEGATRON_VERSIONS:
-        return version
-    msg = (f"megatron-core {version} is untested with recurdepth's checkpoint-writer patch (tested: "
-           f"{', '.join(TESTED_MEGATRON_VERSIONS)}); install megatron-core=={TESTED_MEGATRON_VERSIONS[-1]}, "
-           f"or set {_ALLOW_UNTESTED_ENV}=1 to try anyway")
-    if os.environ.get(_ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return version
-    raise CompatError(msg)
 
 
 def _in_process_results_queue() -> "queue.Queue":

@@ -7,52 +7,11 @@ It does nothing when CUDA is available, unless ``force=True``.
 The patches are global replacements on purpose: a ``TorchFunctionMode`` does not work, because
 the mode stack is empty inside autograd backward and in other threads (it crashed in MoE backward).
 
-Patches, all applied only without CUDA (or with force=True):
-
-  patch                                   what megatron assumes -> what breaks without the patch
-  --------------------------------------  ---------------------------------------------------------
-  torch.cuda.current_device() -> 'cpu'    returns the allocation device -> every factory call with
-                                          device=torch.cuda.current_device() raises
-  torch.cuda.synchronize, empty_cache     a CUDA context -> pipeline p2p, checkpoint save/load raise
-    -> no-ops
-  torch.cuda.Stream, Event,               side streams -> DDP overlap_grad_reduce and the MoE
-    current_stream, default_stream,         alltoall dispatcher raise (CPU ops run in order, so
-    stream() -> inert stand-ins             waiting/recording has nothing to do)
-  torch.cuda[.random].get_rng_state,      a device generator -> seeding and the RNG tracker raise;
-    set_rng_state, manual_seed              merely skipping them silently changes results. On CPU
-    -> the CPU default generator            every random op draws from the default generator
-  Tensor.cuda(), Tensor.pin_memory()      GPU copies / pinned buffers (tied embeddings in PP,
-    -> return the tensor itself             checkpoint exchange, grad-scaler load) -> raise
-  `torch` global of _CUDA_LITERAL_MODULES device='cuda' literals (optimizer scalars, clip_grads,
-    -> a torch whose factory functions      schedules' token counter, causal masks, checkpoint
-    map CUDA devices to CPU and drop        exchange, MoE aux-loss tracker) -> raise. The real torch
-    pin_memory=True                         is not touched
-  'torch.cuda.FloatTensor' (Half, BF16)   Tensor.type() checks -> both optimizers and clip_grads
-    constants in _TENSOR_TYPE_CHECK_        reject CPU parameters
-    MODULES -> 'torch.FloatTensor' ...
-  tensor_parallel.random._get/_set_cuda_  torch.cuda.default_generators -> tracker fork() and
-    rng_state -> CPU generator state        activation checkpointing raise. Real state: streams are
-                                            deterministic and get/set restores them exactly
-  log filter on tensor_parallel.random    separate CPU and device generators -> with one generator
-                                            every fork() that draws logs a false "CPU RNG state
-                                            changed within GPU RNG context" warning
-  DistributedOptimizer, 3 wrappers        torch Adam (the optimizer without apex/TE, i.e. always
-                                          on CPU) keeps a per-param 'step' that the checkpoint code
-                                          mishandles: (a) sharded_state_dict(is_loading=True) of a
-                                          fresh optimizer fails (state_dict() asserts on the empty
-                                          state) -> state is initialised first, params untouched;
-                                          (b) the loaded param state copies a stale 'step' back
-                                          (dp_reshardable; fully_reshardable: KeyError 'step') and
-                                          writes fp32 main params, views of leaf params, with grad
-                                          mode on (RuntimeError) -> 'step' is left to
-                                          load_state_dict, copies run under no_grad; (c)
-                                          load_state_dict gives all params ONE 'step' tensor, which
-                                          Adam advances once per param -> each gets its own copy.
-                                          Without (b)/(c) a resumed run silently drifts
-  moe_utils.te_general_gemm = None        bound only by a successful TE import -> NameError in
-                                          every MoE router forward
-  token_dispatcher.maybe_move_tensor_to_  moves split sizes to host only `if tensor.is_cuda` ->
-    cpu -> always converts (numpy if asked) they stay tensors; all_to_all_single raises TypeError
+The patches, each with what megatron assumes and what breaks without it, are rows of the one table of
+megatron patches in `recurdepth/compat/__init__.py` (`PATCHES`, module "megatron_cpu"); all apply only
+without CUDA (or with force=True), after the one version gate (`recurdepth.compat.version`). The
+DistributedOptimizer Adam-'step' fix is `recurdepth.compat.optimizer` (megatron's fallback optimizer runs on
+GPUs without TransformerEngine/apex too); `apply_cpu_compat` applies it as well.
 
 Not covered: TransformerEngine/apex/fused kernels, CUDA graphs, megatron FSDP, NCCL user
 buffers, the async checkpoint *persistent* worker (calls torch.cuda.set_device). Not a CPU
@@ -67,20 +26,24 @@ import contextlib
 import functools
 import importlib
 import logging
-import os
 import types
-import warnings
 
 import torch
 
+from recurdepth.compat.optimizer import apply_optimizer_fix
+from recurdepth.compat.version import (
+    ALLOW_UNTESTED_ENV as _ALLOW_UNTESTED_ENV,  # noqa: F401 - kept for callers
+    TESTED_MEGATRON_VERSIONS,
+    CompatError,
+    check_megatron_version,
+    megatron_version,
+)
+
 __all__ = ["TESTED_MEGATRON_VERSIONS", "CompatError", "apply_cpu_compat", "is_applied"]
 
-TESTED_MEGATRON_VERSIONS: tuple[str, ...] = ("0.16.0", "0.16.1")
-
-_ALLOW_UNTESTED_ENV = "RECURDEPTH_ALLOW_UNTESTED_MEGATRON"
+_WHAT = "recurdepth's CPU patches"
 _CPU = torch.device("cpu")
 _APPLIED = False
-_MARK = "_recurdepth_cpu_compat"  # set on every wrapper, so re-applying never wraps twice
 
 # Megatron modules whose code passes device='cuda' to torch factory functions.
 _CUDA_LITERAL_MODULES = (
@@ -114,10 +77,6 @@ _TORCH_FACTORIES = (
 )  # fmt: skip
 
 
-class CompatError(RuntimeError):
-    """The CPU compatibility layer cannot be applied (the message is one line: cause and fix)."""
-
-
 def is_applied() -> bool:
     """Whether :func:`apply_cpu_compat` has patched this process."""
     return _APPLIED
@@ -131,14 +90,14 @@ def apply_cpu_compat(force: bool = False) -> bool:
     warning).
 
     ``force=True`` patches even when CUDA is present (megatron then allocates on CPU). The version
-    is checked only when patching; nothing is patched if the check fails.
+    is checked on every call that patches or has patched; nothing is patched if the check fails.
     """
     global _APPLIED
-    if _APPLIED:
-        return True
-    if torch.cuda.is_available() and not force:
+    if not _APPLIED and torch.cuda.is_available() and not force:
         return False
     _check_megatron_version()
+    if _APPLIED:
+        return True
     _patch_torch_cuda()
     _patch_tensor_methods()
     _patch_megatron()
@@ -147,33 +106,13 @@ def apply_cpu_compat(force: bool = False) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# version gate
+# version gate: the one in recurdepth.compat.version (names kept for callers and tests)
 
-
-def _megatron_version() -> str:
-    try:
-        from megatron.core import package_info
-    except ImportError as exc:
-        raise CompatError(
-            f"megatron-core is not importable ({exc}); install megatron-core=="
-            f"{TESTED_MEGATRON_VERSIONS[-1]}"
-        ) from None
-    return str(package_info.__version__)
+_megatron_version = megatron_version
 
 
 def _check_megatron_version() -> None:
-    version = _megatron_version()
-    if version.split("+")[0] in TESTED_MEGATRON_VERSIONS:
-        return
-    msg = (
-        f"megatron-core {version} is untested with recurdepth's CPU patches (tested: "
-        f"{', '.join(TESTED_MEGATRON_VERSIONS)}); install megatron-core=="
-        f"{TESTED_MEGATRON_VERSIONS[-1]}, or set {_ALLOW_UNTESTED_ENV}=1 to try anyway"
-    )
-    if os.environ.get(_ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return
-    raise CompatError(msg)
+    check_megatron_version(_WHAT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,55 +331,6 @@ def _move_to_host(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
-def _wrap_method(cls, name, make_wrapper):
-    """Replace ``cls.name`` by ``make_wrapper(original)``, once."""
-    original = getattr(cls, name)
-    if not getattr(original, _MARK, False):
-        wrapper = functools.wraps(original)(make_wrapper(original))
-        setattr(wrapper, _MARK, True)
-        setattr(cls, name, wrapper)
-
-
-def _init_state_before_loading(sharded_state_dict):
-    def wrapper(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
-        if is_loading and not self.optimizer.state:
-            # megatron's helper takes one zero-grad step (AdamW decays params): keep params as is
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            saved = [p.detach().clone() for p in params]
-            self._init_optimizer_states_with_dummy_values()
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
-
-    return wrapper
-
-
-def _set_states_except_step(set_states):
-    def wrapper(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return set_states(self, model_param, tensors)  # no torch 'step' in that state
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        with torch.no_grad():
-            for key, tensor in {"param": main_param, **self.optimizer.state[main_param]}.items():
-                if key != "step":  # restored from param_groups by load_state_dict()
-                    tensor.copy_(tensors[key])
-
-    return wrapper
-
-
-def _unshare_steps_after_load(load_state_dict):
-    def wrapper(self, state_dict):
-        result = load_state_dict(self, state_dict)
-        for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        return result
-
-    return wrapper
-
-
 def _patch_megatron() -> None:
     # megatron: device='cuda' literals in factory calls; without: "Torch not compiled with CUDA".
     torch_on_cpu = _TorchOnCpu()
@@ -463,20 +353,8 @@ def _patch_megatron() -> None:
     # generator; without: a false warning on every fork that draws random numbers.
     logging.getLogger(random.__name__).addFilter(_RNG_FORK_WARNING_FILTER)
 
-    # Without apex/TE (always on CPU) DistributedOptimizer wraps torch Adam, whose per-param 'step'
-    # state megatron's checkpoint code mishandles:
-    distrib_optimizer = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-    dist_opt = distrib_optimizer.DistributedOptimizer
-    # megatron: state_dict() asserts a single 'step' in the (empty) state of a fresh optimizer;
-    # without: sharded_state_dict(is_loading=True) fails with a bare AssertionError.
-    _wrap_method(dist_opt, "sharded_state_dict", _init_state_before_loading)
-    # megatron: copies every state key from the loaded param state, 'step' included, which is the
-    # stale local value (dp_reshardable) or missing (fully_reshardable: KeyError 'step'), into fp32
-    # main params that are views of leaf params (RuntimeError); without: wrong resume or a crash.
-    _wrap_method(dist_opt, "_set_main_param_and_optimizer_states", _set_states_except_step)
-    # megatron: load_state_dict() puts ONE 'step' tensor into every param's state and torch Adam
-    # increments it once per param; without: after a resume Adam's bias correction silently drifts.
-    _wrap_method(dist_opt, "load_state_dict", _unshare_steps_after_load)
+    # megatron's fallback (torch) Adam, always the optimizer on CPU: its per-param 'step' checkpoint state
+    apply_optimizer_fix()
 
     # megatron: router_gating_linear tests `te_general_gemm is not None`, a name bound only by a
     # successful TE import; without: NameError in every MoE router forward.

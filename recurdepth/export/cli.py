@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.errors import ConfigError
 
 FORMATS = ("hf-huginn",)
@@ -122,7 +123,7 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
             tmp = staging.path
             try:
                 if tok_src is not None:
-                    shutil.copyfile(tok_src, tmp / TOKENIZER)
+                    write_atomically(tmp / TOKENIZER, tok_src.read_bytes())
                 path = write_checkpoint(cfg, model, tmp, tok.vocab_size)
                 names = [p.name for p in tmp.iterdir() if p.name != "latest"] + ["latest"]  # the pointer last
                 moved = []
@@ -130,6 +131,7 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
                     for name in names:
                         os.replace(tmp / name, out / name)
                         moved.append(name)
+                    fsync_dir(out)  # the renames survive a crash
                 except OSError:
                     for name in moved:  # nothing half-moved stays behind
                         target = out / name

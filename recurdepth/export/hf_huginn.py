@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.config import Config, config_from_dict
 from recurdepth.errors import CheckpointError, ConfigError, RecurdepthError
 
@@ -326,12 +327,14 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     (--overwrite) each file replaced atomically, config.json last, and stale export files removed."""
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)  # the rename survives a crash
         return
     written = {p.name for p in tmp.iterdir()}
     for stale in _stale_export_files(out_dir, written):
         stale.unlink()
     for name in sorted(written, key=lambda n: EXPORT_FILES.index(n) if n in EXPORT_FILES else -1):
         os.replace(tmp / name, out_dir / name)
+    fsync_dir(out_dir)
     tmp.rmdir()
 
 
@@ -372,16 +375,18 @@ def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path,
     ffn = state[f"{_STACKS['core']}.0.mlp.proj.weight"].shape[1]
     weights_dtype = str(state["transformer.wte.weight"].dtype).replace("torch.", "")
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    with open(out_dir / WEIGHTS, "rb") as f:  # on disk before the folder is renamed into place (write_atomically
+        os.fsync(f.fileno())  # fsyncs the small files below)
     config = huginn_config(cfg, rows, ffn, weights_dtype)
     tok = loaded.tokenizer
     config.update(pad_token_id=tok.pad, eos_token_id=tok.eod, recurdepth_tokenizer=cfg.data.tokenizer,
                   recurdepth_vocab_size=loaded.vocab_size)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(
+    write_atomically(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    write_atomically(out_dir / "generation_config.json", json.dumps(
         {"eos_token_id": tok.eod, "pad_token_id": tok.pad, "transformers_version": "4.47.1"}, indent=2) + "\n")
     if tok_model is not None:
-        shutil.copyfile(tok_model, out_dir / TOKENIZER)
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        write_atomically(out_dir / TOKENIZER, Path(tok_model).read_bytes())
+        write_atomically(out_dir / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
              "pad_token": "<pad>", "eos_token": "<eod>", "unk_token": "<unk>", "legacy": False}, indent=2) + "\n")
 
