@@ -380,10 +380,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Seque
             raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML; fix the syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must be a mapping of sections (model:, train:, ...)")
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
-    return config_from_dict(raw)
+    return config_from_dict(set_overrides(raw, overrides))
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from recurdepth.config import Config
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.plan.shape import is_moe, dims, stage_params
+from recurdepth.parallel import schedule
 
 
 @dataclass
@@ -95,8 +96,6 @@ def looped_pipeline_in_flight(p: int, m: int, g: int) -> tuple[list[int], int]:
     schedule with g grad iterations: the schedule's own cap (`recurdepth.parallel.schedule.default_cap`), never
     more than the m·g grad chunks a step has, and two of its groups of p micro-batches (checked against
     `build_order` in the tests). The naive split is this with g = 1 (one trip through the whole core)."""
-    from recurdepth.parallel import schedule  # torch-free, but recurdepth.parallel's __init__ imports torch
-
     window = BackpropWindow.of(g, g)  # the cap counts grad chunks only: no-grad trips keep nothing
     return [min(schedule.default_cap(p, s, window), m * g) for s in range(p)], min(m, 2 * p)
 

@@ -17,6 +17,7 @@ from recurdepth.config import Config
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.plan.devices import DeviceSpec, cpu_peak_flops
 from recurdepth.plan.shape import core_layers_on, mean_recurrence
+from recurdepth.parallel import schedule
 
 DEFAULT_ASSUMED_MFU = 0.40
 
@@ -62,8 +63,6 @@ def pipeline_bubble(cfg: Config, r: float, micro_batches: int) -> float:
     pp = cfg.parallel.pipeline
     if pp == 1:
         return 0.0
-    from recurdepth.parallel import schedule  # torch-free, but recurdepth.parallel's __init__ imports torch
-
     return schedule.expected_bubble_window(pp, pipeline_window(cfg, r), micro_batches)
 
 
