@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from recurdepth.atomic import fsync_dir, write_atomically
-from recurdepth.data.staging import fsync_file
+from recurdepth.atomic import fsync_file
 from recurdepth.data.tokenizer import ByteTokenizer
 
 

@@ -20,7 +20,7 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from recurdepth.data.staging import commit_staged
+from recurdepth.atomic import commit_staged
 
 MASK_SUFFIX = "_lossmask"
 

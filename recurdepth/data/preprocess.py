@@ -34,7 +34,7 @@ from recurdepth.data.indexed import (REBUILD, check_indexed_dataset, check_token
 from recurdepth.data.readers import (FOLDER_SUFFIXES, JSONL_SUFFIXES, TEXT_DOCS, PathLike, ReadStats,
                                      empty_corpus_error, handle_bad_line, iter_documents, iter_records,
                                      parse_jsonl_line, resolve_inputs)
-from recurdepth.data.staging import commit_staged
+from recurdepth.atomic import commit_staged
 from recurdepth.data.tokenizer import tokenizer_from_spec
 from recurdepth.errors import DataError
 

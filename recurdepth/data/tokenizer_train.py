@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 from recurdepth.atomic import write_atomically
 from recurdepth.data.readers import ReadStats, empty_corpus_error, iter_documents, resolve_inputs
-from recurdepth.data.staging import commit_staged
+from recurdepth.atomic import commit_staged
 from recurdepth.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, resolve_model_path
 from recurdepth.errors import DataError
 
