@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from recurdepth.atomic import fsync_dir, write_atomically
+from recurdepth.atomic import commit_staged, fsync_dir, fsync_file, write_atomically
 from recurdepth.config import Config, config_from_dict
 from recurdepth.errors import CheckpointError, ConfigError, RecurdepthError
 
@@ -332,9 +332,8 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     written = {p.name for p in tmp.iterdir()}
     for stale in _stale_export_files(out_dir, written):
         stale.unlink()
-    for name in sorted(written, key=lambda n: EXPORT_FILES.index(n) if n in EXPORT_FILES else -1):
-        os.replace(tmp / name, out_dir / name)
-    fsync_dir(out_dir)
+    commit_staged((tmp / name, out_dir / name)
+                  for name in sorted(written, key=lambda n: EXPORT_FILES.index(n) if n in EXPORT_FILES else -1))
     tmp.rmdir()
 
 
@@ -375,8 +374,7 @@ def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path,
     ffn = state[f"{_STACKS['core']}.0.mlp.proj.weight"].shape[1]
     weights_dtype = str(state["transformer.wte.weight"].dtype).replace("torch.", "")
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
-    with open(out_dir / WEIGHTS, "rb") as f:  # on disk before the folder is renamed into place (write_atomically
-        os.fsync(f.fileno())  # fsyncs the small files below)
+    fsync_file(out_dir / WEIGHTS)  # on disk before the folder is renamed into place (write_atomically: the rest)
     config = huginn_config(cfg, rows, ffn, weights_dtype)
     tok = loaded.tokenizer
     config.update(pad_token_id=tok.pad, eos_token_id=tok.eod, recurdepth_tokenizer=cfg.data.tokenizer,
