@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from recurdepth.config import ModelConfig, RecurrenceConfig
 from recurdepth.model.depth import BackpropWindow, Iteration
 from recurdepth.seeding import derive_seed
-from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules
+from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules, rope_cos_sin
 
 _STATE_STREAM = 0x57A7E  # separates the initial-state stream from other per-sample streams
 
@@ -51,6 +51,7 @@ class LoopedGPTModel(LanguageModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = model_cfg.tie_embeddings
         self.checkpoint_iterations = recurrence_cfg.checkpoint_iterations
+        self.rope_tables = not use_te  # RotarySelfAttention (local spec) takes RoPE as (cos, sin)
         h = config.hidden_size
         dense, norm = layer_spec_submodules(use_te, model_cfg.attention)
         moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts)[0] if model_cfg.num_experts else dense
@@ -98,6 +99,10 @@ class LoopedGPTModel(LanguageModule):
     # (the KV-cached decoder), or None for the layer's own attention.
 
     def _blocks(self, stack: str, x: torch.Tensor, rope, attention_mask, attend_for=None) -> torch.Tensor:
+        if self.rope_tables and torch.is_tensor(rope):
+            # our attention (local spec) takes ready (cos, sin) in the activations' dtype: computed once per table
+            # here, not inside every (compiled) block, where inductor would evaluate them per element of q and k
+            rope = rope_cos_sin(rope, x.dtype)
         for i, layer in getattr(self, stack).items():
             attend = None if attend_for is None else attend_for(f"{stack}.{i}", layer)
             x = layer(x, rope, attention_mask, attend=attend)

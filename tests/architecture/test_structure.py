@@ -109,6 +109,8 @@ def _function_attributes(model) -> list[str]:
     bad = []
     for mod_name, module in model.named_modules():
         for key, value in vars(module).items():
+            if key == "_compiled_call_impl":  # torch's own nn.Module.compile() (train.compile)
+                continue
             if not callable(value) or isinstance(value, type) or hasattr(value, "parameters") \
                     or type(value).__name__ == "Tensor":
                 continue
