@@ -160,3 +160,48 @@ def test_the_monkeypatch_check_can_fail(megatron_single_process):
     model.core["0"].forward = lambda *a: None
     model.initial_state = lambda e, sample_ids=None: e
     assert sorted(_function_attributes(model)) == ["<model>.initial_state", "core.0.forward"]
+
+
+GROUND = {"recurdepth", "config", "errors", "seeding", "precision", "devices", "atomic"}  # "recurdepth": __version__
+SEAM = {"objectives.base", "objectives.registry"}  # the objectives' torch-free plug-in seam
+FRONT = {"infer", "export", "plan", "bench", "cli", "launch", "torchrun", "exits", "__main__"}
+# what each folder may import besides itself (docs/architecture.md, "The folders, and what each may import")
+ALLOWED = {
+    "config": {"errors"} | SEAM, "errors": set(), "seeding": set(), "precision": set(), "devices": set(),
+    "atomic": set(),
+    "compat": set(),
+    "model": GROUND | {"compat"} | SEAM,
+    "parallel": GROUND | {"model"},
+    "data": GROUND | {"compat"} | SEAM,
+    "objectives": GROUND | {"model", "data", "parallel"},
+    "distributed": GROUND | {"compat"},
+    "train": GROUND | {"compat", "model", "parallel", "data", "objectives", "distributed"},
+}
+
+
+def _unit(module: str) -> str:
+    """`recurdepth.objectives.base` -> "objectives.base" when it is part of the seam, else its folder."""
+    rest = module.split(".", 1)[1] if "." in module else ""
+    if rest in SEAM:
+        return rest
+    return rest.split(".")[0] if rest else "recurdepth"
+
+
+def test_each_folder_imports_only_what_the_architecture_allows():
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        unit = _unit(name)
+        folder = unit.split(".")[0]
+        if folder in FRONT or folder == "recurdepth":
+            continue
+        allowed = ALLOWED.get(unit, ALLOWED.get(folder))
+        if unit in SEAM:
+            allowed = {"errors"}
+        for target in imports_of(name, path, modules):
+            t_unit = _unit(target)
+            if t_unit.split(".")[0] == folder and unit not in SEAM:
+                continue
+            if t_unit not in allowed and t_unit.split(".")[0] not in allowed:
+                wrong.append(f"{name} imports {target}")
+    assert wrong == [], "\n".join(wrong)
