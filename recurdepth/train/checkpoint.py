@@ -15,6 +15,12 @@ step that exists is a no-op. Loading verifies the checksums first (`verify_check
 Lineage: every manifest names its `run_id` (one per lineage of saves) and `parent` (the checkpoint the run
 resumed from). Retention (`keep_last`, `keep_every`) only removes checkpoints of the lineage `latest` belongs
 to that are older than `latest`, and never `latest` or this process's resume point.
+
+What goes into a checkpoint besides the layout is the engine's (`recurdepth.train.engine`): its `name` (in
+the manifest; a checkpoint resumes under the engine that wrote it), `save_state(tmp, common)` writing the
+model, the optimizer and the common state (scheduler, train state, config) into `tmp`, and
+`load_state(path, manifest)` reading them back. `ShardedState` is megatron-core's dist_checkpointing format
+(the megatron engine's, and the default for callers without an engine); nothing here names an engine.
 """
 
 from __future__ import annotations
@@ -27,8 +33,7 @@ import os
 import random
 import shutil
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -37,7 +42,11 @@ import torch
 
 from torch.distributed.checkpoint.api import CheckpointException
 
+from recurdepth.atomic import fsync_dir, write_atomically
+from recurdepth.compat.scheduler import load_scheduler_state
 from recurdepth.errors import CheckpointError
+from recurdepth.train.faults import maybe_fail_save
+from recurdepth.train.state import Lineage, TrainState  # noqa: F401 - re-exported: where they were
 
 LATEST = "latest"
 MANIFEST = "recurdepth.json"
@@ -45,25 +54,6 @@ ARCHIVE = "archive"
 CRASH_IN_SAVE_ENV = "RECURDEPTH_CRASH_IN_SAVE_AT_STEP"
 # The distributed optimizer's canonical per-parameter layout: reloadable under any TP/PP/DP layout.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0
-    consumed_samples: int = 0
-    skipped_batches: list = field(default_factory=list)  # consumed-sample offsets of batches never to train on
-
-
-@dataclass
-class Lineage:
-    """Which line of saves a checkpoint belongs to: `run_id` is shared by every checkpoint of one lineage,
-    `parent` names the checkpoint this process resumed from (None for a fresh start), which retention never
-    removes while this process runs."""
-
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    parent: Optional[str] = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -124,10 +114,10 @@ def archive_checkpoints(root: Path, paths: Iterable[Path], why: str) -> Optional
     while dest.exists():
         dest = dest.with_name(dest.name + "+")
     dest.mkdir(parents=True)
-    (dest / "WHY").write_text(why + "\n")
+    write_atomically(dest / "WHY", why + "\n")
     for p in paths:
         os.rename(p, dest / p.name)
-    _fsync_dir(Path(root))
+    fsync_dir(Path(root))
     return dest
 
 
@@ -166,27 +156,6 @@ def _gather(obj) -> list:
     out = [None] * _world()
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _crash_now() -> None:
@@ -336,15 +305,15 @@ def _save_failed(root: Path, tmp: Path, name: str, exc: Optional[BaseException])
     return CheckpointError(_save_failed_message(root, tmp, name, what, any(f[1] for f in failures)))
 
 
-def _write_shards(sharded: dict, tmp: Path, root: Path, name: str, step: int) -> None:
-    """megatron's dist_checkpointing.save of `sharded` into `tmp`. Its errors after the write phase are raised
-    on every rank (a CheckpointException) and agreed by the caller; an error in one rank's own write phase
-    leaves the other ranks waiting in megatron's barrier, so that rank stops the run at once with the reason
-    (the launcher then ends the other ranks; the partial save is removed, the previous checkpoint intact)."""
+def _write_shards(sharded: dict, tmp: Path, step: int) -> None:
+    """megatron's dist_checkpointing.save of `sharded` into `tmp` (`<root>/<name>.tmp`). Its errors after the
+    write phase are raised on every rank (a CheckpointException) and agreed by the caller; an error in one
+    rank's own write phase leaves the other ranks waiting in megatron's barrier, so that rank stops the run at
+    once with the reason (the launcher then ends the other ranks; the partial save is removed, the previous
+    checkpoint intact)."""
     from megatron.core import dist_checkpointing
 
-    from recurdepth.train.faults import maybe_fail_save
-
+    root, name = tmp.parent, tmp.name[: -len(".tmp")]
     # megatron logs a writer's failure itself before raising it: we report it, in one line
     writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
     level = writer_log.level
@@ -367,6 +336,41 @@ def _write_shards(sharded: dict, tmp: Path, root: Path, name: str, step: int) ->
         writer_log.setLevel(level)
 
 
+class ShardedState:
+    """Model and optimizer in megatron-core's dist_checkpointing format, the common state (scheduler, train
+    state, config) in the same sharded save: loadable under any TP/PP/DP layout. The megatron engine's
+    checkpoint state, and what `save_checkpoint` / `load_checkpoint` use when given no engine."""
+
+    name = "megatron"
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def save_state(self, tmp: Path, common: dict) -> None:
+        sharded = {"model": _unwrap(self.model).sharded_state_dict(), **common}
+        sharded["optimizer"] = self.optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
+        _write_shards(sharded, tmp, common["train_state"]["step"])
+
+    def load_state(self, path: Path, meta: dict) -> dict:
+        from megatron.core import dist_checkpointing
+
+        model = _unwrap(self.model)
+        sharded = {"model": model.sharded_state_dict()}
+        sharded["optimizer"] = self.optimizer.sharded_state_dict(sharded["model"], is_loading=True,
+                                                                 metadata=_OPTIM_METADATA)
+        sharded["scheduler"] = None
+        sharded["train_state"] = None
+        sharded["config"] = None
+        try:
+            loaded = dist_checkpointing.load(sharded, str(path))
+        except (Exception, CheckpointException) as exc:  # truncated or foreign (DCP's error is a BaseException)
+            raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated, corrupt "
+                                  f"or from another model shape: resume from an earlier step_* directory") from exc
+        model.load_state_dict(loaded["model"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        return loaded
+
+
 def existing_checkpoint(final: Path, lineage: Lineage) -> Path:
     """A complete checkpoint already at the path a save would write: this lineage's is the same state (a stop
     right after an interval save, a halt right after a resume) and is returned as it is; another lineage's is
@@ -380,12 +384,14 @@ def existing_checkpoint(final: Path, lineage: Lineage) -> Path:
 
 def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, config_dict: dict,
                     keep_last: int = 0, vocab_size: Optional[int] = None, keep_every: int = 0,
-                    engine: str = "megatron", lineage: Optional[Lineage] = None) -> Path:
+                    engine=None, lineage: Optional[Lineage] = None) -> Path:
     """Save model, optimizer, scheduler, train state, RNG states and config; collective over all ranks.
-    With the deepspeed engine, model and optimizer are DeepSpeed's own files (in `deepspeed/`) and the rest
-    is a `common.pt` beside them; the directory layout, atomicity, checksums and `latest` are the same.
-    A step that already has a complete checkpoint is not written again (its path is returned)."""
+    `engine` (a `recurdepth.train.engine.Engine`, or anything with its `name`, `save_state`, `load_state`)
+    writes model and optimizer in its own files (default: `ShardedState(model, optimizer)`); the directory
+    layout, atomicity, checksums and `latest` are the same for every engine. A step that already has a
+    complete checkpoint is not written again (its path is returned)."""
     root = Path(root)
+    engine = engine if engine is not None else ShardedState(model, optimizer)
     lineage = lineage or Lineage()
     name = checkpoint_name(state.step)
     tmp, final = root / (name + ".tmp"), root / name
@@ -402,16 +408,7 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        if engine == "deepspeed":
-            from recurdepth.train.deepspeed_engine import save_deepspeed
-
-            save_deepspeed(model, tmp)
-            if _rank() == 0:
-                torch.save(common, tmp / "common.pt")
-        else:
-            sharded = {"model": _unwrap(model).sharded_state_dict(), **common}
-            sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
-            _write_shards(sharded, tmp, root, name, state.step)
+        engine.save_state(tmp, common)
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):  # test hook: die half-way through a save
             _crash_now()
         (tmp / "rng").mkdir(exist_ok=True)
@@ -427,7 +424,7 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
         if _rank() == 0:
             commit_checkpoint(root, tmp, {
                 "step": state.step, "consumed_samples": state.consumed_samples, "world_size": _world(),
-                "vocab_size": vocab_size, "engine": engine, "code_version": code_version(), "run_id": lineage.run_id,
+                "vocab_size": vocab_size, "engine": engine.name, "code_version": code_version(), "run_id": lineage.run_id,
                 "parent": lineage.parent, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files},
                 keep_last, keep_every, lineage)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
@@ -446,10 +443,10 @@ def commit_checkpoint(root: Path, tmp: Path, meta: dict, keep_last: int = 0, kee
     """Make a fully written `<name>.tmp` the complete checkpoint `<name>` -- its manifest, the rename, then
     `latest` -- and apply retention (rank 0 only, after every rank has written its files)."""
     final = Path(root) / tmp.name[: -len(".tmp")]
-    _atomic_write(tmp / MANIFEST, json.dumps(meta, indent=1))
+    write_atomically(tmp / MANIFEST, json.dumps(meta, indent=1))
     os.rename(tmp, final)
-    _fsync_dir(Path(root))
-    _atomic_write(Path(root) / LATEST, final.name + "\n")
+    fsync_dir(Path(root))
+    write_atomically(Path(root) / LATEST, final.name + "\n")
     if keep_last > 0:
         protect = [lineage.parent] if lineage is not None and lineage.parent else []
         _prune(root, keep_last, keep_every, protect)
@@ -471,7 +468,7 @@ def apply_resume_plan(root: Path, plan: ResumePlan) -> Optional[Path]:
     resumes an older step of this folder, point `latest` at that step. Returns the archive folder."""
     dest = archive_checkpoints(root, plan.archive, plan.why)
     if dest is not None and plan.target is not None and plan.target.resolve().parent == Path(root).resolve():
-        _atomic_write(Path(root) / LATEST, plan.target.name + "\n")
+        write_atomically(Path(root) / LATEST, plan.target.name + "\n")
     return dest
 
 
@@ -582,12 +579,14 @@ def check_compatible(path: Path, config: dict, vocab_size: Optional[int] = None,
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional[dict] = None,
-                    vocab_size: Optional[int] = None, engine: str = "megatron", verify: bool = True,
+                    vocab_size: Optional[int] = None, engine=None, verify: bool = True,
                     allowed_changes: Iterable[str] = ()) -> tuple[TrainState, dict]:
-    """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler (megatron engine: any
-    TP/PP/DP layout; deepspeed engine: the same data-parallel size), after verifying its checksums.
-    `model_cfg`: the resolved config (as a dict) to check the checkpoint against."""
+    """Load a checkpoint saved by `save_checkpoint` into model/optimizer/scheduler through `engine` (as in
+    `save_checkpoint`; the megatron format loads under any TP/PP/DP layout, DeepSpeed's at the same
+    data-parallel size), after verifying its checksums. `model_cfg`: the resolved config (as a dict) to check
+    the checkpoint against."""
     path = Path(path)
+    engine = engine if engine is not None else ShardedState(model, optimizer)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); "
                               f"pick a complete step_* directory")
@@ -595,24 +594,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
         check_compatible(path, model_cfg, vocab_size, allowed_changes)
     meta = manifest(path)
     saved_engine = meta.get("engine", "megatron")
-    if saved_engine != engine:
-        raise CheckpointError(f"{path} was written by the {saved_engine} engine and cannot be resumed by the {engine} "
-                              f"engine; set train.engine={saved_engine} or start a fresh run directory")
+    if saved_engine != engine.name:
+        raise CheckpointError(f"{path} was written by the {saved_engine} engine and cannot be resumed by the "
+                              f"{engine.name} engine; set train.engine={saved_engine} or start a fresh run directory")
     if verify:
         verify_checkpoint(path, distributed=True)
-    if engine == "deepspeed":
-        from recurdepth.train.deepspeed_engine import load_deepspeed
-
-        load_deepspeed(model, path, int(meta.get("world_size", 0)))
-        try:
-            loaded = torch.load(path / "common.pt", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - truncated or missing: the same problem to a user
-            raise CheckpointError(f"cannot read {path / 'common.pt'} ({type(exc).__name__}); the checkpoint is "
-                                  f"truncated or corrupt: resume from an earlier step_* directory") from exc
-    else:
-        loaded = _load_megatron(path, model, optimizer)
-    scheduler.num_steps = 0  # megatron's load_state_dict *adds* the saved step count to the current one
-    scheduler.load_state_dict(loaded["scheduler"])
+    loaded = engine.load_state(path, meta)
+    load_scheduler_state(scheduler, loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():
         saved = torch.load(rng_file, weights_only=False)
@@ -621,24 +609,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
     ts = loaded["train_state"]
     return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
                       skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
-
-
-def _load_megatron(path: Path, model, optimizer) -> dict:
-    from megatron.core import dist_checkpointing
-
-    sharded = {"model": _unwrap(model).sharded_state_dict()}
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True, metadata=_OPTIM_METADATA)
-    sharded["scheduler"] = None
-    sharded["train_state"] = None
-    sharded["config"] = None
-    try:
-        loaded = dist_checkpointing.load(sharded, str(path))
-    except (Exception, CheckpointException) as exc:  # truncated or foreign (DCP's error is a BaseException)
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated, corrupt or "
-                              f"from another model shape: resume from an earlier step_* directory") from exc
-    _unwrap(model).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    return loaded
 
 
 def saved_config(path: Path) -> dict:

@@ -19,6 +19,11 @@ forward, and a bad step's last backward is poisoned with NaN so that DeepSpeed's
 the update, clears the gradients and keeps its counters consistent (the Adam state is not touched).
 Gradients that are non-finite by themselves take the same path; the trainer records them as bad steps.
 
+The step's verbs (`recurdepth.train.engine.base`): `prepare` all-reduces the token count and fixes the
+scale; `backward` runs DeepSpeed's backward and micro-step for every micro-batch but the last, whose loss is
+kept for `step`, which poisons it when the verdict is bad and then takes the boundary step (reduction,
+clipping, the update).
+
 Limits: data parallelism only (parallel.tensor/pipeline/expert = 1; use the megatron engine for model
 parallelism); a checkpoint resumes at the same data-parallel size.
 """
@@ -28,10 +33,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from recurdepth.errors import CheckpointError, ConfigError
+from recurdepth.train.engine.base import Engine
+from recurdepth.train.optimizer import adamw, build_scheduler
 
 TAG = "deepspeed"  # the sub-directory of a recurdepth checkpoint holding DeepSpeed's files
 
@@ -81,26 +89,76 @@ def deepspeed_config(cfg, dp_size: int, dtype: torch.dtype) -> dict:
     }
 
 
-def build_deepspeed(cfg, model, dtype: torch.dtype, dp_size: int, local_rank: int = 0):
-    """Wrap `model` in a DeepSpeed engine; returns (engine, zero optimizer, megatron scheduler, ds config).
-    DeepSpeed insists on LOCAL_RANK in the environment: a plain process, srun or MPICH's mpirun sets none, so
-    it is filled from the rank recurdepth discovered."""
-    import os
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
 
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    @classmethod
+    def model_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # DeepSpeed keeps fp32 master weights itself and casts the module for bf16
 
-    from recurdepth.train.trainer import build_scheduler
+    def __init__(self, cfg, model, dtype: torch.dtype, device: torch.device, dp_size: int = 1, local_rank: int = 0):
+        # DeepSpeed insists on LOCAL_RANK in the environment: a plain process, srun or MPICH's mpirun sets none,
+        # so it is filled from the rank recurdepth discovered
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        deepspeed = import_deepspeed()
+        self.cfg, self.device, self.dp_size = cfg, device, dp_size
+        self.ds_config = deepspeed_config(cfg, dp_size, dtype)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw(cfg, model),
+                                                                config=self.ds_config, dist_init_required=False)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self._scale: Optional[torch.Tensor] = None  # dp / global tokens, this step's
+        self._last: Optional[torch.Tensor] = None  # the last micro-batch's loss, backpropagated in step()
 
-    deepspeed = import_deepspeed()
-    o = cfg.optimizer
-    groups = _get_param_groups([model], OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr,
-                                                        weight_decay=o.weight_decay), None)
-    base = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    ds_config = deepspeed_config(cfg, dp_size, dtype)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config,
-                                                   dist_init_required=False)
-    return engine, optimizer, build_scheduler(cfg, optimizer), ds_config
+    def label(self) -> str:
+        d = self.cfg.deepspeed
+        offload = "+".join(n for n, on in (("optimizer", d.offload_optimizer), ("params", d.offload_params)) if on)
+        return f"deepspeed ZeRO-{d.zero_stage}" + (f" offload {offload}" if offload else "")
+
+    def run_files(self) -> dict[str, str]:
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=1) + "\n"}
+
+    def prepare(self, tokens: torch.Tensor) -> None:
+        from megatron.core import parallel_state
+
+        torch.distributed.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        self._scale = self.dp_size / tokens.clamp_min(1)
+        self._last = None
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if last:
+            self._last = loss  # after the verdict, in step()
+            return
+        self.model.backward(loss * self._scale, scale_wrt_gas=False)
+        self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def reduce_gradients(self, tokens: torch.Tensor) -> None:
+        """Nothing before the boundary step: `tokens` is global since `prepare`, DeepSpeed reduces in step()."""
+
+    def step(self, bad: Optional[str]) -> tuple[float, Optional[str]]:
+        loss, self._last = self._last, None
+        if bad is not None:
+            loss = loss * float("nan")  # DeepSpeed's overflow path drops the update and clears the gradients
+        skipped = self.model.skipped_steps
+        self.model.backward(loss * self._scale, scale_wrt_gas=False)
+        self.model.step()  # the boundary: reduction, clipping and the update (dropped on non-finite gradients)
+        if bad is None and self.model.skipped_steps > skipped:
+            bad = "non-finite gradient norm"
+        if bad is not None:
+            return float("nan"), bad
+        return float(self.model.get_global_grad_norm()), None
+
+    def save_state(self, tmp: Path, common: dict) -> None:
+        save_deepspeed(self.model, tmp)
+        if torch.distributed.get_rank() == 0:
+            torch.save(common, tmp / "common.pt")
+
+    def load_state(self, path: Path, meta: dict) -> dict:
+        load_deepspeed(self.model, path, int(meta.get("world_size", 0)))
+        try:
+            return torch.load(path / "common.pt", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - truncated or missing: the same problem to a user
+            raise CheckpointError(f"cannot read {path / 'common.pt'} ({type(exc).__name__}); the checkpoint is "
+                                  f"truncated or corrupt: resume from an earlier step_* directory") from exc
 
 
 def save_deepspeed(engine, directory: Path) -> None:
@@ -124,7 +182,3 @@ def load_deepspeed(engine, directory: Path, saved_world: int) -> None:
                               f"truncated or corrupt: resume from an earlier step_* directory") from exc
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {directory / TAG}; resume from another step_* directory")
-
-
-def write_config(ds_config: dict, run_dir: Path) -> None:
-    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
