@@ -570,7 +570,15 @@ def check_compatible(path: Path, config: dict, vocab_size: Optional[int] = None,
         raise CheckpointError(f"checkpoint {path} is for another tokenizer (tokenizer vocabulary: checkpoint "
                               f"{saved_vocab} vs data.tokenizer {vocab_size}); use the tokenizer it was trained "
                               f"with or a fresh run directory")
-    diff = config_changes(saved_config(path), config, allowed)
+    saved = saved_config(path)
+    expert_saved = (saved.get("parallel") or {}).get("expert", 1)
+    expert_now = (config.get("parallel") or {}).get("expert", 1)
+    if (config.get("model") or {}).get("num_experts") and expert_saved != expert_now:
+        raise CheckpointError(f"checkpoint {path} was saved with parallel.expert={expert_saved}; resuming it with "
+                              f"parallel.expert={expert_now} is not supported (megatron keys the expert optimizer "
+                              f"state by the expert-parallel layout and recurdepth does not reshard it): resume with "
+                              f"parallel.expert={expert_saved}, or start a fresh run directory")
+    diff = config_changes(saved, config, allowed)
     if diff:
         keys = ",".join(d.split(":")[0] for d in diff)
         raise CheckpointError(f"checkpoint {path} was trained with another model ({'; '.join(diff)}); resuming would "

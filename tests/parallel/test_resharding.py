@@ -62,3 +62,25 @@ def test_ep2_checkpoint_resumes_exactly(tmp_path, data_cache):
     assert [r["step"] for r in resumed] == list(range(SAVED + 1, STEPS + 1))
     for r in resumed:
         assert abs(r["loss"] - ref[r["step"]]) <= 1e-5 * abs(ref[r["step"]]), (r["step"], r["loss"], ref[r["step"]])
+
+
+@pytest.mark.slow
+def test_changing_the_expert_parallel_size_on_resume_is_refused_with_one_line(tmp_path, data_cache):
+    """EP=2 -> EP=1 is not resharded (megatron keys the expert optimizer state by the EP layout): refused before
+    anything is read or written, with one line naming both sizes and the fix, the checkpoint left as it was."""
+    from tests.snapshot import assert_unchanged, tree_snapshot
+
+    moe = ["model.num_experts=4", "model.moe_top_k=2"]
+    run_dir = tmp_path / "ep2"
+    run_cli([*COMMON, *moe, "parallel.expert=2", "train.steps=2", "checkpoint.interval=2", f"train.run_dir={run_dir}",
+             f"data.cache_dir={data_cache}"], nproc=2)
+    before = tree_snapshot(run_dir)
+    out = run_cli([*COMMON, *moe, "parallel.expert=1", f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"],
+                  nproc=2, check=False)
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]  # one line, from rank 0 (same on every rank)
+    for needle in ("was saved with parallel.expert=2", "resuming it with parallel.expert=1 is not supported",
+                   "resume with parallel.expert=2"):
+        assert needle in errors[0], (needle, errors[0])
+    assert "[rank" not in out.stderr, out.stderr[-3000:]  # no rank's traceback (torchrun's own report follows)
+    assert_unchanged(before, run_dir)
