@@ -356,9 +356,13 @@ def _is_stop_signal(name: Any) -> bool:
         return False
 
 
-def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+def require(ok: bool, key: str, value: Any, fix: str) -> None:
+    """The config's one error line for a bad value: `key=value is invalid; fix` (sections' and plug-ins' rules)."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; {fix}")
+
+
+_require = require
 
 
 # ---------------------------------------------------------------- loading

@@ -12,7 +12,8 @@ untested megatron).
 Entry points: `megatron_cpu.apply_cpu_compat()` (CPU only; also applies the optimizer fix),
 `optimizer.apply_optimizer_fix()` (wherever megatron's fallback torch Adam runs),
 `checkpoint_writer.apply_checkpoint_writer_compat()` (always), `compile.compile_blocks()` (train.compile),
-`datasets` (preprocessing) and `scheduler` (checkpoint load).
+`datasets` (preprocessing), `scheduler` (checkpoint load) and `private` (megatron private names used as they
+are, imported nowhere else).
 """
 
 from __future__ import annotations
@@ -179,6 +180,23 @@ PATCHES: tuple[Patch, ...] = (
           "a scheduler that has already stepped ends at current + saved steps: the guard's rollback "
           "(train.on_bad_step=rollback) reloads into the live scheduler, so every later LR silently comes from the "
           "wrong step", "every checkpoint load into a scheduler (resume, rollback)"),
+    # ---------------------------------------------------------------- private names used (not patched)
+    Patch("megatron.core.optimizer._get_param_groups, used as is (no patch)", _M + "private", "param_groups",
+          ("megatron.core.optimizer._get_param_groups",),
+          "nothing: a private helper whose groups (weight decay, lr multipliers) its optimizer uses",
+          "the DeepSpeed engine's AdamW would group parameters differently from megatron's optimizer, so "
+          "switching engines would change the update", "train.engine=deepspeed"),
+    Patch("indexed_dataset._IndexReader, used as is (no patch)", _M + "private", "index_reader_class",
+          ("megatron.core.datasets.indexed_dataset._IndexReader",),
+          "nothing: the .idx reader IndexedDataset opens",
+          "the indexed-format checks would restate the .idx format instead of reading it megatron's way",
+          "every check of an indexed dataset (data.sources paths, recurdepth data check)"),
+    Patch("blended_megatron_dataset_builder._get_size_per_split_per_dataset, used as is (no patch)",
+          _M + "private", "size_per_split_per_dataset",
+          ("megatron.core.datasets.blended_megatron_dataset_builder._get_size_per_split_per_dataset",),
+          "nothing: the samples per split per source the blended builder requests",
+          "split planning would count other sample numbers than megatron then asks for (an empty or "
+          "over-repeated split found too late: megatron loops forever on an empty one)", "every dataset build"),
 )
 
 

@@ -55,8 +55,9 @@ def read_index(prefix: PathLike):
 
     Its arrays (`sequence_lengths`, `sequence_pointers`, `document_indices`) are views of a memory map that the
     reader closes when it is freed: keep the reader while using them, and copy what must outlive it."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
+    from recurdepth.compat.private import index_reader_class
 
+    _IndexReader = index_reader_class()
     idx_path = strip_prefix(prefix) + ".idx"
     reader = _IndexReader.__new__(_IndexReader)  # so the counts it has read survive a failed __init__
     try:

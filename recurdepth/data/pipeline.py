@@ -23,6 +23,7 @@ from recurdepth.data.builtin_corpus import prepare_builtin_corpus
 from recurdepth.data.masked import MaskedGPTDataset, has_mask, mask_prefix
 from recurdepth.data.stepwise import optional_problems
 from recurdepth.data.tokenizer import build_tokenizer
+from recurdepth.compat.private import size_per_split_per_dataset
 from recurdepth.errors import DataError
 from recurdepth.objectives.registry import objective_class
 
@@ -170,7 +171,6 @@ def plan_splits(gpt_config, prefixes: list[str], weights: Optional[list], sizes:
     megatron gives split i of a source of N documents the documents [round(lo*N), round(hi*N)) and, for an
     empty one, counts epochs forever (`GPTDataset._get_num_epochs`). Here the same rounding, the same samples
     per source (`_get_size_per_split_per_dataset`) and the same epoch count are computed directly."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import _get_size_per_split_per_dataset
     from megatron.core.datasets.utils import normalize
 
     from recurdepth.data.preprocess import sequence_lengths
@@ -183,7 +183,7 @@ def plan_splits(gpt_config, prefixes: list[str], weights: Optional[list], sizes:
     if weights is None:
         per_source = [list(sizes)]
     else:
-        per_source = _get_size_per_split_per_dataset(normalize(weights), list(sizes),
+        per_source = size_per_split_per_dataset(normalize(weights), list(sizes),
                                                      surplus=gpt_config.mid_level_dataset_surplus)
     lengths = [sequence_lengths(p) for p in prefixes]
     documents = [len(x) for x in lengths]

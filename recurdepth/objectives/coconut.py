@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from recurdepth.config import _require
+from recurdepth.config import require
 from recurdepth.data.stepwise import THOUGHT_SPECIALS, StageLayout, encode_problem
 from recurdepth.data.tokenizer import require_special_tokens
 from recurdepth.errors import DataError
@@ -49,10 +49,10 @@ class CoconutSection(ObjectiveSection):
     coconut_stage_steps: int = 100  # optimizer steps per curriculum stage (stage = step // this)
 
     def validate(self, cfg) -> None:
-        _require(self.coconut_thoughts_per_step >= 1, "objective.coconut_thoughts_per_step",
+        require(self.coconut_thoughts_per_step >= 1, "objective.coconut_thoughts_per_step",
                  self.coconut_thoughts_per_step, "use at least 1 latent per step")
-        _require(self.coconut_max_stage >= 0, "objective.coconut_max_stage", self.coconut_max_stage, "use 0 or more")
-        _require(self.coconut_stage_steps >= 1, "objective.coconut_stage_steps", self.coconut_stage_steps,
+        require(self.coconut_max_stage >= 0, "objective.coconut_max_stage", self.coconut_max_stage, "use 0 or more")
+        require(self.coconut_stage_steps >= 1, "objective.coconut_stage_steps", self.coconut_stage_steps,
                  "use at least 1 optimizer step per stage")
 
 

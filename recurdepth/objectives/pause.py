@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from recurdepth.config import _require
+from recurdepth.config import require
 from recurdepth.errors import DataError
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.objectives.base import Objective, ObjectiveSection
@@ -32,12 +32,12 @@ class PauseSection(ObjectiveSection):
 
     def validate(self, cfg) -> None:
         s = cfg.model.seq_length
-        _require(0 <= self.pause_fraction < 1, "objective.pause_fraction", self.pause_fraction,
+        require(0 <= self.pause_fraction < 1, "objective.pause_fraction", self.pause_fraction,
                  "use a share 0 <= f < 1 of each sequence")
-        _require(round(self.pause_fraction * s) < s - 1, "objective.pause_fraction", self.pause_fraction,
+        require(round(self.pause_fraction * s) < s - 1, "objective.pause_fraction", self.pause_fraction,
                  f"leave at least 2 real tokens per sequence of model.seq_length={s}")
-        _require(self.pause_count >= 0, "objective.pause_count", self.pause_count, "use 0 or more pauses")
-        _require(self.pause_fraction > 0 or self.pause_count > 0, "objective.pause_fraction", self.pause_fraction,
+        require(self.pause_count >= 0, "objective.pause_count", self.pause_count, "use 0 or more pauses")
+        require(self.pause_fraction > 0 or self.pause_count > 0, "objective.pause_fraction", self.pause_fraction,
                  "objective.kind=pause inserts no pause; set pause_fraction > 0 (pretraining) or pause_count > 0")
 
 

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from recurdepth.config import _require
+from recurdepth.config import require
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.objectives.base import Objective, ObjectiveSection
 from recurdepth.objectives.lm import masked_loss_sum
@@ -64,21 +64,21 @@ class QuietStarSection(ObjectiveSection):
     checkpoint_thoughts: bool = False  # recompute each thought pass in backward instead of storing it
 
     def validate(self, cfg) -> None:
-        _require(self.thought_length >= 1, "objective.thought_length", self.thought_length,
+        require(self.thought_length >= 1, "objective.thought_length", self.thought_length,
                  "use at least 1 thought token")
-        _require(1 <= self.n_ahead < cfg.model.seq_length, "objective.n_ahead", self.n_ahead,
+        require(1 <= self.n_ahead < cfg.model.seq_length, "objective.n_ahead", self.n_ahead,
                  f"use 1 <= n_ahead < model.seq_length={cfg.model.seq_length}")
-        _require(self.n_passes >= 1, "objective.n_passes", self.n_passes, "use at least 1 thought per position")
-        _require(self.reinforce_weight >= 0, "objective.reinforce_weight", self.reinforce_weight, "use a weight >= 0")
-        _require(self.n_passes >= 2 or self.reinforce_weight == 0, "objective.n_passes", self.n_passes,
+        require(self.n_passes >= 1, "objective.n_passes", self.n_passes, "use at least 1 thought per position")
+        require(self.reinforce_weight >= 0, "objective.reinforce_weight", self.reinforce_weight, "use a weight >= 0")
+        require(self.n_passes >= 2 or self.reinforce_weight == 0, "objective.n_passes", self.n_passes,
                  "REINFORCE needs n_passes >= 2 (their mean reward is the baseline), or set reinforce_weight=0")
-        _require(self.thought_temperature > 0, "objective.thought_temperature", self.thought_temperature,
+        require(self.thought_temperature > 0, "objective.thought_temperature", self.thought_temperature,
                  "use a temperature > 0")
-        _require(0 <= self.base_loss_weight <= 1, "objective.base_loss_weight", self.base_loss_weight,
+        require(0 <= self.base_loss_weight <= 1, "objective.base_loss_weight", self.base_loss_weight,
                  "use 0 <= w <= 1")
-        _require(not cfg.parallel.sequence_parallel, "parallel.sequence_parallel", True,
+        require(not cfg.parallel.sequence_parallel, "parallel.sequence_parallel", True,
                  "objective.kind=quiet_star does not support sequence parallelism yet; set it to false")
-        _require(not (self.checkpoint_thoughts and cfg.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
+        require(not (self.checkpoint_thoughts and cfg.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
                  "per-thought checkpointing is single-stage only; set it to false with parallel.pipeline > 1")
 
 

@@ -34,11 +34,13 @@ def build_optimizer(cfg: Config, ddp_model, dtype: torch.dtype):
 
 def adamw(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
     """torch AdamW over megatron-core's parameter groups of `model` (the optimizer DeepSpeed wraps)."""
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from megatron.core.optimizer import OptimizerConfig
+
+    from recurdepth.compat.private import param_groups
 
     o = cfg.optimizer
-    groups = _get_param_groups([model], OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr,
-                                                        weight_decay=o.weight_decay), None)
+    groups = param_groups([model], OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr,
+                                                   weight_decay=o.weight_decay))
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 

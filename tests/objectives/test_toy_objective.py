@@ -24,7 +24,7 @@ def define_toy():
     """The toy objective: the LM loss times (weight + s), s a learned scalar that starts at 0."""
     import torch
 
-    from recurdepth.config import _require
+    from recurdepth.config import require
     from recurdepth.objectives import LMObjective, ObjectiveSection, masked_loss_sum
 
     @dataclass
@@ -33,7 +33,7 @@ def define_toy():
         weight: float = 0.5
 
         def validate(self, cfg) -> None:
-            _require(self.weight > 0, "objective.weight", self.weight, "use a weight > 0")
+            require(self.weight > 0, "objective.weight", self.weight, "use a weight > 0")
 
     class ToyScale(torch.nn.Module):
         def __init__(self):
