@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from recurdepth.errors import RecurdepthError
+
 __all__ = ["ALLOW_UNTESTED_ENV", "TESTED_MEGATRON_VERSIONS", "CompatError", "check_megatron_version",
            "megatron_version"]
 
@@ -18,8 +20,9 @@ TESTED_MEGATRON_VERSIONS: tuple[str, ...] = ("0.16.0", "0.16.1")
 ALLOW_UNTESTED_ENV = "RECURDEPTH_ALLOW_UNTESTED_MEGATRON"
 
 
-class CompatError(RuntimeError):
-    """A compatibility patch cannot be applied (the message is one line: cause and fix)."""
+class CompatError(RecurdepthError, RuntimeError):
+    """A compatibility patch cannot be applied (the message is one line: cause and fix; the CLI prints it as
+    `error: ...` with exit status 2, like every other refusal)."""
 
 
 def megatron_version() -> str:

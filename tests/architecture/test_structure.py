@@ -169,7 +169,7 @@ FRONT = {"infer", "export", "plan", "bench", "cli", "launch", "torchrun", "exits
 ALLOWED = {
     "config": {"errors"} | SEAM, "errors": set(), "seeding": set(), "precision": set(), "devices": set(),
     "atomic": set(),
-    "compat": set(),
+    "compat": {"errors"},
     "model": GROUND | {"compat"} | SEAM,
     "parallel": GROUND | {"model"},
     "data": GROUND | {"compat"} | SEAM,
