@@ -42,7 +42,7 @@ def prepare_procedural_corpus(task: str, n: int, difficulty: Optional[Mapping[st
         if longest > pad_to:
             raise DataError(f"procedural source {task!r} with pad: true has samples of up to {longest} tokens, "
                             f"longer than the {pad_to}-token training sequence; raise model.seq_length to at least "
-                            f"{longest} (plus the pauses of objective.kind=pause) or make the task's samples shorter")
+                            f"{longest} (plus the positions the objective inserts) or make the task's samples shorter")
         documents = [(ids + [tokenizer.eod] * (pad_to - len(ids)), mask + [0] * (pad_to - len(ids)))
                      for ids, mask in documents]
     counts = write_masked_documents(documents, str(prefix), tokenizer.vocab_size)

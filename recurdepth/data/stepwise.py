@@ -81,14 +81,16 @@ class StepwiseProblems(torch.utils.data.Dataset):
     `split` "train" or "test" (hash-disjoint from train). Item i: the stage-0 encoding (`tokens`, `labels`,
     `loss_mask`, so the plain LM objective trains chain-of-thought on it) and the `problem` itself."""
 
-    def __init__(self, sources: list, tokenizer, size: int, seq_length: int, seed: int, split: str = "train"):
+    def __init__(self, sources: list, tokenizer, size: int, seq_length: int, seed: int, split: str = "train",
+                 purpose: str = "step-by-step data"):
+        """`purpose` names who needs these problems in error lines (e.g. "objective.kind=coconut")."""
         from recurdepth.data.tokenizer import require_special_tokens
 
-        self.ids = require_special_tokens(tokenizer, THOUGHT_SPECIALS, "objective.kind=coconut")
+        self.ids = require_special_tokens(tokenizer, THOUGHT_SPECIALS, purpose)
         self.tokenizer, self.seq_length, self.pad = tokenizer, seq_length, tokenizer.pad
         procedural = [s for s in sources if "procedural" in s and float(s.get("weight", 1.0)) > 0]
         if not procedural or len(procedural) != len([s for s in sources if float(s.get("weight", 1.0)) > 0]):
-            raise DataError("objective.kind=coconut trains on step-by-step problems: give data.sources as procedural "
+            raise DataError(f"{purpose} trains on step-by-step problems: give data.sources as procedural "
                             "tasks only, e.g. [{procedural: addition, n: 5000}] (tasks with steps: addition, "
                             "multiplication, program_trace, modular, ...)")
         self.pools = []

@@ -83,7 +83,8 @@ class CoconutObjective(Objective):
         from recurdepth.data.stepwise import StepwiseProblems, check_fits, stage_layouts
 
         o, s = cfg.objective, cfg.model.seq_length
-        train, valid = (StepwiseProblems(cfg.data.sources, tokenizer, max(n, 1), s, cfg.train.seed, split)
+        train, valid = (StepwiseProblems(cfg.data.sources, tokenizer, max(n, 1), s, cfg.train.seed, split,
+                                         purpose="objective.kind=coconut")
                         for n, split in ((train_samples, "train"), (valid_samples, "test")))
         layouts = stage_layouts(o.coconut_thoughts_per_step, o.coconut_max_stage)
         for ds in (train, valid):

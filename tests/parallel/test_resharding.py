@@ -45,15 +45,24 @@ def test_tp2_checkpoint_resumes_under_other_layouts(tp2_run, tmp_path, data_cach
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (r["step"], r["loss"], ref["loss"])
 
 
-@pytest.mark.slow
-def test_ep2_checkpoint_resumes_exactly(tmp_path, data_cache):
-    """An MoE checkpoint (chained dense + expert optimizers) resumes with the uninterrupted losses. Changing the
-    EP size on resume is not supported yet: megatron names the optimizer state by its chaining, which differs
-    between EP=1 (one optimizer) and EP>1 (two)."""
-    moe = ["model.num_experts=4", "model.moe_top_k=2"]
-    straight = tmp_path / "ep2"
-    run_cli([*COMMON, *moe, "parallel.expert=2", f"checkpoint.interval={SAVED}", f"train.run_dir={straight}",
+MOE = ["model.num_experts=4", "model.moe_top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory, data_cache):
+    """An uninterrupted EP=2 MoE run with a checkpoint at step SAVED."""
+    straight = tmp_path_factory.mktemp("ep2")
+    run_cli([*COMMON, *MOE, "parallel.expert=2", f"checkpoint.interval={SAVED}", f"train.run_dir={straight}",
              f"data.cache_dir={data_cache}"], nproc=2)
+    return straight
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_resumes_exactly(ep2_run, tmp_path, data_cache):
+    """An MoE checkpoint (chained dense + expert optimizers) resumes with the uninterrupted losses. Changing the
+    EP size on resume is refused (next test): megatron names the optimizer state by its chaining, which differs
+    between EP=1 (one optimizer) and EP>1 (two)."""
+    moe, straight = MOE, ep2_run
     run_dir = resume_from_step(straight, tmp_path, "ep2-resumed")
     run_cli([*COMMON, *moe, "parallel.expert=2", "checkpoint.interval=0", "checkpoint.save_final=false",
              f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"], nproc=2)
@@ -65,17 +74,14 @@ def test_ep2_checkpoint_resumes_exactly(tmp_path, data_cache):
 
 
 @pytest.mark.slow
-def test_changing_the_expert_parallel_size_on_resume_is_refused_with_one_line(tmp_path, data_cache):
+def test_changing_the_expert_parallel_size_on_resume_is_refused_with_one_line(ep2_run, tmp_path, data_cache):
     """EP=2 -> EP=1 is not resharded (megatron keys the expert optimizer state by the EP layout): refused before
     anything is read or written, with one line naming both sizes and the fix, the checkpoint left as it was."""
     from tests.snapshot import assert_unchanged, tree_snapshot
 
-    moe = ["model.num_experts=4", "model.moe_top_k=2"]
-    run_dir = tmp_path / "ep2"
-    run_cli([*COMMON, *moe, "parallel.expert=2", "train.steps=2", "checkpoint.interval=2", f"train.run_dir={run_dir}",
-             f"data.cache_dir={data_cache}"], nproc=2)
+    run_dir = resume_from_step(ep2_run, tmp_path, "ep1-refused")
     before = tree_snapshot(run_dir)
-    out = run_cli([*COMMON, *moe, "parallel.expert=1", f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"],
+    out = run_cli([*COMMON, *MOE, "parallel.expert=1", f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"],
                   nproc=2, check=False)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
     assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]  # one line, from rank 0 (same on every rank)
