@@ -331,7 +331,7 @@ class _Run:
             grad_out, arrival = self._receive(op)
         x, out = self.acts.pop((mb, j))
         torch.autograd.backward(out, grad_out)
-        if self.me == 0 and j == self.window.no_grad + 1:  # the micro-batch's last backward trip on stage 0
+        if self.me == 0 and self.window.iteration(j).first_grad:  # the micro-batch's last backward trip on stage 0
             e, e_leaf = self.e.pop(mb)
             if e_leaf.grad is not None and e.requires_grad:
                 torch.autograd.backward(e, e_leaf.grad)

@@ -114,15 +114,14 @@ def op_inputs(op: Op, stage: int, p: int, window: BackpropWindow) -> list[tuple[
 
 def expected_ops(stage: int, p: int, m: int, window: BackpropWindow) -> list[Op]:
     """Every op `stage` must run exactly once (in no particular order)."""
-    r, n = window.total, window.no_grad
     ops = []
     for mb in range(m):
         if stage == 0:
             ops.append(Op("E", mb, 0))
-        ops.extend(Op(_fkind(window, j), mb, j) for j in range(1, r + 1))
+        ops.extend(Op("F" if it.grad else "f", mb, it.index) for it in window.iterations())
         if stage == p - 1:
-            ops.append(Op("H", mb, r))
-        ops.extend(Op("B", mb, j) for j in range(n + 1, r + 1))
+            ops.append(Op("H", mb, window.total))
+        ops.extend(Op("B", mb, it.index) for it in window.iterations() if it.grad)
     return ops
 
 
@@ -302,16 +301,16 @@ def max_in_flight(orders: Sequence[Sequence[Op]]) -> list[int]:
 def produced_message(op: Op, stage: int, p: int, window: BackpropWindow) -> Optional[tuple[int, tuple]]:
     """(destination stage, key) of what `op` on `stage` sends, or None. Keys: ("f", mb, j) = state after
     iteration j's chunk on the sender; ("b", mb, j) = grad wrt the input of the sender's chunk of iteration j."""
-    r, n = window.total, window.no_grad
     mb, j = op.micro_batch, op.iteration
     if op.kind in "fF":
         if stage < p - 1:
             return stage + 1, ("f", mb, j)
-        return (0, ("f", mb, j)) if j < r else None
+        return (0, ("f", mb, j)) if not window.iteration(j).last else None
     if op.kind == "B":
         if stage > 0:
             return stage - 1, ("b", mb, j)
-        return (p - 1, ("b", mb, j)) if j > n + 1 else None
+        # stage 0 -> the last stage across iterations, except at the truncation point (nothing flows into it)
+        return (p - 1, ("b", mb, j)) if not window.iteration(j).first_grad else None
     return None
 
 
