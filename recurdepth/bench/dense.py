@@ -75,7 +75,9 @@ def run_dense_bench(args) -> int:
     steps = 1 if args.quick else args.steps
     trainer = bench_trainer(args.config, overrides, 1)
     cfg, m = trainer.cfg, trainer.cfg.model
-    r = args.depth or (cfg.recurrence.depth if cfg.recurrence.sampler == "fixed" else round(cfg.recurrence.mean))
+    from recurdepth.model.depth import mean_depth
+
+    r = args.depth or round(mean_depth(cfg.recurrence))
     k = cfg.recurrence.backprop_depth
     window = BackpropWindow.of(r, k)
     layers = m.prelude_layers + r * m.core_layers + m.coda_layers
