@@ -24,18 +24,23 @@ def run_step_bench(args) -> int:
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     trainer = bench_trainer(args.config, overrides, steps + warmup)
     cfg = trainer.cfg
+    world = torch.distributed.get_world_size()
+    plain = _plain_baseline(trainer) if world == 1 else None
     for _ in range(warmup):
-        trainer.train_step()
+        m = trainer.train_step()
+        if plain is not None:
+            plain(m.depth, m.backprop_depth)
     peak = PeakSampler()
     peak.sample(repeats=3)
-    rows = []
+    rows, plain_seconds = [], []
     for _ in range(steps):
         m = trainer.train_step()
         hw = m.tokens * trainer.flops.per_token(m.depth, cfg.recurrence.backprop_depth,
                                                 recompute=cfg.recurrence.checkpoint_iterations)
         rows.append((m.depth, m.backprop_depth, m.tokens, m.seconds, m.flops, hw))
+        if plain is not None:  # interleaved: the same machine state for both, step by step
+            plain_seconds.append(plain(m.depth, m.backprop_depth))
         peak.sample()
-    world = torch.distributed.get_world_size()
     if world > 1:  # tokens and FLOPs are the global batch's: against the peaks of all ranks, each measured by itself
         total = torch.tensor([peak.best], dtype=torch.float64)
         torch.distributed.all_reduce(total)
@@ -56,7 +61,46 @@ def run_step_bench(args) -> int:
     mean = lambda i: sum(row[i] for row in rows) / len(rows)  # noqa: E731
     print(_row("best", *best, peak.best))
     print(_row("median", "", "", mean(2), best_and_median([row[3] for row in rows])[1], mean(4), mean(5), peak.best))
+    if plain is not None:
+        print(_plain_table(rows, plain_seconds))
     return 0
+
+
+def _plain_baseline(trainer):
+    """`run(r, k) -> seconds` of one plain-PyTorch step (bench/plain.py) on this run's first global batch."""
+    import time
+
+    from recurdepth.bench.plain import PlainStep
+    from recurdepth.data.pipeline import micro_batches
+
+    t = trainer.cfg.train
+    step = PlainStep(trainer.cfg, trainer.engine.module.vocab_size, trainer.dtype)
+    step.model.to(trainer.device)
+    batches = micro_batches(trainer.data.train, 0, t.global_batch_size, t.micro_batch_size, 0, 1, trainer.device)
+
+    def run(r: int, k: int) -> float:
+        start = time.perf_counter()
+        step(batches, r, k)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _plain_table(rows: list, plain_seconds: list) -> str:
+    """The same steps' seconds of recurdepth and of the plain-PyTorch baseline (bench/plain.py), run interleaved;
+    speed = plain seconds / recurdepth seconds (> 1: recurdepth is faster)."""
+    lines = ["plain-PyTorch baseline (bench/plain.py: same shapes and micro-batches, torch AdamW, no megatron), "
+             "interleaved with the steps above; speed = plain s / recurdepth s",
+             f"{'':>6} {'step':>5} {'recurdepth s':>13} {'plain s':>9} {'speed':>7}"]
+    for i, (row, plain) in enumerate(zip(rows, plain_seconds), 1):
+        lines.append(f"{'plain':>6} {i:>5} {row[3]:>13.2f} {plain:>9.2f} {plain / row[3]:>7.3f}")
+    ours = [row[3] for row in rows]
+    best, median = best_and_median(ours), best_and_median(plain_seconds)
+    lines.append(f"{'plain':>6} {'best':>5} {best[0]:>13.2f} {median[0]:>9.2f} {median[0] / best[0]:>7.3f}")
+    lines.append(f"{'plain':>6} {'med.':>5} {best[1]:>13.2f} {median[1]:>9.2f} {median[1] / best[1]:>7.3f}")
+    return "\n".join(lines)
 
 
 def _header(trainer, threads: int, steps: int, warmup: int) -> str:

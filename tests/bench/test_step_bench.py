@@ -57,3 +57,13 @@ def test_step_bench_under_torchrun_counts_the_global_batch_against_every_ranks_p
     tokens, gflops, mfu = float(step[3].replace(",", "")), float(step[6]), float(step[7])
     assert tokens == 4 * 64  # the global batch (4 sequences of 64), not one rank's half
     assert abs(mfu - gflops / peak) <= 0.0006
+
+
+def test_step_bench_times_the_plain_pytorch_baseline_in_the_same_run(data_cache):
+    out = run_cli(["bench", "step", BENCH, f"data.cache_dir={data_cache}", "--quick"], timeout=300)
+    assert "plain-PyTorch baseline" in out.stdout
+    rows = {ln.split()[1]: ln.split() for ln in out.stdout.splitlines() if ln.strip().startswith("plain ")}
+    assert set(rows) == {"1", "2", "best", "med."}
+    for name in ("1", "2"):
+        ours, plain, speed = (float(x) for x in rows[name][2:5])
+        assert ours > 0 and plain > 0 and speed > 0
