@@ -26,13 +26,20 @@ def run_step_bench(args) -> int:
     cfg = trainer.cfg
     world = torch.distributed.get_world_size()
     plain = _plain_baseline(trainer) if world == 1 else None
+    huginn, huginn_params = (None, 0)
+    if getattr(args, "huginn", None) and world == 1:
+        from recurdepth.bench.reference import huginn_baseline
+
+        huginn, huginn_params = huginn_baseline(trainer, args.huginn)
     for _ in range(warmup):
         m = trainer.train_step()
         if plain is not None:
             plain(m.depth, m.backprop_depth)
+        if huginn is not None:
+            huginn(m.depth, m.backprop_depth)
     peak = PeakSampler()
     peak.sample(repeats=3)
-    rows, plain_seconds = [], []
+    rows, plain_seconds, huginn_seconds = [], [], []
     for _ in range(steps):
         m = trainer.train_step()
         hw = m.tokens * trainer.flops.per_token(m.depth, cfg.recurrence.backprop_depth,
@@ -40,6 +47,8 @@ def run_step_bench(args) -> int:
         rows.append((m.depth, m.backprop_depth, m.tokens, m.seconds, m.flops, hw))
         if plain is not None:  # interleaved: the same machine state for both, step by step
             plain_seconds.append(plain(m.depth, m.backprop_depth))
+        if huginn is not None:
+            huginn_seconds.append(huginn(m.depth, m.backprop_depth))
         peak.sample()
     if world > 1:  # tokens and FLOPs are the global batch's: against the peaks of all ranks, each measured by itself
         total = torch.tensor([peak.best], dtype=torch.float64)
@@ -63,6 +72,11 @@ def run_step_bench(args) -> int:
     print(_row("median", "", "", mean(2), best_and_median([row[3] for row in rows])[1], mean(4), mean(5), peak.best))
     if plain is not None:
         print(_plain_table(rows, plain_seconds))
+    if huginn is not None:
+        ours_params = sum(p.numel() for p in trainer.engine.module.parameters())
+        print(_plain_table(rows, huginn_seconds, label="huginn",
+                           title=f"Huginn's published modeling code (--huginn {args.huginn}; {huginn_params:,} "
+                                 f"parameters, ours {ours_params:,}), interleaved; speed = huginn s / recurdepth s"))
     return 0
 
 
@@ -88,18 +102,17 @@ def _plain_baseline(trainer):
     return run
 
 
-def _plain_table(rows: list, plain_seconds: list) -> str:
-    """The same steps' seconds of recurdepth and of the plain-PyTorch baseline (bench/plain.py), run interleaved;
-    speed = plain seconds / recurdepth seconds (> 1: recurdepth is faster)."""
-    lines = ["plain-PyTorch baseline (bench/plain.py: same shapes and micro-batches, torch AdamW, no megatron), "
-             "interleaved with the steps above; speed = plain s / recurdepth s",
-             f"{'':>6} {'step':>5} {'recurdepth s':>13} {'plain s':>9} {'speed':>7}"]
-    for i, (row, plain) in enumerate(zip(rows, plain_seconds), 1):
-        lines.append(f"{'plain':>6} {i:>5} {row[3]:>13.2f} {plain:>9.2f} {plain / row[3]:>7.3f}")
-    ours = [row[3] for row in rows]
-    best, median = best_and_median(ours), best_and_median(plain_seconds)
-    lines.append(f"{'plain':>6} {'best':>5} {best[0]:>13.2f} {median[0]:>9.2f} {median[0] / best[0]:>7.3f}")
-    lines.append(f"{'plain':>6} {'med.':>5} {best[1]:>13.2f} {median[1]:>9.2f} {median[1] / best[1]:>7.3f}")
+def _plain_table(rows: list, other_seconds: list, label: str = "plain", title: str | None = None) -> str:
+    """The same steps' seconds of recurdepth and of a baseline run interleaved with them (default the plain-PyTorch
+    one, bench/plain.py); speed = baseline seconds / recurdepth seconds (> 1: recurdepth is faster)."""
+    title = title or ("plain-PyTorch baseline (bench/plain.py: same shapes and micro-batches, torch AdamW, no "
+                      "megatron), interleaved with the steps above; speed = plain s / recurdepth s")
+    lines = [title, f"{'':>6} {'step':>5} {'recurdepth s':>13} {label + ' s':>9} {'speed':>7}"]
+    for i, (row, other) in enumerate(zip(rows, other_seconds), 1):
+        lines.append(f"{label:>6} {i:>5} {row[3]:>13.2f} {other:>9.2f} {other / row[3]:>7.3f}")
+    best, median = best_and_median([row[3] for row in rows]), best_and_median(other_seconds)
+    lines.append(f"{label:>6} {'best':>5} {best[0]:>13.2f} {median[0]:>9.2f} {median[0] / best[0]:>7.3f}")
+    lines.append(f"{label:>6} {'med.':>5} {best[1]:>13.2f} {median[1]:>9.2f} {median[1] / best[1]:>7.3f}")
     return "\n".join(lines)
 
 
@@ -130,5 +143,8 @@ def add_step_bench_parser(subs) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: for CI")
+    p.add_argument("--huginn", metavar="DIR", default=None,
+                   help="also time Huginn's published modeling code from this checkout of "
+                        "seal-rg/recurrent-pretraining (needs transformers<5), interleaved")
 
 

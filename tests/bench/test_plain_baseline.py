@@ -58,3 +58,12 @@ def test_plain_baseline_is_the_same_function(megatron_single_process, r, k):
     torch.testing.assert_close(plain.core[1].fc2.weight.grad, model.core["1"].mlp.linear_fc2.weight.grad,
                                rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(plain.adapter.weight.grad, model.adapter.proj.weight.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_the_huginn_reference_needs_a_checkout(tmp_path):
+    from recurdepth.bench.reference import huginn_baseline
+    from recurdepth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no recpre/raven_modeling_minimal.py there; pass a checkout of "
+                                          "seal-rg/recurrent-pretraining"):
+        huginn_baseline(None, str(tmp_path))
