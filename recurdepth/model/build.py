@@ -20,15 +20,11 @@ from recurdepth.errors import ConfigError
 from recurdepth.model.depth import mean_depth
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
+from recurdepth.model.vocab import model_vocab_size, padded_vocab_size  # noqa: F401 - re-exported
 from recurdepth.seeding import derive_seed
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 _GLU_INPUT = "linear_fc1.weight"
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """Vocabulary rounded up to `multiple` (independent of TP, so checkpoints reshard across TP sizes)."""
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def _global_name_and_shard(name: str, cfg: Config) -> tuple[str, int, int]:
@@ -121,16 +117,6 @@ def use_transformer_engine(cfg: Config, device: torch.device | str) -> bool:
                               "model.spec=local") from None
         return False
     return True
-
-
-def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
-    """The embedding and output rows: `model.vocab_size` when set (at least the tokenizer's: the extra rows are
-    padding no token id reaches), else the tokenizer's; rounded up to `model.make_vocab_size_divisible_by`."""
-    wanted = cfg.model.vocab_size
-    if wanted is not None and wanted < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size={wanted} is smaller than the tokenizer's vocabulary ({tokenizer_vocab} "
-                          f"ids); set model.vocab_size >= {tokenizer_vocab} or null (= the tokenizer's)")
-    return padded_vocab_size(wanted or tokenizer_vocab, cfg.model.make_vocab_size_divisible_by)
 
 
 def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.float32,

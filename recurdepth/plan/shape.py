@@ -1,4 +1,4 @@
-"""What a config builds, as plan counts it: the vocabulary (`recurdepth.model.build.model_vocab_size`, the rule
+"""What a config builds, as plan counts it: the vocabulary (`recurdepth.model.vocab.model_vocab_size`, the rule
 training builds with), the recurrence depths (`recurdepth.model.depth`'s), the block dimensions and the
 parameters each pipeline stage holds."""
 
@@ -10,6 +10,7 @@ from typing import Optional
 from recurdepth.config import Config
 from recurdepth.errors import ConfigError
 from recurdepth.model import depth
+from recurdepth.model.vocab import model_vocab_size
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -28,12 +29,10 @@ def tokenizer_vocab_size(cfg: Config) -> int:
 
 def resolve_vocab_size(cfg: Config, vocab_size: Optional[int] = None) -> int:
     """The vocabulary the embedding and head are built with, by training's own rule
-    (`recurdepth.model.build.model_vocab_size`): model.vocab_size when set (refused when smaller than the
+    (`recurdepth.model.vocab.model_vocab_size`): model.vocab_size when set (refused when smaller than the
     tokenizer's), else the tokenizer's, padded to model.make_vocab_size_divisible_by. `vocab_size`
     (--vocab-size) is the tokenizer's size, given instead of reading data.tokenizer. With model.vocab_size set
     an unreadable tokenizer is not checked (plan loads no data; training reads it)."""
-    from recurdepth.model.build import model_vocab_size
-
     if vocab_size is not None:
         tokenizer = int(vocab_size)
     elif cfg.model.vocab_size is None:

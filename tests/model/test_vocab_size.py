@@ -33,3 +33,15 @@ def test_plan_sizes_the_vocabulary_training_builds(megatron_single_process):
     for extra in ([], ["model.vocab_size=1000"], ["model.vocab_size=65536"]):
         cfg = load_config(None, SMALL + extra)
         assert resolve_vocab_size(cfg, 300) == model_vocab_size(cfg, 300), extra
+
+
+def test_the_vocabulary_rule_needs_no_torch():
+    """plan sizes the vocabulary by training's rule without importing torch or megatron (plan stays fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from recurdepth.config import load_config; from recurdepth.plan import resolve_vocab_size; "
+            "assert resolve_vocab_size(load_config(None, ['model.vocab_size=1000']), 300) == 1024; "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
