@@ -556,6 +556,8 @@ def config_changes(saved: dict, current: dict, allowed: Iterable[str] = ()) -> l
                 continue
             if key not in old:  # a key added after the checkpoint was written: only its default is safe
                 continue
+            if section == "objective" and key not in new:  # another kind's option (configs saved before the
+                continue  # objective section was per kind list every kind's); a change of kind is `kind` itself
             if old.get(key) != new.get(key):
                 out.append(f"{dotted}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
     return out

@@ -217,3 +217,20 @@ def test_an_agreed_stop_saves_and_ends_the_run_after_that_step(megatron_single_p
     stop = StopOnRequest(1e-9, [], 50)  # the time budget is spent by the first agreement
     run(trainer, [Checkpointing(0, True, 50), stop], 50)
     assert trainer.state.step == 1 and trainer.saves == [1] and stop.request is None  # handlers restored
+
+
+def test_a_checkpoint_saved_with_every_kinds_objective_options_resumes_under_its_kind():
+    """Configs saved before the objective section was per kind list every kind's options: under the same kind
+    they are no change; a changed option of the kind, or a changed kind, still is."""
+    from recurdepth.config import load_config
+    from recurdepth.train.checkpoint import config_changes
+
+    current = load_config(None, []).to_dict()
+    legacy = {**current, "objective": {"kind": "lm", "thought_length": 8, "n_ahead": 4, "pause_fraction": 0.1,
+                                       "coconut_max_stage": 3}}
+    assert config_changes(legacy, current) == []
+    pause = load_config(None, ["objective.kind=pause", "objective.pause_fraction=0.2"]).to_dict()
+    legacy_pause = {**pause, "objective": {**legacy["objective"], "kind": "pause"}}
+    assert config_changes(legacy_pause, pause) == ["objective.pause_fraction: checkpoint 0.1, config 0.2"]
+    assert config_changes(legacy, pause) == ["objective.kind: checkpoint 'lm', config 'pause'",
+                                             "objective.pause_fraction: checkpoint 0.1, config 0.2"]
