@@ -222,7 +222,7 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                       attention_mask: Optional[Tensor] = None, sample_ids: Optional[Sequence[int]] = None,
                       labels: Optional[Tensor] = None, return_hidden: bool = False,
                       batch_shape_: Optional[tuple[int, int]] = None, state_length: Optional[int] = None,
-                      s0: Optional[Tensor] = None):
+                      s0: Optional[Tensor] = None, attend_at=None):
     """One whole-model forward (`LoopedGPTModel.forward`'s arguments) across the pipeline stages.
 
     Every stage calls it with the same window and with what it has: stage 0 needs `input_ids [b, s]` or
@@ -233,7 +233,10 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     `[b, s, h]`), None on other stages. With one stage it is the model's forward (without health metrics).
     `state_length` (> s, not with sequence parallelism): draw s_0 as for that many positions and keep the first
     s, so a pass over a prefix sees the s_0 of the whole sequence (s_0 draws are not prefix-stable). `s0 [s, b, h]`
-    (first stage): start from this initial state instead of a draw (as the model's forward takes it)."""
+    (first stage): start from this initial state instead of a draw (as the model's forward takes it).
+    `attend_at(iteration)` replaces the layers' self-attention (KV caches, block-sparse masks): called with None
+    for the prelude and the coda and with the 0-based iteration for each trip through the core, it returns the
+    model's `attend_for(name, layer)` hook (see `LoopedGPTModel._blocks`), or None for the layers' own."""
     m = unwrap(model)
     link.passes += 1
     b, s = batch_shape(input_ids, inputs_embeds, labels, batch_shape_)
@@ -248,7 +251,8 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     last_stage = link.p - 1
     e = state = None
     if m.is_first:
-        e = m.embed(input_ids, inputs_embeds, position_ids, attention_mask)
+        e = m.embed(input_ids, inputs_embeds, position_ids, attention_mask,
+                    attend_for=None if attend_at is None else attend_at(None))
         if s0 is not None:
             state = s0
         elif state_length is not None and state_length > e.shape[0]:
@@ -265,14 +269,16 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                 state = link.recv(link.rank - 1, shape, dtype, device, with_grad)
             elif it.index > 1 and link.p > 1:
                 state = link.recv(last_stage, shape, dtype, device, grad_on and window.grad_at(it.index - 1))
-            state = m.iteration(it, state, e, rope, attention_mask)
+            state = m.iteration(it, state, e, rope, attention_mask,
+                                attend_for=None if attend_at is None else attend_at(it.index - 1))
             if not m.is_last:
                 link.send(state, link.rank + 1, with_grad)
             elif not it.last and link.p > 1:
                 link.send(state, 0, with_grad)
     if not m.is_last:
         return None
-    return m.head(state, labels, position_ids, attention_mask, return_hidden)
+    return m.head(state, labels, position_ids, attention_mask, return_hidden,
+                  attend_for=None if attend_at is None else attend_at(None))
 
 
 def run_micro_batches(model, batches: list, window: BackpropWindow, mb_loss) -> Tensor:
