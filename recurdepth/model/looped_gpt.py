@@ -96,7 +96,8 @@ class LoopedGPTModel(LanguageModule):
     #
     # Each block call takes an optional `attend_for(name, layer)`: given a layer's global name ("prelude.0",
     # "core.3", "coda.1") it returns the `attend(normed_x)` hook that replaces that layer's self-attention
-    # (the KV-cached decoder), or None for the layer's own attention.
+    # (the KV-cached decoder), or None for the layer's own attention. A hook that keeps no state between calls
+    # says so with `attend_for.recomputable = True`: checkpointed iterations may then run it again in backward.
 
     def _blocks(self, stack: str, x: torch.Tensor, rope, attention_mask, attend_for=None) -> torch.Tensor:
         if self.rope_tables and torch.is_tensor(rope):
@@ -173,8 +174,9 @@ class LoopedGPTModel(LanguageModule):
         if not it.grad:
             with torch.no_grad():
                 return self.core_step(state, e, rope, attention_mask, attend_for)
-        if self.checkpoint_iterations and torch.is_grad_enabled() and attend_for is None:
-            return checkpoint(self.core_step, state, e, rope, attention_mask, use_reentrant=False)
+        if self.checkpoint_iterations and torch.is_grad_enabled() and (
+                attend_for is None or getattr(attend_for, "recomputable", False)):
+            return checkpoint(self.core_step, state, e, rope, attention_mask, attend_for, use_reentrant=False)
         return self.core_step(state, e, rope, attention_mask, attend_for)
 
     def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,

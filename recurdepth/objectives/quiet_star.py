@@ -20,11 +20,16 @@ each with the plain forward's hidden state h_base at position i+k:
     R     = sum_k log p_mix(x_{i+k+1})  of each of the n_passes thoughts at position i
     REINFORCE: - reinforce_weight * (R - mean_passes R) * sum_j log pi(t_j)   (value 0, gradient only)
 
-Thoughts are sampled with Gumbel-max noise drawn before the loop from generators seeded by (seed, global sample
-index, pass): the global sample index fixes the optimizer step too, so every data-parallel layout and a resumed
-run sample the same thoughts, and nothing in the loop waits on the host. The T sampling forwards run without
-autograd on the growing prefix of blocks (recomputed each step: no KV cache); one forward with autograd over
-all blocks then gives the thought log-probabilities and the talk hidden states.
+Thoughts are sampled with Gumbel-max noise from generators seeded by (seed, global sample index, pass), drawn on
+the model's device step by step (`GumbelNoise`): the global sample index fixes the optimizer step too, so every
+data-parallel layout and a resumed run sample the same thoughts. The T sampling forwards run without autograd,
+block by block: step j runs block j alone, attending through `StreamAttention` (block-sparse: a query scores the
+s real-token keys and its own stream's j keys, not all blocks * s) to the keys and values cached from blocks
+0..j-1 at every layer and iteration. One forward with autograd over all blocks (block-sparse, or dense masked
+SDPA: `objective.stream_attention`) then gives the thought log-probabilities and the talk hidden states.
+Per micro-batch that is (T + 1) blocks of sampling and T + 2 + n_ahead blocks with autograd, for each pass;
+the dense implementation before it (kept as `dense_streams`, the tests' reference) reran the growing prefix,
+T (T + 3) / 2 blocks of sampling.
 
 On the looped model every thought token passes through the same r core iterations as the real tokens (its
 initial state s_0 is that of the position it thinks after), attending at each iteration to the prefix's
@@ -42,12 +47,14 @@ from torch.utils.checkpoint import checkpoint
 
 from recurdepth.config import require
 from recurdepth.model.depth import BackpropWindow
+from recurdepth.model.layers import apply_rope
 from recurdepth.objectives.base import Objective, ObjectiveSection
 from recurdepth.objectives.lm import masked_loss_sum
 from recurdepth.parallel.passes import StageLink, pipelined_forward, run_micro_batches, unwrap
 from recurdepth.seeding import derive_seed
 
 _NOISE_STREAM = 0x7A1E57  # thought-sampling noise, apart from the other per-sample streams
+STREAM_ATTENTION = ("auto", "sparse", "dense")
 
 
 @dataclass
@@ -62,6 +69,11 @@ class QuietStarSection(ObjectiveSection):
     thought_temperature: float = 1.0  # sampling temperature of thought tokens (and of their log-probs)
     base_loss_weight: float = 0.5  # share of the plain LM loss in the NLL (the rest: the mixed loss)
     checkpoint_thoughts: bool = False  # recompute each thought pass in backward instead of storing it
+    # how the autograd pass over all T + 2 + n_ahead blocks attends: "sparse" (block-sparse, s + j keys per query;
+    # saves the attention probabilities, blocks * s^2 per head, layer and iteration), "dense" (masked SDPA, flash
+    # kernels: memory linear in blocks * s, compute quadratic), "auto" (sparse on CPU, dense on GPU). Sampling
+    # always runs block by block over a KV cache.
+    stream_attention: str = "auto"
 
     def validate(self, cfg) -> None:
         require(self.thought_length >= 1, "objective.thought_length", self.thought_length,
@@ -76,6 +88,8 @@ class QuietStarSection(ObjectiveSection):
                  "use a temperature > 0")
         require(0 <= self.base_loss_weight <= 1, "objective.base_loss_weight", self.base_loss_weight,
                  "use 0 <= w <= 1")
+        require(self.stream_attention in STREAM_ATTENTION, "objective.stream_attention", self.stream_attention,
+                 f"use one of {', '.join(STREAM_ATTENTION)}")
         require(not cfg.parallel.sequence_parallel, "parallel.sequence_parallel", True,
                  "objective.kind=quiet_star does not support sequence parallelism yet; set it to false")
         require(not (self.checkpoint_thoughts and cfg.parallel.pipeline > 1), "objective.checkpoint_thoughts", True,
@@ -135,15 +149,92 @@ def stream_mask(s: int, blocks: int, device=None) -> torch.Tensor:
     return ~(prefix | own_stream)
 
 
-def gumbel_noise(seed: int, sample_ids, passes: int, thought_length: int, s: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise `[passes * b, T, s, V]` (pass-major rows), one generator per (seed, sample id, pass)."""
-    draws = []
-    for p in range(passes):
-        for sid in sample_ids:
-            g = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM, int(sid), p))
-            u = torch.rand(thought_length, s, vocab, generator=g, dtype=torch.float64)
-            draws.append(-torch.log(-torch.log(u.clamp_min(1e-20))))
-    return torch.stack(draws).float()
+class GumbelNoise:
+    """Gumbel(0, 1) noise for thought sampling, drawn one thought step at a time: `next()` gives `[rows, s, V]`
+    (pass-major rows), from one generator per (seed, sample id, pass) on `device`, in `dtype` (the sampling
+    dtype: float32 or better). Deterministic per sample, so independent of the batch layout, rank and resume
+    point; step j's draw continues the generator of step j - 1 (on CPU equal to one `[T, s, V]` draw per
+    generator). Memory is one step's logits, not T's, and nothing is drawn on the host."""
+
+    def __init__(self, seed: int, sample_ids, passes: int, s: int, vocab: int, dtype: torch.dtype, device):
+        device = torch.device(device)
+        self.shape, self.dtype, self.device = (s, vocab), dtype, device
+        self.generators = [torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE_STREAM, int(sid), p))
+                           for p in range(passes) for sid in sample_ids]
+
+    def next(self) -> torch.Tensor:
+        u = torch.stack([torch.rand(self.shape, generator=g, dtype=self.dtype, device=self.device)
+                         for g in self.generators])
+        return -torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
+class StreamAttention:
+    """Self-attention over the thought-stream layout, block-sparse: the query of (block j, position i) scores the
+    real tokens <= i (block 0, causal) and its own stream's blocks 1..j at position i — s + j keys, not the
+    blocks * s of a dense masked SDPA (`stream_mask` is the same pattern, dense):
+
+        a_0[j, i, k] = q[j, i] . k[0, k] / sqrt(d)    (k <= i)        a_1[j, i, j'] = q[j, i] . k[j', i] / sqrt(d)
+        (p_0, p_1) = softmax([a_0, a_1])   (1 <= j' <= j)             out[j, i] = p_0 v[0] + sum_j' p_1[j'] v[j', i]
+
+    Each layer keeps its own projections, RoPE (position i + j) and output projection (megatron's
+    `get_query_key_value_tensors` and `linear_proj`; grouped-query heads repeated, tensor-parallel heads local).
+    With a cache of `blocks` blocks (no autograd: for sampling), the keys and values of every block run so far are
+    kept per layer and iteration, so a call may run only the new blocks [first, last) (sampling thought j runs
+    block j alone). `at(first, last)` gives `pipelined_forward`'s `attend_at` for one call."""
+
+    def __init__(self, model, s: int, blocks: int = 0):
+        assert not model.config.attention_dropout, "StreamAttention computes attention without dropout"
+        self.m, self.s, self.blocks, self.cache = model, s, blocks, blocks > 0
+        self.kv: dict = {}  # (layer name, iteration) -> (k0, v0 [rows, n, s, d], ks, vs [rows, n, blocks - 1, s, d])
+
+    def at(self, first: int, last: int):
+        """`attend_at` for a call over blocks [first, last) (from block 0, unless the cache holds the earlier ones)."""
+        assert first == 0 or self.cache, "a call from block > 0 needs the cache of the blocks before it"
+        assert not (self.cache and torch.is_grad_enabled()), "the cache is written in place: use it without autograd"
+        assert not self.cache or last <= self.blocks, f"blocks up to {last}: the cache holds {self.blocks}"
+        freqs = self.m.rope(self.s + last, stream_positions(self.s, last)[first * self.s:])
+
+        def attend_at(iteration: Optional[int]):
+            def attend_for(name: str, layer):
+                return lambda normed: self.attend(layer, normed, (name, iteration), first, freqs)
+            attend_for.recomputable = not self.cache  # checkpointed iterations may rerun it in backward
+            return attend_for
+        return attend_at
+
+    def attend(self, layer, x: torch.Tensor, key, first: int, freqs: torch.Tensor) -> torch.Tensor:
+        """Attention of the blocks [first, first + J) `x [J * s, rows, h]` (normed) -> `[J * s, rows, h]`, at
+        the RoPE frequencies `freqs [J * s, 1, 1, d]` of their positions."""
+        attn = layer.self_attention
+        q, k, v = attn.get_query_key_value_tensors(x)  # [J * s, rows, n | g, d]
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        (S, rows, n, d), s = q.shape, self.s
+        J, g = S // s, k.shape[2]
+        q, k, v = (t.reshape(J, s, rows, t.shape[2], d).permute(2, 3, 0, 1, 4) for t in (q, k, v))  # [rows, ., J, s, d]
+        if g != n:
+            k, v = k.repeat_interleave(n // g, dim=1), v.repeat_interleave(n // g, dim=1)
+        if first == 0:
+            k0, v0, ks, vs = k[:, :, 0], v[:, :, 0], k[:, :, 1:], v[:, :, 1:]
+            if self.cache:  # room for every block of the call that fills it and the blocks after it, written in place
+                room = (*ks.shape[:2], self.blocks - 1, *ks.shape[3:])
+                self.kv[key] = (k0, v0, ks.new_empty(room), vs.new_empty(room))
+        if self.cache:
+            k0, v0, kbuf, vbuf = self.kv[key]
+            kbuf[:, :, max(first, 1) - 1:first + J - 1] = k[:, :, 1 - min(first, 1):]
+            vbuf[:, :, max(first, 1) - 1:first + J - 1] = v[:, :, 1 - min(first, 1):]
+            ks, vs = kbuf[:, :, :first + J - 1], vbuf[:, :, :first + J - 1]
+        scale = getattr(getattr(attn, "core_attention", None), "softmax_scale", None) or d ** -0.5
+        a0 = torch.einsum("rnjid,rnkd->rnjik", q, k0) * scale  # [rows, n, J, s, s]
+        a1 = torch.einsum("rnjid,rnbid->rnjib", q, ks) * scale  # [rows, n, J, s, B]: stream block b + 1
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        blocks = torch.arange(first, first + J, device=x.device)
+        own = torch.arange(1, ks.shape[2] + 1, device=x.device)[None, :] <= blocks[:, None]  # [J, B]
+        a0 = a0.masked_fill(~causal, float("-inf"))
+        a1 = a1.masked_fill(~own[:, None, :], float("-inf"))
+        p = torch.cat([a0, a1], -1).to(at_least_fp32(q.dtype)).softmax(-1).to(q.dtype)
+        out = (torch.einsum("rnjik,rnkd->rnjid", p[..., :s], v0)
+               + torch.einsum("rnjib,rnbid->rnjid", p[..., s:], vs))
+        out, bias = attn.linear_proj(out.permute(2, 3, 0, 1, 4).reshape(S, rows, n * d))
+        return out if bias is None else out + bias
 
 
 def reinforce_surrogate(logp: torch.Tensor, reward: torch.Tensor, weight: float) -> torch.Tensor:
@@ -190,6 +281,8 @@ class QuietStarObjective(Objective):
 
     kind = "quiet_star"
     Section = QuietStarSection
+    dense_streams = False  # True: the implementation before the KV cache (dense masked SDPA, the prefix rerun at
+    #                        every sampling step): the reference of the equivalence tests
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -197,6 +290,7 @@ class QuietStarObjective(Objective):
         self.T, self.n_ahead, self.passes = o.thought_length, o.n_ahead, o.n_passes
         self.temperature, self.reinforce_weight = o.thought_temperature, o.reinforce_weight
         self.base_weight, self.checkpointed = o.base_loss_weight, o.checkpoint_thoughts
+        self.stream_attention = o.stream_attention
         self.seed = cfg.train.seed
         specials = getattr(tokenizer, "special_ids", {})
         self.forbidden = [specials[t] for t in ("<|start_thought|>", "<|end_thought|>") if t in specials]
@@ -263,35 +357,61 @@ class QuietStarObjective(Objective):
         return QuietStarTerms(masked_loss_sum(nll, mb.loss_mask), surrogate, thoughts, logp, reward,
                               talk_loss, base_loss)
 
-    def stream_inputs(self, m, tokens: torch.Tensor, thoughts: torch.Tensor, blocks: int) -> torch.Tensor:
-        """Input vectors `[rows, blocks * s, h]` of the first `blocks` stream blocks (first stage)."""
-        rows, s = tokens.shape
+    def block_ids(self, tokens: torch.Tensor, thoughts: torch.Tensor, j: int) -> torch.Tensor:
+        """The token ids `[rows, s]` fed to stream block j: x, (start), t_1..t_T, (end), x shifted by 1.. (pad
+        filled); the start and end blocks take learned vectors instead, their ids are placeholders."""
+        if 2 <= j <= self.T + 1:
+            return thoughts[:, j - 2]
+        k = j - self.T - 2
+        if k < 1:
+            return tokens
+        return torch.cat([tokens[:, k:], tokens.new_full((tokens.shape[0], k), self.pad)], 1)
+
+    def stream_inputs(self, m, tokens: torch.Tensor, thoughts: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Input vectors `[rows, (last - first) * s, h]` of stream blocks [first, last) (first stage)."""
+        s = tokens.shape[1]
         start, end = m.quiet_star.thought_embeddings
-        pieces = [m.token_embeddings(tokens), start.expand(rows, s, -1)]
-        if blocks > 2:
-            used = min(blocks - 2, self.T)
-            pieces.append(m.token_embeddings(thoughts[:, :used].reshape(rows, used * s)))
-        if blocks > self.T + 2:
-            pieces.append(end.expand(rows, s, -1))
-            shifted = [torch.cat([tokens[:, k:], tokens.new_full((rows, k), self.pad)], 1)
-                       for k in range(1, blocks - self.T - 2)]
-            if shifted:
-                pieces.append(m.token_embeddings(torch.cat(shifted, 1)))
+        ids = torch.cat([self.block_ids(tokens, thoughts, j) for j in range(first, last)], 1)
+        pieces = list(m.token_embeddings(ids).split(s, 1))
+        for j, vector in ((1, start), (self.T + 2, end)):
+            if first <= j < last:
+                pieces[j - first] = vector.expand_as(pieces[j - first])
         return torch.cat(pieces, 1)
 
-    def run_streams(self, model, link, tokens, thoughts, s0, blocks: int, window: BackpropWindow):
-        """The whole model on the first `blocks` blocks of the streams: on the last stage logits `[rows, S, V]`
-        (whole vocabulary) and hidden `[S, rows, h]`, (None, None) elsewhere."""
+    def streams(self, m, s: int, cache: int = 0) -> Optional[StreamAttention]:
+        """The attention of a pass over the streams: block-sparse `StreamAttention` (with a cache of `cache` blocks
+        for sampling), or None for the dense masked SDPA (`objective.stream_attention` of the autograd pass)."""
+        if self.dense_streams:
+            return None
+        if cache:
+            return StreamAttention(m, s, cache)
+        mode = self.stream_attention
+        if mode == "auto":
+            mode = "sparse" if next(m.parameters()).device.type == "cpu" else "dense"
+        return StreamAttention(m, s) if mode == "sparse" else None
+
+    def run_streams(self, model, link, tokens, thoughts, s0, blocks: int, window: BackpropWindow, first: int = 0,
+                    attention: Optional[StreamAttention] = None):
+        """The whole model on stream blocks [first, blocks): on the last stage logits `[rows, S, V]` (whole
+        vocabulary) and hidden `[S, rows, h]` of those blocks, (None, None) elsewhere. `attention`: the
+        block-sparse attention (holding the earlier blocks when first > 0), default a fresh one or dense."""
         m = unwrap(model)
         rows, s = tokens.shape
-        positions = stream_positions(s, blocks, tokens.device)
-        mask = stream_mask(s, blocks, tokens.device)
-        inputs = self.stream_inputs(m, tokens, thoughts, blocks) if m.is_first else None
+        if attention is None:
+            attention = self.streams(m, s)
+        positions = stream_positions(s, blocks, tokens.device)[first * s:]
+        mask = attend_at = None
+        if attention is None:
+            assert first == 0, "the dense reference runs every block from the first"
+            mask = stream_mask(s, blocks, tokens.device)
+        else:
+            attend_at = attention.at(first, blocks)
+        inputs = self.stream_inputs(m, tokens, thoughts, first, blocks) if m.is_first else None
         # every thought token starts from the s_0 of the position it thinks after (tiled over the blocks), not a
         # fresh draw for the stream length, which would differ from the plain forward's and between passes
         out = pipelined_forward(model, window, link, inputs_embeds=inputs, position_ids=positions,
-                                attention_mask=mask, return_hidden=True, batch_shape_=(rows, blocks * s),
-                                s0=None if s0 is None else s0.repeat(blocks, 1, 1))
+                                attention_mask=mask, return_hidden=True, batch_shape_=(rows, (blocks - first) * s),
+                                s0=None if s0 is None else s0.repeat(blocks - first, 1, 1), attend_at=attend_at)
         if out is None:
             return None, None
         return full_vocab(out[0]), out[1].transpose(0, 1)
@@ -311,21 +431,25 @@ class QuietStarObjective(Objective):
 
     @torch.no_grad()
     def sample_thoughts(self, model, link, tokens, sample_ids, s0, window: BackpropWindow) -> torch.Tensor:
-        """Thought tokens `[rows, T, s]`: T forwards over the growing prefix of blocks, Gumbel-max sampling on the
-        last stage with noise drawn beforehand (no host sync inside the loop), shared with the other stages."""
+        """Thought tokens `[rows, T, s]`, Gumbel-max sampled on the last stage and shared with the other stages:
+        step j runs stream block j alone over the keys and values cached from blocks 0..j-1 (block-sparse
+        `StreamAttention`; the dense reference reruns blocks 0..j), its noise drawn on the device."""
         m = unwrap(model)
         rows, s = tokens.shape
         vocab = m.vocab_size
+        attention = self.streams(m, s, cache=self.T + 1)
         if m.is_last:
-            noise = gumbel_noise(self.seed, sample_ids[:rows // self.passes], self.passes, self.T, s, vocab)
-            noise = noise.to(tokens.device, non_blocking=True)
+            dtype = at_least_fp32(m.config.params_dtype)
+            noise = GumbelNoise(self.seed, sample_ids[:rows // self.passes], self.passes, s, vocab, dtype,
+                                tokens.device)
             bias = self.sampling_bias(vocab, tokens.device)
         thoughts = tokens.new_zeros(rows, self.T, s)
         for j in range(1, self.T + 1):
-            logits, _ = self.run_streams(model, link, tokens, thoughts, s0, j + 1, window)
+            first = 0 if attention is None or j == 1 else j
+            logits, _ = self.run_streams(model, link, tokens, thoughts, s0, j + 1, window, first, attention)
             chosen = None
             if m.is_last:
-                scores = logits[:, j * s:(j + 1) * s].to(at_least_fp32(logits.dtype)) / self.temperature + bias + noise[:, j - 1]
+                scores = logits[:, -s:].to(dtype) / self.temperature + bias + noise.next()
                 chosen = scores.argmax(-1)
             thoughts[:, j - 1] = link.share_from_last(chosen, (rows, s), tokens.dtype, tokens.device)
         return thoughts

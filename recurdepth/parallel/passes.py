@@ -236,7 +236,8 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     (first stage): start from this initial state instead of a draw (as the model's forward takes it).
     `attend_at(iteration)` replaces the layers' self-attention (KV caches, block-sparse masks): called with None
     for the prelude and the coda and with the 0-based iteration for each trip through the core, it returns the
-    model's `attend_for(name, layer)` hook (see `LoopedGPTModel._blocks`), or None for the layers' own."""
+    model's `attend_for(name, layer)` hook (see `LoopedGPTModel._blocks`), which replaces every layer's attention
+    (RoPE included: the layers get no RoPE table then)."""
     m = unwrap(model)
     link.passes += 1
     b, s = batch_shape(input_ids, inputs_embeds, labels, batch_shape_)
@@ -261,7 +262,7 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
             state = m.initial_state(e.new_empty((state_length, *e.shape[1:])), sample_ids)[:e.shape[0]]
         else:
             state = m.initial_state(e, sample_ids)
-    rope = m.rope(s, position_ids)
+    rope = m.rope(s, position_ids) if attend_at is None else None  # the hooks apply RoPE themselves
     for it in window.iterations():  # the model's loop, one trip around the ring of stages per iteration
         with_grad = grad_on and it.grad
         with torch.set_grad_enabled(with_grad):

@@ -1,6 +1,7 @@
-"""Quiet-STaR trains under DP=2 and PP=2 (torchrun, gloo) with the per-step losses of one process (1e-5):
+"""Quiet-STaR trains under DP=2, PP=2 and TP=2 (torchrun, gloo) with the per-step losses of one process (1e-5):
 thoughts are sampled from per-sample seeds, and under PP every stage runs the objective's passes through
-`pipelined_forward`."""
+`pipelined_forward`, and the thought streams' attention (KV-cached, block-sparse) runs each stage's layers and
+each tensor-parallel rank's heads."""
 
 import pytest
 
@@ -21,7 +22,8 @@ def one_process(tmp_path_factory, data_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.pipeline=1"], ["parallel.pipeline=2"]], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.pipeline=1"], ["parallel.pipeline=2"], ["parallel.tensor=2"]],
+                         ids=["dp2", "pp2", "tp2"])
 def test_layout_matches_one_process(one_process, tmp_path, data_cache, layout):
     run_cli([*COMMON, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=2)
     rows = read_metrics(tmp_path)
