@@ -8,11 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the measured matmul peak is cached per machine (recurdepth/peak.py): tests keep theirs apart from the user's
+os.environ.setdefault("RECURDEPTH_CACHE_DIR", tempfile.mkdtemp(prefix="recurdepth-test-cache-"))
 TINY = ROOT / "configs" / "tiny.yaml"
 # Small shapes that still exercise every part of the model; a CLI run with them takes ~10 s on 2 cores.
 SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64", "train.global_batch_size=8",

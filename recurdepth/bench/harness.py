@@ -42,28 +42,44 @@ def bench_trainer(config: str | None, overrides: list, steps: int):
 
 @dataclass
 class PeakSampler:
-    """The best FLOP/s of a large `torch.mm` seen so far: sampled once up front and again between timed steps,
-    so it sees the same (shared) machine as the steps do."""
+    """The peak MFU divides by: this machine's cached matmul peak (`recurdepth/peak.py`: best of many bursts, per
+    dtype and thread count), and bursts sampled in this run between timed steps, which tell how busy the machine
+    is now. `best` is the higher of the two (a run that beats the cache updates it), so a busy moment never
+    lowers the denominator and MFU does not swing with it."""
 
-    sizes: tuple = (1024, 2048)
+    dtype: torch.dtype = torch.float32
     samples: list = field(default_factory=list)
+    cached: object = None  # recurdepth.peak.Peak
+
+    @property
+    def device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def sample(self, repeats: int = 1) -> float:
-        from recurdepth.train.flops import measure_matmul_peak
+        from recurdepth.peak import CPU_SIZES, GPU_SIZES, cached_peak, measure_matmul_peak
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        sizes = (4096, 8192) if device == "cuda" else self.sizes
-        self.samples.append(measure_matmul_peak(sizes, repeats=repeats, dtype=dtype, device=device))
+        if self.cached is None:
+            self.cached = cached_peak(self.device, self.dtype)
+        sizes = GPU_SIZES if self.device == "cuda" else CPU_SIZES
+        self.samples.append(measure_matmul_peak(sizes, repeats=repeats, dtype=self.dtype, device=self.device))
         return self.best
 
     @property
     def best(self) -> float:
-        return max(self.samples)
+        return max([self.cached.flops if self.cached is not None else 0.0, *self.samples])
+
+    def keep(self) -> None:
+        """Record this run's best burst in the cache if it beats the cached peak."""
+        from recurdepth.peak import Peak, record
+
+        if self.samples and max(self.samples) > self.cached.flops:
+            self.cached = record(Peak(self.cached.key, max(self.samples), list(self.samples), self.cached.date,
+                                      self.cached.torch))
 
     def describe(self) -> str:
-        return (f"peak = best torch.mm of {len(self.samples)} samples (square {'/'.join(map(str, self.sizes))}, "
-                f"{torch.get_num_threads()} threads, same process): {self.best / 1e9:,.1f} GFLOP/s")
+        now = max(self.samples) if self.samples else 0.0
+        return (f"{self.cached.describe()}\nthis run's bursts between steps: best {now / 1e9:,.1f} GFLOP/s "
+                f"({now / self.best:.0%} of the peak; lower = a busier machine now), {len(self.samples)} samples")
 
 
 def best_and_median(values: list) -> tuple:

@@ -37,7 +37,7 @@ def run_step_bench(args) -> int:
             plain(m.depth, m.backprop_depth)
         if huginn is not None:
             huginn(m.depth, m.backprop_depth)
-    peak = PeakSampler()
+    peak = PeakSampler(trainer.dtype)
     peak.sample(repeats=3)
     rows, plain_seconds, huginn_seconds = [], [], []
     for _ in range(steps):
@@ -50,6 +50,7 @@ def run_step_bench(args) -> int:
         if huginn is not None:
             huginn_seconds.append(huginn(m.depth, m.backprop_depth))
         peak.sample()
+    peak.keep()
     if world > 1:  # tokens and FLOPs are the global batch's: against the peaks of all ranks, each measured by itself
         total = torch.tensor([peak.best], dtype=torch.float64)
         torch.distributed.all_reduce(total)
@@ -58,7 +59,7 @@ def run_step_bench(args) -> int:
         return 0
     print(_header(trainer, threads, steps, warmup))
     print(peak.describe() if world == 1 else
-          f"peak = sum over {world} ranks of each rank's best torch.mm ({threads} threads each): "
+          f"peak = sum over {world} ranks of each rank's peak (cached or this run's, {threads} threads each): "
           f"{peak.best / 1e9:.1f} GFLOP/s")
     print(f"{'step':>6} {'r':>4} {'k':>3} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'MFU':>7} {'HFU':>7}")

@@ -104,6 +104,6 @@ def cpu_memory_bytes() -> int:
 
 @functools.lru_cache(maxsize=1)
 def cpu_peak_flops() -> float:
-    from recurdepth.train.flops import measure_matmul_peak
+    from recurdepth.peak import cached_peak
 
-    return measure_matmul_peak()
+    return cached_peak("cpu").flops  # fp32, this process's threads: measured once per machine, then cached

@@ -46,7 +46,7 @@ def peak_of(cfg: Config, spec: DeviceSpec) -> tuple[float, str]:
         return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
     if spec.peak_flops is not None:
         return spec.peak_flops, "datasheet dense bf16"
-    return cpu_peak_flops(), "measured fp32 torch.mm on this machine"
+    return cpu_peak_flops(), "measured fp32 torch.mm on this machine (cached: recurdepth bench peak)"
 
 
 def pipeline_window(cfg: Config, r: float) -> BackpropWindow:

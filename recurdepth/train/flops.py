@@ -19,7 +19,6 @@ measurement slower, so the best is the least disturbed one).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -69,35 +68,16 @@ def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> floa
     return 3 * (num_layers * layer_flops(cfg) + 2 * cfg.model.hidden_size * vocab_size)
 
 
-def _mm_flops_per_second(n: int, seconds: float, dtype: torch.dtype, device: str) -> float:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    out = torch.mm(a, b)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    iters, start = 0, time.perf_counter()
-    while iters < 2 or time.perf_counter() - start < seconds:
-        torch.mm(a, b, out=out)
-        iters += 1
-        if device != "cpu":
-            torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - start)
+def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The denominator of MFU: configured, a datasheet bf16 figure on known GPUs, else the matmul peak of this
+    machine in the step's dtype and threads, measured once and cached (`recurdepth/peak.py`)."""
+    from recurdepth.peak import cached_peak
 
-
-def measure_matmul_peak(sizes: tuple = (1024, 2048), repeats: int = 3, seconds: float = 0.15,
-                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
-    """The best FLOP/s of square `torch.mm` over `sizes` x `repeats` bursts of >= `seconds` each (about 1 s on
-    an idle 2-core CPU), on this process's threads. Best, not mean: other load only ever slows a burst down."""
-    return max(_mm_flops_per_second(n, seconds, dtype, device) for _ in range(repeats) for n in sizes)
-
-
-def peak_flops(cfg: Config, device: torch.device) -> float:
-    """The denominator of MFU: configured, a datasheet bf16 figure on known GPUs, else measured."""
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
     if device.type == "cuda":
         datasheet = datasheet_peak_flops(torch.cuda.get_device_name(device))
         if datasheet is not None:
             return datasheet
-        return measure_matmul_peak((4096, 8192), repeats=2, dtype=torch.bfloat16, device=str(device))
-    return measure_matmul_peak()
+        return cached_peak(str(device), torch.bfloat16).flops
+    return cached_peak("cpu", dtype).flops

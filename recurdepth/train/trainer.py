@@ -66,7 +66,7 @@ class Trainer:
         self.objective.bind(self.model)
         self.sampler = DepthSampler(cfg.recurrence, t.seed)
         self.flops = looped_flops(cfg, model.vocab_size)
-        self.peak = peak_flops(cfg, self.device) * torch.distributed.get_world_size()
+        self.peak = peak_flops(cfg, self.device, self.dtype) * torch.distributed.get_world_size()
         self.state, self.last_saved = TrainState(), None
         self.lineage = Lineage(run_id=_from_rank0(Lineage().run_id))  # rank 0's id: one lineage on every rank
         self.guard = NumericalGuard(t.spike_window, t.spike_sigma)
