@@ -36,3 +36,18 @@ def test_objectives_bench_quick_prints_three_variants(data_cache, tmp_path):
 
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert len(rows) == 3 and all(r["peak_bytes"] > 0 for r in (rows.values() if isinstance(rows, dict) else rows))
+
+
+def test_objectives_bench_quick_coconut_pins_the_stage(data_cache, tmp_path):
+    out = run_cli(["bench", "objectives", str(TINY.parent / "coconut.yaml"), f"data.cache_dir={data_cache}",
+                   "--objective", "coconut", "--quick", "--steps", "1", "--out", str(tmp_path / "rows.json")],
+                  timeout=300)
+    import json
+
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    names = ["lm", "coconut stage=2 c=2 + kv cache", "coconut stage=2 c=2 recompute"]
+    assert [r["variant"] for r in rows] == names
+    assert all(any(ln.startswith(name + " ") for ln in out.stdout.splitlines()) for name in names)
+    # every measured step at stage 2: 4 latents, 5 passes per micro-batch, with and without the cache
+    assert [(r.get("stage"), r.get("passes")) for r in rows] == [(None, None), ("2", 5), ("2", 5)]
+    assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
