@@ -30,6 +30,9 @@ def add_bench_parser(verbs) -> None:
     from recurdepth.bench.objectives import add_objectives_bench_parser
 
     add_objectives_bench_parser(subs)
+    from recurdepth.bench.decode import add_decode_bench_parser
+
+    add_decode_bench_parser(subs)
     bench.set_defaults(func=run_bench)
 
 
@@ -64,4 +67,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from recurdepth.bench.objectives import run_objectives_bench
 
         return run_objectives_bench(args)
+    if args.bench == "decode":
+        from recurdepth.bench.decode import run_decode_bench
+
+        return run_decode_bench(args)
     raise SystemExit(f"unknown bench {args.bench}")

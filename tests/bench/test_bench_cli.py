@@ -38,6 +38,22 @@ def test_objectives_bench_quick_prints_three_variants(data_cache, tmp_path):
     assert len(rows) == 3 and all(r["peak_bytes"] > 0 for r in (rows.values() if isinstance(rows, dict) else rows))
 
 
+def test_decode_bench_quick_prints_four_variants_whose_tokens_agree(tmp_path):
+    out = run_cli(["bench", "decode", "--quick", "--out", str(tmp_path / "rows.json")], timeout=300)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip() and ln.split()[0].isdigit()]
+    variants = ["kv-cache", "exit-kl", "no-cache", "plain-naive"]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(d, b, v) for d in ("2", "4") for b in ("1", "2") for v in variants]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    # the cache and the plain model are checked against each other: same weights, s_0 = zeros, greedy
+    assert all(r[8] == "yes" for r in rows if r[2] in ("kv-cache", "no-cache"))
+    assert all(r[8] == "reference" and r[6] == "1.00" for r in rows if r[2] == "plain-naive")
+    import json
+
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert len(saved) == 16 and all(r["tokens_agree"] for r in saved if r["variant"] != "exit-kl")
+    assert all(1 <= r["mean_depth"] <= r["depth"] for r in saved)
+
+
 def test_objectives_bench_quick_coconut_pins_the_stage(data_cache, tmp_path):
     out = run_cli(["bench", "objectives", str(TINY.parent / "coconut.yaml"), f"data.cache_dir={data_cache}",
                    "--objective", "coconut", "--quick", "--steps", "1", "--out", str(tmp_path / "rows.json")],
