@@ -73,6 +73,8 @@ def run_step_bench(args) -> int:
     print(_row("median", "", "", mean(2), best_and_median([row[3] for row in rows])[1], mean(4), mean(5), peak.best))
     if plain is not None:
         print(_plain_table(rows, plain_seconds))
+    if getattr(args, "profile", False) and plain is not None:
+        print(_profile_table(trainer, plain))
     if huginn is not None:
         ours_params = sum(p.numel() for p in trainer.engine.module.parameters())
         print(_plain_table(rows, huginn_seconds, label="huginn",
@@ -101,6 +103,34 @@ def _plain_baseline(trainer):
         return time.perf_counter() - start
 
     return run
+
+
+def _profile_table(trainer, plain, steps: int = 2, top: int = 14) -> str:
+    """Where each millisecond of a step goes: torch.profiler over `steps` more steps of recurdepth and of the
+    plain-PyTorch baseline (interleaved), self time per op in ms per step, the ops of either's top `top`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(fn) -> dict:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                                          else [])) as prof:
+            for _ in range(steps):
+                fn()
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        return {e.key: getattr(e, key) / 1e3 / steps for e in prof.key_averages()}
+
+    windows = iter([trainer.sampler.window(trainer.state.step + i) for i in range(steps)])  # ours will draw these
+    ours = run(trainer.train_step)
+    base = run(lambda: plain(*(lambda w: (w.total, w.with_grad))(next(windows))))
+    names = sorted(set(sorted(ours, key=ours.get)[-top:]) | set(sorted(base, key=base.get)[-top:]),
+                   key=lambda n: -max(ours.get(n, 0.0), base.get(n, 0.0)))
+    lines = [f"profile (torch.profiler, self time, ms per step, {steps} more steps each at the same r and k)",
+             f"{'op':<58} {'recurdepth':>11} {'plain':>9} {'diff':>9}"]
+    for n in names:
+        a, b = ours.get(n, 0.0), base.get(n, 0.0)
+        lines.append(f"{n[:58]:<58} {a:>11.1f} {b:>9.1f} {a - b:>+9.1f}")
+    total_a, total_b = sum(ours.values()), sum(base.values())
+    lines.append(f"{'total (all ops)':<58} {total_a:>11.1f} {total_b:>9.1f} {total_a - total_b:>+9.1f}")
+    return "\n".join(lines)
 
 
 def _plain_table(rows: list, other_seconds: list, label: str = "plain", title: str | None = None) -> str:
@@ -144,6 +174,8 @@ def add_step_bench_parser(subs) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: for CI")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two more steps of recurdepth and of the plain baseline: ms per op, side by side")
     p.add_argument("--huginn", metavar="DIR", default=None,
                    help="also time Huginn's published modeling code from this checkout of "
                         "seal-rg/recurrent-pretraining (needs transformers<5), interleaved")

@@ -132,16 +132,20 @@ class LoopedGPTModel(LanguageModule):
 
     def draw_state(self, shape: Sequence[int], dtype: torch.dtype, generator: Optional[torch.Generator] = None
                    ) -> torch.Tensor:
-        """A truncated normal (+-3 std) of `shape` on the CPU from `generator`, scaled by embedding_scale: the
-        initial-state distribution (`initial_state` seeds one generator per sample; the decoder keeps its own)."""
+        """A truncated normal (+-3 std) of `shape` from `generator`, on the generator's device (the CPU without
+        one), scaled by embedding_scale: the initial-state distribution (`initial_state` seeds one generator per
+        sample; the decoder keeps its own). Drawn in float32 or better, then cast to `dtype`."""
         std = self.state_std
-        draw = torch.nn.init.trunc_normal_(torch.empty(tuple(shape), dtype=dtype), 0.0, std, -3 * std, 3 * std,
-                                           generator=generator)
-        return draw * self.model_cfg.embedding_scale
+        device = generator.device if generator is not None else torch.device("cpu")
+        draw = torch.nn.init.trunc_normal_(torch.empty(tuple(shape), dtype=torch.promote_types(dtype, torch.float32),
+                                                       device=device),
+                                           0.0, std, -3 * std, 3 * std, generator=generator)
+        return (draw * self.model_cfg.embedding_scale).to(dtype)
 
     def initial_state(self, e: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """s_0 `[s, b, h]`: zeros, or a truncated normal (+-3 std) drawn per sample from a generator seeded by
-        (seed, sample index), so the draw does not depend on the batch layout, rank or resume point."""
+        """s_0 `[s, b, h]`: zeros, or a truncated normal (+-3 std) drawn per sample on e's device from a generator
+        seeded by (seed, sample index), so the draw does not depend on the batch layout, rank or resume point
+        (a GPU's generator draws other numbers than the CPU's: a sample's s_0 depends on the device type)."""
         if self.model_cfg.initial_state == "zeros":
             return torch.zeros_like(e)
         std, (s, b, h) = self.state_std, e.shape
@@ -152,13 +156,13 @@ class LoopedGPTModel(LanguageModule):
             torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
             return state * self.model_cfg.embedding_scale
         assert len(sample_ids) == b, f"need one sample id per batch row, got {len(sample_ids)} for {b}"
-        draws = [self.draw_state((s, h), e.dtype, torch.Generator().manual_seed(
+        draws = [self.draw_state((s, h), e.dtype, torch.Generator(device=e.device).manual_seed(
             derive_seed(self.seed, _STATE_STREAM, sid))) for sid in sample_ids]
         state = torch.stack(draws, dim=1)
         if self.config.sequence_parallel:  # this TP rank's slice of the sequence, as e is
             state = state.chunk(parallel_state.get_tensor_model_parallel_world_size())[
                 parallel_state.get_tensor_model_parallel_rank()]
-        return state.to(e.device, non_blocking=True)
+        return state
 
     def core_step(self, state: torch.Tensor, e: torch.Tensor, rope: Optional[torch.Tensor],
                   attention_mask: Optional[torch.Tensor] = None, attend_for=None) -> torch.Tensor:
