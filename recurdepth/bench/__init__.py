@@ -7,7 +7,7 @@ import argparse
 
 
 def add_bench_parser(verbs) -> None:
-    bench = verbs.add_parser("bench", help="benchmarks: recurdepth bench step|dense|memory|data|pipeline [CONFIG] "
+    bench = verbs.add_parser("bench", help="benchmarks: recurdepth bench step|dense|memory|data|pipeline|objectives|decode|peak [CONFIG] "
                                            "... (--quick: tiny shapes, for CI)")
     subs = bench.add_subparsers(dest="bench", required=True)
     mem = subs.add_parser("memory", help="peak memory of one training step at several recurrences r (fixed k)")
@@ -33,6 +33,9 @@ def add_bench_parser(verbs) -> None:
     from recurdepth.bench.decode import add_decode_bench_parser
 
     add_decode_bench_parser(subs)
+    from recurdepth.peak import add_peak_bench_parser
+
+    add_peak_bench_parser(subs)
     bench.set_defaults(func=run_bench)
 
 
@@ -71,4 +74,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from recurdepth.bench.decode import run_decode_bench
 
         return run_decode_bench(args)
+    if args.bench == "peak":
+        from recurdepth.peak import run_peak_bench
+
+        return run_peak_bench(args)
     raise SystemExit(f"unknown bench {args.bench}")

@@ -67,3 +67,9 @@ def test_objectives_bench_quick_coconut_pins_the_stage(data_cache, tmp_path):
     # every measured step at stage 2: 4 latents, 5 passes per micro-batch, with and without the cache
     assert [(r.get("stage"), r.get("passes")) for r in rows] == [(None, None), ("2", 5), ("2", 5)]
     assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
+
+
+def test_peak_bench_quick_prints_its_bursts(tmp_path):
+    out = run_cli(["bench", "peak", "--quick"], timeout=120)
+    assert "best of 3 bursts" in out.stdout and "spread" in out.stdout
+    assert len(out.stdout.split("bursts GFLOP/s:")[1].split()) == 3
