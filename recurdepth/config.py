@@ -90,6 +90,9 @@ class ParallelConfig:
     # naive: the whole core on the first stage, all r iterations in one trip (a baseline for comparisons)
     pipeline_split: Literal["looped", "naive"] = "looped"
     record_timeline: bool = False  # keep the pipeline schedule's timeline of every step (costs one gather per step)
+    # multi-pass objectives (quiet_star, coconut) under PP: micro-batches interleaved over the stages at once, their
+    # activations all held until their backward; 0 = the whole step's (least bubble), 1 = one after another
+    multi_pass_in_flight: int = 0
 
 
 @dataclass
@@ -261,6 +264,8 @@ class Config:
             _require(r.max_depth >= 1, "recurrence.max_depth", r.max_depth, "use a cap >= 1 or null")
         for name in ("tensor", "pipeline", "expert"):
             _require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "use a size >= 1")
+        _require(p.multi_pass_in_flight >= 0, "parallel.multi_pass_in_flight", p.multi_pass_in_flight,
+                 "use 0 (all of a step's micro-batches) or a count >= 1")
         _require(t.steps >= 1, "train.steps", t.steps, "use at least 1 step")
         _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "use at least 1")
         _require(t.global_batch_size >= t.micro_batch_size and t.global_batch_size % t.micro_batch_size == 0,

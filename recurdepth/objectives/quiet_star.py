@@ -431,7 +431,7 @@ class QuietStarObjective(Objective):
 
     @torch.no_grad()
     def sample_thoughts(self, model, link, tokens, sample_ids, s0, window: BackpropWindow) -> torch.Tensor:
-        """Thought tokens `[rows, T, s]`, Gumbel-max sampled on the last stage and shared with the other stages:
+        """Thought tokens `[rows, T, s]`, Gumbel-max sampled on the last stage and sent to the first (zeros between):
         step j runs stream block j alone over the keys and values cached from blocks 0..j-1 (block-sparse
         `StreamAttention`; the dense reference reruns blocks 0..j), its noise drawn on the device."""
         m = unwrap(model)
@@ -451,7 +451,9 @@ class QuietStarObjective(Objective):
             if m.is_last:
                 scores = logits[:, -s:].to(dtype) / self.temperature + bias + noise.next()
                 chosen = scores.argmax(-1)
-            thoughts[:, j - 1] = link.share_from_last(chosen, (rows, s), tokens.dtype, tokens.device)
+            chosen = link.last_to_first(chosen, (rows, s), tokens.dtype, tokens.device, requires_grad=False)
+            if chosen is not None:  # the first stage embeds them, the last scores them, the stages between need neither
+                thoughts[:, j - 1] = chosen
         return thoughts
 
     def stream_terms(self, model, link, tokens, thoughts, s0, window, base_x, labels):

@@ -49,3 +49,10 @@ class NaivePipelineSchedule:
     def run(self, micro_batches, window: BackpropWindow, loss_fn):
         self.stage.window = window
         return self.inner.run(micro_batches, BackpropWindow(1, 1 if window.with_grad else 0), loss_fn)
+
+    def run_multi_pass(self, run, in_flight: int = 0):
+        """Multi-pass objectives drive the stages themselves (the split does not apply to them)."""
+        return self.inner.run_multi_pass(run, in_flight)
+
+    def bubble_fraction(self) -> float:
+        return self.inner.bubble_fraction()

@@ -32,13 +32,23 @@ runs the same sequence of calls), tag 2n for the forward message n and 2n+1 for 
 tag matching and NCCL's in-order matching agree. A receiver must know the shape, dtype and whether the
 sender keeps a gradient: `pipelined_forward` derives them from the window; `last_to_first` takes them.
 
-This is plain sequential execution, not the interleaved 1F1B schedule: while one stage computes, the others
-wait, so a pass over p stages keeps one stage busy at a time (bubble (p-1)/p). It trades speed for
-generality; single-forward objectives (lm, pause) keep the looped schedule. Tested on gloo/CPU.
+Under pipeline parallelism `run_micro_batches` interleaves the micro-batches (all of a step's, or groups of
+`parallel.multi_pass_in_flight`): each micro-batch's program is a greenlet on this thread, and the programs take
+turns at every trip (`StageLink.take_turn`), so each stage runs the micro-batches' trips round-robin and always
+has another micro-batch's trip to run while one's message travels; one backward over the group then replays the
+interleaved forward in reverse, interleaved the same way (autograd numbers nodes per thread: one thread keeps the
+creation order true). Links of one step tag their messages apart (`tag_base`). With `parallel.record_timeline`
+each stage records its ops and the messages between them (`StageRecorder`), and `schedule.recorded_timeline`
+replays them in the looped schedule's logical time (F/f = 1, B = 2), so the bubble of a multi-pass objective and
+of the plain LM are measured the same way (tests/objectives: within 1.2x of the LM's at the same p, r, m, where
+running them one after another idles half the time at p = 2). Tested on gloo/CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -95,7 +105,8 @@ class StageLink:
     pipeline when parallel_state is not initialised); stage index = rank in the group.
     `passes` counts `pipelined_forward` calls made with this link (the same on every stage)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, tag_base: int = 0, turns: Optional["Turns"] = None, slot: int = 0,
+                 recorder: Optional["StageRecorder"] = None, micro_batch: int = 0):
         if group is None:
             from megatron.core import parallel_state as ps
 
@@ -106,6 +117,11 @@ class StageLink:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.passes = 0
+        # concurrent links (one per micro-batch of a group, `run_micro_batches`) keep their tags apart, take turns
+        # on this stage (`turns`, slot = this link's turn) and report what they run to the stage's `recorder`
+        self.tag_base, self.turns, self.slot = tag_base, turns, slot
+        self.recorder, self.micro_batch = recorder, micro_batch
+        self._ran = False  # a trip ran since the last turn
         self._count: dict[tuple[int, int], int] = defaultdict(int)  # (src, dst) -> messages so far
         self._anchors: dict = {}  # per device: a leaf that gives every message an autograd node
         self._roots: list[tuple[Tensor, bool]] = []  # (tensor, is a send's dummy) to back-propagate from
@@ -131,16 +147,29 @@ class StageLink:
     def _isend(self, x: Tensor, dst: int, tag: int) -> None:
         x = x.detach().contiguous()
         self._pending.append((dist.isend(x, dst=self.ranks[dst], group=self.group, tag=tag), x))
+        if self.recorder is not None:
+            self.recorder.sent((self.rank, dst, tag))
 
     def _recv_now(self, src: int, shape, dtype, device, tag: int) -> Tensor:
         buf = torch.empty(shape, dtype=dtype, device=device)
         dist.irecv(buf, src=self.ranks[src], group=self.group, tag=tag).wait()
+        if self.recorder is not None:
+            self.recorder.received((src, self.rank, tag))
         return buf
 
     def _next_tag(self, src: int, dst: int) -> int:
         n = self._count[(src, dst)]
         self._count[(src, dst)] = n + 1
-        return 2 * n
+        return self.tag_base + 2 * n
+
+    def take_turn(self) -> None:
+        """A point where this stage may run another micro-batch's program (`run_micro_batches`): before each trip
+        of `pipelined_forward` and, on the receiving stage, before a last-to-first message (the sender sends as
+        soon as it has it); a point with no trip run since the one before is no turn, so the receive and the
+        next pass's first trip are one turn. Every stage takes one turn per trip, in the same order."""
+        if self.turns is not None and self._ran:  # a turn always covers some work: consecutive points are one
+            self._ran = False
+            self.turns.pass_turn(self.slot)
 
     # ------------------------------------------------------------------ autograd-aware messages
 
@@ -170,6 +199,8 @@ class StageLink:
         `requires_grad` (default: grad mode) must be the same on both; the gradient then flows back."""
         if self.p == 1:
             return x
+        if self.is_first:
+            self.take_turn()
         grad = torch.is_grad_enabled() if requires_grad is None else requires_grad
         if self.is_last:
             self.send(x, 0, grad)
@@ -182,6 +213,7 @@ class StageLink:
         """The last stage's `x` on every stage, without gradient (sampled token ids, masks): a broadcast."""
         if self.p == 1:
             return x
+        self.take_turn()
         buf = x.detach().contiguous() if self.is_last else torch.empty(tuple(shape), dtype=dtype, device=device)
         dist.broadcast(buf, src=self.ranks[-1], group=self.group)
         return buf
@@ -192,19 +224,120 @@ class StageLink:
         """Back-propagate this stage's whole graph of the micro-batch in one call: `loss` (a scalar, on the last
         stage; None elsewhere), the sends (gradients arrive from their receivers) and the receives (their
         gradients go back). Under no_grad it only waits for the pending sends. Call it once per link."""
+        backward_together([self], [loss])
+
+    def _backward_roots(self, loss: Optional[Tensor]) -> list:
         roots = [(t, torch.ones_like(t) if is_send else torch.zeros_like(t)) for t, is_send in self._roots]
         if loss is not None and loss.requires_grad:
             roots.insert(0, (loss, torch.ones_like(loss)))
         self._roots = []
-        if roots:
-            torch.autograd.backward([t for t, _ in roots], [g for _, g in roots])
-        self.wait()
+        return roots
 
     def wait(self) -> None:
         """Wait for every pending send (their buffers must stay alive until then)."""
         for work, _ in self._pending:
             work.wait()
         self._pending = []
+
+
+def backward_together(links: Sequence[StageLink], losses: Sequence[Optional[Tensor]]) -> None:
+    """One backward over the graphs of several links of this stage (micro-batches whose forwards ran interleaved):
+    autograd runs the ready node created last first, so the backward replays the interleaved forward in reverse,
+    hence deadlock-free (module docstring) and interleaved the same way. Then waits for every pending send."""
+    roots = [root for link, loss in zip(links, losses) for root in link._backward_roots(loss)]
+    if roots:
+        torch.autograd.backward([t for t, _ in roots], [g for _, g in roots])
+    for link in links:
+        link.wait()
+
+
+class Turns:
+    """Cooperative turns among the micro-batch programs of one stage, each a greenlet of this thread: exactly one
+    runs at a time, from one `take_turn` point to the next, in round-robin order (0, 1, .., n-1, 0, ..), the same
+    on every stage. One OS thread: no races on gradients, collectives in program order, and autograd numbers the
+    nodes in the order they were created across the programs (its sequence numbers are per thread), which the
+    group's single backward relies on. Each program keeps its own grad mode across its turns; a program that
+    waits for a message holds the turn, as a single program would."""
+
+    def __init__(self):
+        from greenlet import getcurrent
+
+        self.scheduler = getcurrent()
+
+    def pass_turn(self, slot: int) -> None:
+        mode = torch.is_grad_enabled()
+        self.scheduler.switch()
+        torch.set_grad_enabled(mode)
+
+    def run(self, programs: list) -> list:
+        """Run `programs` (callables) to the end in turns; their results."""
+        from greenlet import greenlet
+
+        mode = torch.is_grad_enabled()
+        results: list = [None] * len(programs)
+
+        def body(i: int):
+            def go():
+                torch.set_grad_enabled(mode)
+                results[i] = programs[i]()
+            return go
+
+        live = [greenlet(body(i)) for i in range(len(programs))]
+        while any(not g.dead for g in live):
+            for g in live:
+                if not g.dead:
+                    g.switch()  # returns at the program's next turn point or its end; raises what it raised
+                    torch.set_grad_enabled(mode)
+        return results
+
+
+class StageRecorder:
+    """What this stage ran for one step's multi-pass micro-batches, for the schedule's logical timeline
+    (`schedule.recorded_timeline`): its ops in order, forward chunks "F"/"f" of each trip and backward chunks "B",
+    each `[kind, micro_batch, pass, iteration, needed, produced]`, where `needed` are the messages received since
+    the op before it and `produced` those sent after it (a message = (source stage, destination stage, tag))."""
+
+    def __init__(self):
+        self.ops: list = []
+        self._received: list = []
+        self._lock = threading.Lock()  # autograd may run backward nodes of other devices in its own threads
+
+    def op(self, kind: str, micro_batch: int, pass_index: int, iteration: int) -> None:
+        with self._lock:
+            self.ops.append([kind, micro_batch, pass_index, iteration, self._received, []])
+            self._received = []
+
+    def received(self, message: tuple) -> None:
+        with self._lock:
+            self._received.append(message)
+
+    def sent(self, message: tuple) -> None:
+        with self._lock:
+            if self.ops:
+                self.ops[-1][5].append(message)
+
+    def gather(self, group) -> list:
+        """Every stage's ops (index = stage in `group`), on every stage."""
+        if group is None:
+            return [self.ops]
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, self.ops, group=group)
+        return out
+
+
+class _ChunkBackwardEnd(torch.autograd.Function):
+    """Identity on a chunk's inputs (state, and e on the first stage); its backward, which autograd runs once the
+    chunk's backward has reached them, records the chunk's "B" op."""
+
+    @staticmethod
+    def forward(ctx, recorder, key, *xs):
+        ctx.recorder, ctx.key = recorder, key
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.recorder.op("B", *ctx.key)
+        return (None, None, *grads)
 
 
 def batch_shape(input_ids=None, inputs_embeds=None, labels=None, shape=None) -> tuple[int, int]:
@@ -263,15 +396,25 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
         else:
             state = m.initial_state(e, sample_ids)
     rope = m.rope(s, position_ids) if attend_at is None else None  # the hooks apply RoPE themselves
+    rec = link.recorder
     for it in window.iterations():  # the model's loop, one trip around the ring of stages per iteration
+        link.take_turn()
         with_grad = grad_on and it.grad
         with torch.set_grad_enabled(with_grad):
             if not m.is_first:
                 state = link.recv(link.rank - 1, shape, dtype, device, with_grad)
             elif it.index > 1 and link.p > 1:
                 state = link.recv(last_stage, shape, dtype, device, grad_on and window.grad_at(it.index - 1))
-            state = m.iteration(it, state, e, rope, attention_mask,
+            chunk_e = e
+            if rec is not None:
+                key = (link.micro_batch, link.passes, it.index)
+                rec.op("F" if with_grad else "f", *key)
+                if with_grad:
+                    state, chunk_e = (_ChunkBackwardEnd.apply(rec, key, state, e) if e is not None
+                                      else (_ChunkBackwardEnd.apply(rec, key, state)[0], None))
+            state = m.iteration(it, state, chunk_e, rope, attention_mask,
                                 attend_for=None if attend_at is None else attend_at(it.index - 1))
+            link._ran = True
             if not m.is_last:
                 link.send(state, link.rank + 1, with_grad)
             elif not it.last and link.p > 1:
@@ -282,17 +425,61 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                   attend_for=None if attend_at is None else attend_at(None))
 
 
-def run_micro_batches(model, batches: list, window: BackpropWindow, mb_loss) -> Tensor:
-    """`Objective.pipeline_run` for a multi-pass objective: for each micro-batch a fresh `StageLink`,
-    `mb_loss(model, mb, window, link)` (its summed loss on the last stage, None elsewhere), then one
-    `link.backward` per stage. Returns the summed loss (float32) on the last stage, zero on the others."""
+_RECORDING: list = []  # what `multi_pass_options` installed (stacks), for run_micro_batches calls inside it
+_IN_FLIGHT: list = []
+
+
+@contextlib.contextmanager
+def multi_pass_options(recorder: Optional[StageRecorder] = None, in_flight: int = 0):
+    """Within the block, `run_micro_batches` reports to `recorder` (None: not recording) and runs `in_flight`
+    micro-batches at a time (0: all of them; `parallel.multi_pass_in_flight`)."""
+    _RECORDING.append(recorder)
+    _IN_FLIGHT.append(in_flight)
+    try:
+        yield recorder
+    finally:
+        _RECORDING.pop()
+        _IN_FLIGHT.pop()
+
+
+def run_micro_batches(model, batches: list, window: BackpropWindow, mb_loss,
+                      recorder: Optional[StageRecorder] = None) -> Tensor:
+    """`Objective.pipeline_run` for a multi-pass objective: `mb_loss(model, mb, window, link)` (its summed loss on
+    the last stage, None elsewhere) for every micro-batch, and the backward. Returns the summed loss (float32) on
+    the last stage, zero on the others.
+
+    Under pipeline parallelism the micro-batches run interleaved, all of the step's at once or in groups of
+    `multi_pass_options(in_flight=n)`: each micro-batch's program runs as a greenlet, taking turns (`Turns`) at
+    every trip of `pipelined_forward` and before every last-to-first receive, so every stage runs the trips of
+    the group's micro-batches round-robin (trip-major, as the looped schedule's forward order) and has another
+    micro-batch's trip to run while one's message travels; then one backward over the group
+    (`backward_together`) replays it in reverse. The group's activations are all held until its backward (memory
+    ~ n micro-batches; n = 1 runs them one after another, bubble ~ (p-1)/p). With one stage: one after another.
+    `recorder` keeps what this stage ran, for the logical timeline (`schedule.recorded_timeline`); default:
+    `multi_pass_options`'s."""
+    if recorder is None and _RECORDING:
+        recorder = _RECORDING[-1]
     total = None
-    for mb in batches:
-        link = StageLink()
-        loss = mb_loss(model, mb, window, link)
-        link.backward(loss if link.is_last else None)
-        if link.is_last:
-            total = loss.detach().float() if total is None else total + loss.detach().float()
+    probe = StageLink()
+    size = (_IN_FLIGHT[-1] if _IN_FLIGHT and _IN_FLIGHT[-1] else len(batches)) if probe.p > 1 else 1
+    for g0 in range(0, len(batches), size):
+        group = batches[g0:g0 + size]
+        links, losses = _run_group(model, group, window, mb_loss, g0, recorder)
+        last = links[0].is_last
+        backward_together(links, losses if last else [None] * len(links))
+        if last:
+            for loss in losses:
+                total = loss.detach().float() if total is None else total + loss.detach().float()
     if total is None:
         total = torch.zeros((), dtype=torch.float32, device=next(unwrap(model).parameters()).device)
     return total
+
+
+def _run_group(model, group: list, window: BackpropWindow, mb_loss, first: int, recorder) -> tuple[list, list]:
+    """The forwards of one group of micro-batches: (links, losses), several in turns (`Turns`)."""
+    turns = Turns() if len(group) > 1 else None
+    links = [StageLink(tag_base=(first + i) << 20, turns=turns, slot=i, recorder=recorder, micro_batch=first + i)
+             for i in range(len(group))]
+    if turns is None:
+        return links, [mb_loss(model, group[0], window, links[0])]
+    return links, turns.run([functools.partial(mb_loss, model, mb, window, link) for mb, link in zip(group, links)])

@@ -138,6 +138,20 @@ class LoopedPipelineSchedule:
         """Idle time over all stages / (p * makespan), from the last run's timeline."""
         return timeline_bubble(self.timeline, self.p)
 
+    def run_multi_pass(self, run: Callable[[], Tensor], in_flight: int = 0) -> Tensor:
+        """A multi-pass objective's `pipeline_run` (it drives the stages itself, `in_flight` micro-batches at a time,
+        0 = all: parallel/passes.py); with `record_timeline`, `timeline` is then what the stages recorded running,
+        in this schedule's logical time."""
+        from recurdepth.parallel.passes import StageRecorder, multi_pass_options
+        from recurdepth.parallel.schedule import recorded_timeline
+
+        recorder = StageRecorder() if self.record_timeline else None
+        with multi_pass_options(recorder, in_flight):
+            total = run()
+        if recorder is not None:
+            self.timeline = recorded_timeline(recorder.gather(self.group if self.p > 1 else None), self.p)
+        return total
+
     def run(self, micro_batches: list, window: BackpropWindow, loss_fn: Callable[[Tensor, object], Tensor]) -> Tensor:
         m = len(micro_batches)
         orders = self.orders(m, window)

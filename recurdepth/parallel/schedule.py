@@ -272,6 +272,40 @@ def simulate_timeline(orders: Sequence[Sequence[Op]], p: int, window: BackpropWi
             for s in range(p) for op in orders[s]]
 
 
+def recorded_timeline(stage_ops: Sequence[Sequence], p: int) -> list[TimelineSlot]:
+    """The logical-time timeline of what the stages recorded running (`parallel.passes.StageRecorder`: per stage,
+    ops `[kind, micro_batch, pass, iteration, needed messages, produced messages]` in the order they ran): each op
+    starts at max(its stage free, the end of the ops that produced the messages it needed) and lasts its kind's
+    `DURATION` (F/f = 1, B = 2), the looped schedule's convention. Slots carry (micro-batch, iteration)."""
+    producer = {}
+    for s, ops in enumerate(stage_ops):
+        for i, op in enumerate(ops):
+            for message in op[5]:
+                producer[tuple(message)] = (s, i)
+    pos, free = [0] * p, [0.0] * p
+    ends: dict[tuple[int, int], float] = {}
+    slots: list[TimelineSlot] = []
+    remaining = sum(len(ops) for ops in stage_ops)
+    while remaining:
+        progressed = False
+        for s in range(p):
+            while pos[s] < len(stage_ops[s]):
+                kind, mb, _pass, it, needed, _ = stage_ops[s][pos[s]]
+                deps = [producer[tuple(msg)] for msg in needed if tuple(msg) in producer]
+                if not all(d in ends for d in deps):
+                    break
+                start = max([free[s]] + [ends[d] for d in deps])
+                end = start + DURATION[kind]
+                ends[(s, pos[s])], free[s] = end, end
+                slots.append(TimelineSlot(s, kind, mb, it, start, end))
+                pos[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise AssertionError(f"recorded ops cannot complete: {[stage_ops[s][pos[s]][:4] for s in range(p) if pos[s] < len(stage_ops[s])]}")
+    return slots
+
+
 def timeline_bubble(timeline: Sequence[TimelineSlot], p: int) -> float:
     """Idle time over all stages / (p * makespan)."""
     if not timeline:

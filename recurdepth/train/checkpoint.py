@@ -538,7 +538,7 @@ def _prune(root: Path, keep_last: int, keep_every: int = 0, protect: Iterable[st
 # objective sections must match, or resume is refused (checkpoint.allow_changes forces named keys).
 SAFE_TO_CHANGE = {
     "model": ("seq_length", "attention", "spec", "moe_dispatcher", "init_std", "depth_scaled_init"),
-    "objective": ("checkpoint_thoughts", "coconut_stage_steps"),
+    "objective": ("checkpoint_thoughts", "coconut_stage_steps", "stream_attention", "coconut_kv_cache"),
 }
 FUNCTION_SECTIONS = ("model", "objective")
 

@@ -24,7 +24,24 @@ OBJECTIVE = {
                 "data.sources=[{procedural: multiplication, n: 500, difficulty: {max_digits: 2}}]"],
     "lm": ["data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
 }
-LAYOUTS = {"dp2": ["train.micro_batch_size=2"], "pp2": ["parallel.pipeline=2"]}
+LAYOUTS = {"dp2": ["train.micro_batch_size=2"], "pp2": ["parallel.pipeline=2", "parallel.record_timeline=true"]}
+
+
+def lm_bubble(p: int, r: int, k: int, m: int) -> float:
+    """The plain LM's bubble at p, r, k, m from the looped schedule's own timeline (its executor records exactly
+    this simulation: tests/parallel)."""
+    from recurdepth.model.depth import BackpropWindow
+    from recurdepth.parallel.schedule import build_order, simulate_timeline, timeline_bubble
+
+    w = BackpropWindow.of(r, k)
+    return timeline_bubble(simulate_timeline(build_order(p, m, w), p, w), p)
+
+
+def assert_bubble_like_the_lm(rows: list, m: int) -> None:
+    """Multi-pass micro-batches interleaved over the stages: every step's recorded bubble within 1.2x of the plain
+    LM's at the same p=2, r, k, m (run one after another they would idle about half the time)."""
+    got = [(row["health/pipeline_bubble"], lm_bubble(2, row["depth"], row["backprop_depth"], m)) for row in rows]
+    assert all(0 < b <= 1.2 * lm for b, lm in got), got
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +66,8 @@ def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache,
     rows = read_metrics(tmp_path)
     assert_same_losses(one_process(kind), rows, STEPS)
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    if layout == "pp2":
+        assert_bubble_like_the_lm(rows, m=4)  # global batch 8 in micro-batches of 2
 
 
 @pytest.mark.slow
@@ -60,4 +79,6 @@ def test_lm_through_pipelined_forward_matches_one_process(one_process, tmp_path,
            os.path.join(ROOT, "tests", "objectives", "_pipelined_lm_main.py"), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert_same_losses(one_process("lm"), read_metrics(tmp_path), STEPS)
+    rows = read_metrics(tmp_path)
+    assert_same_losses(one_process("lm"), rows, STEPS)
+    assert_bubble_like_the_lm(rows, m=4)

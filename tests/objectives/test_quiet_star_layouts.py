@@ -6,6 +6,7 @@ each tensor-parallel rank's heads."""
 import pytest
 
 from tests.conftest import ROOT, read_metrics, run_cli
+from tests.objectives.test_objective_layouts import assert_bubble_like_the_lm
 
 STEPS = 3
 COMMON = ["train", str(ROOT / "configs" / "quiet-star.yaml"), "model.hidden_size=32", "model.seq_length=16",
@@ -22,7 +23,8 @@ def one_process(tmp_path_factory, data_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.pipeline=1"], ["parallel.pipeline=2"], ["parallel.tensor=2"]],
+@pytest.mark.parametrize("layout", [["parallel.pipeline=1"], ["parallel.pipeline=2", "parallel.record_timeline=true"],
+                                    ["parallel.tensor=2"]],
                          ids=["dp2", "pp2", "tp2"])
 def test_layout_matches_one_process(one_process, tmp_path, data_cache, layout):
     run_cli([*COMMON, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=2)
@@ -32,3 +34,5 @@ def test_layout_matches_one_process(one_process, tmp_path, data_cache, layout):
         assert a["depth"] == b["depth"]
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    if "parallel.pipeline=2" in layout:  # the micro-batches' passes interleaved over the stages
+        assert_bubble_like_the_lm(rows, m=2)
