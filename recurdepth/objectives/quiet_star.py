@@ -39,6 +39,7 @@ position each get r iterations.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -168,6 +169,15 @@ class GumbelNoise:
         return -torch.log(-torch.log(u.clamp_min(1e-20)))
 
 
+@functools.lru_cache(maxsize=64)
+def _stream_masks(s: int, first: int, J: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal `[s, s]`, own `[J, B]`) of `StreamAttention`: key position <= query position among the real tokens;
+    stream block b + 1 <= the query's block (first + j)."""
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    own = torch.arange(1, B + 1, device=device)[None, :] <= torch.arange(first, first + J, device=device)[:, None]
+    return causal, own
+
+
 class StreamAttention:
     """Self-attention over the thought-stream layout, block-sparse: the query of (block j, position i) scores the
     real tokens <= i (block 0, causal) and its own stream's blocks 1..j at position i — s + j keys, not the
@@ -179,13 +189,13 @@ class StreamAttention:
     Each layer keeps its own projections, RoPE (position i + j) and output projection (megatron's
     `get_query_key_value_tensors` and `linear_proj`; grouped-query heads repeated, tensor-parallel heads local).
     With a cache of `blocks` blocks (no autograd: for sampling), the keys and values of every block run so far are
-    kept per layer and iteration, so a call may run only the new blocks [first, last) (sampling thought j runs
+    kept per layer and iteration (stream blocks position-major: `[rows, n, s, blocks - 1, d]`), so a call may run only the new blocks [first, last) (sampling thought j runs
     block j alone). `at(first, last)` gives `pipelined_forward`'s `attend_at` for one call."""
 
     def __init__(self, model, s: int, blocks: int = 0):
         assert not model.config.attention_dropout, "StreamAttention computes attention without dropout"
         self.m, self.s, self.blocks, self.cache = model, s, blocks, blocks > 0
-        self.kv: dict = {}  # (layer name, iteration) -> (k0, v0 [rows, n, s, d], ks, vs [rows, n, blocks - 1, s, d])
+        self.kv: dict = {}  # (layer name, iteration) -> (k0, v0 [rows, n, s, d], ks, vs [rows, n, s, blocks - 1, d])
 
     def at(self, first: int, last: int):
         """`attend_at` for a call over blocks [first, last) (from block 0, unless the cache holds the earlier ones)."""
@@ -212,27 +222,27 @@ class StreamAttention:
         q, k, v = (t.reshape(J, s, rows, t.shape[2], d).permute(2, 3, 0, 1, 4) for t in (q, k, v))  # [rows, ., J, s, d]
         if g != n:
             k, v = k.repeat_interleave(n // g, dim=1), v.repeat_interleave(n // g, dim=1)
-        if first == 0:
-            k0, v0, ks, vs = k[:, :, 0], v[:, :, 0], k[:, :, 1:], v[:, :, 1:]
-            if self.cache:  # room for every block of the call that fills it and the blocks after it, written in place
-                room = (*ks.shape[:2], self.blocks - 1, *ks.shape[3:])
+        k0, v0 = (k[:, :, 0], v[:, :, 0]) if first == 0 else self.kv[key][:2]  # block 0: [rows, n, s, d]
+        new = slice(1, None) if first == 0 else slice(None)  # this call's stream blocks, position-major below
+        ks, vs = k[:, :, new].transpose(2, 3), v[:, :, new].transpose(2, 3)  # [rows, n, s, B, d]
+        if self.cache:  # room for every stream block, written in place as the calls come
+            if first == 0:
+                room = (rows, n, s, self.blocks - 1, d)
                 self.kv[key] = (k0, v0, ks.new_empty(room), vs.new_empty(room))
-        if self.cache:
-            k0, v0, kbuf, vbuf = self.kv[key]
-            kbuf[:, :, max(first, 1) - 1:first + J - 1] = k[:, :, 1 - min(first, 1):]
-            vbuf[:, :, max(first, 1) - 1:first + J - 1] = v[:, :, 1 - min(first, 1):]
-            ks, vs = kbuf[:, :, :first + J - 1], vbuf[:, :, :first + J - 1]
+            kbuf, vbuf = self.kv[key][2:]
+            lo, hi = max(first, 1) - 1, first + J - 1
+            kbuf[:, :, :, lo:hi], vbuf[:, :, :, lo:hi] = ks, vs
+            ks, vs = kbuf[:, :, :, :hi], vbuf[:, :, :, :hi]
         scale = getattr(getattr(attn, "core_attention", None), "softmax_scale", None) or d ** -0.5
-        a0 = torch.einsum("rnjid,rnkd->rnjik", q, k0) * scale  # [rows, n, J, s, s]
-        a1 = torch.einsum("rnjid,rnbid->rnjib", q, ks) * scale  # [rows, n, J, s, B]: stream block b + 1
-        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        blocks = torch.arange(first, first + J, device=x.device)
-        own = torch.arange(1, ks.shape[2] + 1, device=x.device)[None, :] <= blocks[:, None]  # [J, B]
+        a0 = (q.reshape(rows, n, J * s, d) @ k0.transpose(-1, -2)).view(rows, n, J, s, s) * scale
+        a1 = (q.transpose(2, 3) @ ks.transpose(-1, -2)).transpose(2, 3) * scale  # [rows, n, J, s, B]: block b + 1
+        B = ks.shape[3]
+        causal, own = _stream_masks(s, first, J, B, x.device)
         a0 = a0.masked_fill(~causal, float("-inf"))
         a1 = a1.masked_fill(~own[:, None, :], float("-inf"))
         p = torch.cat([a0, a1], -1).to(at_least_fp32(q.dtype)).softmax(-1).to(q.dtype)
-        out = (torch.einsum("rnjik,rnkd->rnjid", p[..., :s], v0)
-               + torch.einsum("rnjib,rnbid->rnjid", p[..., s:], vs))
+        out = ((p[..., :s].reshape(rows, n, J * s, s) @ v0).view(rows, n, J, s, d)
+               + (p[..., s:].transpose(2, 3) @ vs).transpose(2, 3))
         out, bias = attn.linear_proj(out.permute(2, 3, 0, 1, 4).reshape(S, rows, n * d))
         return out if bias is None else out + bias
 
