@@ -147,28 +147,12 @@ def plain_copy(cfg, model):
     """The plain-PyTorch model (bench/plain.py) with `model`'s weights (TP = 1, same dtype and device, eval mode),
     starting from s_0 = zeros: megatron's fused qkv rows are [q, k, v] per head, the plain one's [all q, all k,
     all v]."""
-    from recurdepth.bench.plain import PlainLoopedModel
+    from recurdepth.bench.plain import PlainLoopedModel, copy_weights
 
     param = next(model.parameters())
     plain = PlainLoopedModel(cfg, model.vocab_size).to(param.dtype)
     plain.zero_state = True
-    heads = model.config.num_attention_heads
-    with torch.no_grad():
-        plain.embedding.weight.copy_(model.embedding.word_embeddings.weight)
-        plain.adapter.weight.copy_(model.adapter.proj.weight)
-        plain.final_norm.copy_(model.final_layernorm.weight)
-        for stack in ("prelude", "core", "coda"):
-            for i, layer in getattr(model, stack).items():
-                target = getattr(plain, stack)[int(i) - (model.core_range[0] if stack == "core" else 0)]
-                qkv = layer.self_attention.linear_qkv.weight
-                h = qkv.shape[1]
-                target.qkv.weight.copy_(qkv.view(heads, 3, h // heads, h).transpose(0, 1).reshape(3 * h, h))
-                target.proj.weight.copy_(layer.self_attention.linear_proj.weight)
-                target.fc1.weight.copy_(layer.mlp.linear_fc1.weight)
-                target.fc2.weight.copy_(layer.mlp.linear_fc2.weight)
-                names = (("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm")
-                         if target.sandwich else ("input_layernorm", "pre_mlp_layernorm"))
-                target.norms.copy_(torch.stack([getattr(layer, n).weight for n in names]))
+    copy_weights(model, plain)
     return plain.to(param.device).eval()
 
 

@@ -149,3 +149,25 @@ class PlainStep:
 
 
 __all__ = ["PlainLoopedModel", "PlainStep"]
+
+
+def copy_weights(model, plain: "PlainLoopedModel") -> None:
+    """A `LoopedGPTModel`'s weights (TP = 1, local spec) into `plain`: megatron's fused qkv rows are [q, k, v] per
+    head, the plain one's [all q, all k, all v]; sandwich blocks have four norms, pre-norm blocks two."""
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        plain.embedding.weight.copy_(model.embedding.word_embeddings.weight)
+        plain.adapter.weight.copy_(model.adapter.proj.weight)
+        plain.final_norm.copy_(model.final_layernorm.weight)
+        for stack in ("prelude", "core", "coda"):
+            for i, layer in getattr(model, stack).items():
+                target = getattr(plain, stack)[int(i) - (model.core_range[0] if stack == "core" else 0)]
+                qkv = layer.self_attention.linear_qkv.weight
+                h = qkv.shape[1]
+                target.qkv.weight.copy_(qkv.view(heads, 3, h // heads, h).transpose(0, 1).reshape(3 * h, h))
+                target.proj.weight.copy_(layer.self_attention.linear_proj.weight)
+                target.fc1.weight.copy_(layer.mlp.linear_fc1.weight)
+                target.fc2.weight.copy_(layer.mlp.linear_fc2.weight)
+                names = (("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm")
+                         if target.sandwich else ("input_layernorm", "pre_mlp_layernorm"))
+                target.norms.copy_(torch.stack([getattr(layer, n).weight for n in names]))

@@ -7,32 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recurdepth.bench.plain import copy_weights
 from recurdepth.config import load_config
 
 OVERRIDES = ["model.hidden_size=32", "model.num_heads=4", "model.prelude_layers=1", "model.core_layers=2",
              "model.coda_layers=1", "model.seq_length=16", "model.initial_state=zeros"]
-
-
-def copy_weights(model, plain) -> None:
-    """LoopedGPTModel (TP=1) -> PlainLoopedModel: megatron's fused qkv is [q, k, v] per head; the plain one is
-    [all q, all k, all v]."""
-    heads = model.config.num_attention_heads
-    with torch.no_grad():
-        plain.embedding.weight.copy_(model.embedding.word_embeddings.weight)
-        plain.adapter.weight.copy_(model.adapter.proj.weight)
-        plain.final_norm.copy_(model.final_layernorm.weight)
-        for stack in ("prelude", "core", "coda"):
-            for i, layer in getattr(model, stack).items():
-                target = getattr(plain, stack)[int(i) - (model.core_range[0] if stack == "core" else 0)]
-                qkv = layer.self_attention.linear_qkv.weight
-                h = qkv.shape[1]
-                target.qkv.weight.copy_(qkv.view(heads, 3, h // heads, h).transpose(0, 1).reshape(3 * h, h))
-                target.proj.weight.copy_(layer.self_attention.linear_proj.weight)
-                target.fc1.weight.copy_(layer.mlp.linear_fc1.weight)
-                target.fc2.weight.copy_(layer.mlp.linear_fc2.weight)
-                norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_mlp_layernorm,
-                         layer.post_mlp_layernorm]
-                target.norms.copy_(torch.stack([n.weight for n in norms]))
 
 
 @pytest.mark.parametrize("r,k", [(3, 2), (2, 2)])
