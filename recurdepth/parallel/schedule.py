@@ -238,31 +238,43 @@ def check_order(orders: Sequence[Sequence[Op]], p: int, m: int, window: Backprop
     _execute(orders, p, window)
 
 
-def _execute(orders: Sequence[Sequence[Op]], p: int, window: BackpropWindow) -> dict:
-    """Run the orders in logical time: start = max(stage free, end of every input), returning
-    {(stage, op): (start, end)}; AssertionError on a dependency that is never satisfied."""
+def _replay(orders: Sequence[Sequence], p: int, inputs, duration, what: str = "orders") -> dict:
+    """Run per-stage op orders in logical time: an op starts at max(its stage free, the end of every op in
+    `inputs(stage, index, op)` (keys `(stage, index)`)) and lasts `duration(op)`; returns {(stage, index): (start,
+    end)}. AssertionError when every stage waits on another (a dependency never satisfied)."""
     pos, free = [0] * p, [0.0] * p
-    times: dict[tuple[int, Op], tuple[float, float]] = {}
+    times: dict[tuple[int, int], tuple[float, float]] = {}
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
         for s in range(p):
             while pos[s] < len(orders[s]):
                 op = orders[s][pos[s]]
-                deps = op_inputs(op, s, p, window)
+                deps = inputs(s, pos[s], op)
                 if not all(d in times for d in deps):
                     break
                 start = max([free[s]] + [times[d][1] for d in deps])
-                end = start + DURATION[op.kind]
-                times[(s, op)] = (start, end)
-                free[s] = end
+                times[(s, pos[s])] = (start, start + duration(op))
+                free[s] = start + duration(op)
                 pos[s] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
             blocked = {s: orders[s][pos[s]] for s in range(p) if pos[s] < len(orders[s])}
-            raise AssertionError(f"orders cannot complete: each stage waits on another: {blocked}")
+            raise AssertionError(f"{what} cannot complete: each stage waits on another: {blocked}")
     return times
+
+
+def _execute(orders: Sequence[Sequence[Op]], p: int, window: BackpropWindow) -> dict:
+    """Run the orders in logical time: start = max(stage free, end of every input), returning
+    {(stage, op): (start, end)}; AssertionError on a dependency that is never satisfied."""
+    index = [{op: i for i, op in enumerate(order)} for order in orders]
+
+    def inputs(s: int, _i: int, op: Op) -> list:
+        return [(d, index[d][dep]) if dep in index[d] else (d, -1) for d, dep in op_inputs(op, s, p, window)]
+
+    times = _replay(orders, p, inputs, lambda op: DURATION[op.kind])
+    return {(s, orders[s][i]): t for (s, i), t in times.items()}
 
 
 def simulate_timeline(orders: Sequence[Sequence[Op]], p: int, window: BackpropWindow) -> list[TimelineSlot]:
@@ -277,33 +289,15 @@ def recorded_timeline(stage_ops: Sequence[Sequence], p: int) -> list[TimelineSlo
     ops `[kind, micro_batch, pass, iteration, needed messages, produced messages]` in the order they ran): each op
     starts at max(its stage free, the end of the ops that produced the messages it needed) and lasts its kind's
     `DURATION` (F/f = 1, B = 2), the looped schedule's convention. Slots carry (micro-batch, iteration)."""
-    producer = {}
-    for s, ops in enumerate(stage_ops):
-        for i, op in enumerate(ops):
-            for message in op[5]:
-                producer[tuple(message)] = (s, i)
-    pos, free = [0] * p, [0.0] * p
-    ends: dict[tuple[int, int], float] = {}
-    slots: list[TimelineSlot] = []
-    remaining = sum(len(ops) for ops in stage_ops)
-    while remaining:
-        progressed = False
-        for s in range(p):
-            while pos[s] < len(stage_ops[s]):
-                kind, mb, _pass, it, needed, _ = stage_ops[s][pos[s]]
-                deps = [producer[tuple(msg)] for msg in needed if tuple(msg) in producer]
-                if not all(d in ends for d in deps):
-                    break
-                start = max([free[s]] + [ends[d] for d in deps])
-                end = start + DURATION[kind]
-                ends[(s, pos[s])], free[s] = end, end
-                slots.append(TimelineSlot(s, kind, mb, it, start, end))
-                pos[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise AssertionError(f"recorded ops cannot complete: {[stage_ops[s][pos[s]][:4] for s in range(p) if pos[s] < len(stage_ops[s])]}")
-    return slots
+    producer = {tuple(message): (s, i) for s, ops in enumerate(stage_ops) for i, op in enumerate(ops)
+                for message in op[5]}
+
+    def inputs(_s: int, _i: int, op) -> list:
+        return [producer[tuple(msg)] for msg in op[4] if tuple(msg) in producer]
+
+    times = _replay(stage_ops, p, inputs, lambda op: DURATION[op[0]], what="recorded ops")
+    return [TimelineSlot(s, op[0], op[1], op[3], *times[(s, i)]) for s, ops in enumerate(stage_ops)
+            for i, op in enumerate(ops)]
 
 
 def timeline_bubble(timeline: Sequence[TimelineSlot], p: int) -> float:
