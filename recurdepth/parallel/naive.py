@@ -42,17 +42,19 @@ class _AllIterationsOnFirstStage:
 class NaivePipelineSchedule:
     """Same `run` interface as `LoopedPipelineSchedule`; all r iterations on the first stage per trip."""
 
-    def __init__(self, model, pp_group, tensor_shape, dtype, device, record_timeline: bool = False):
+    def __init__(self, model, pp_group, tensor_shape, dtype, device, record_timeline: bool = False,
+                 multi_pass_in_flight: int = 0):
         self.stage = _AllIterationsOnFirstStage(model)
-        self.inner = LoopedPipelineSchedule(self.stage, pp_group, tensor_shape, dtype, device, record_timeline)
+        self.inner = LoopedPipelineSchedule(self.stage, pp_group, tensor_shape, dtype, device, record_timeline,
+                                            multi_pass_in_flight)
 
     def run(self, micro_batches, window: BackpropWindow, loss_fn):
         self.stage.window = window
         return self.inner.run(micro_batches, BackpropWindow(1, 1 if window.with_grad else 0), loss_fn)
 
-    def run_multi_pass(self, run, in_flight: int = 0):
+    def run_multi_pass(self, run):
         """Multi-pass objectives drive the stages themselves (the split does not apply to them)."""
-        return self.inner.run_multi_pass(run, in_flight)
+        return self.inner.run_multi_pass(run)
 
     def bubble_fraction(self) -> float:
         return self.inner.bubble_fraction()

@@ -105,7 +105,7 @@ class StageLink:
     pipeline when parallel_state is not initialised); stage index = rank in the group.
     `passes` counts `pipelined_forward` calls made with this link (the same on every stage)."""
 
-    def __init__(self, group=None, tag_base: int = 0, turns: Optional["Turns"] = None, slot: int = 0,
+    def __init__(self, group=None, tag_base: int = 0, turns: Optional["Turns"] = None,
                  recorder: Optional["StageRecorder"] = None, micro_batch: int = 0):
         if group is None:
             from megatron.core import parallel_state as ps
@@ -118,8 +118,8 @@ class StageLink:
         self.ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.passes = 0
         # concurrent links (one per micro-batch of a group, `run_micro_batches`) keep their tags apart, take turns
-        # on this stage (`turns`, slot = this link's turn) and report what they run to the stage's `recorder`
-        self.tag_base, self.turns, self.slot = tag_base, turns, slot
+        # on this stage (`turns`) and report what they run to the stage's `recorder`
+        self.tag_base, self.turns = tag_base, turns
         self.recorder, self.micro_batch = recorder, micro_batch
         self._ran = False  # a trip ran since the last turn
         self._count: dict[tuple[int, int], int] = defaultdict(int)  # (src, dst) -> messages so far
@@ -169,7 +169,7 @@ class StageLink:
         next pass's first trip are one turn. Every stage takes one turn per trip, in the same order."""
         if self.turns is not None and self._ran:  # a turn always covers some work: consecutive points are one
             self._ran = False
-            self.turns.pass_turn(self.slot)
+            self.turns.pass_turn()
 
     # ------------------------------------------------------------------ autograd-aware messages
 
@@ -264,7 +264,7 @@ class Turns:
 
         self.scheduler = getcurrent()
 
-    def pass_turn(self, slot: int) -> None:
+    def pass_turn(self) -> None:
         mode = torch.is_grad_enabled()
         self.scheduler.switch()
         torch.set_grad_enabled(mode)
@@ -478,7 +478,7 @@ def run_micro_batches(model, batches: list, window: BackpropWindow, mb_loss,
 def _run_group(model, group: list, window: BackpropWindow, mb_loss, first: int, recorder) -> tuple[list, list]:
     """The forwards of one group of micro-batches: (links, losses), several in turns (`Turns`)."""
     turns = Turns() if len(group) > 1 else None
-    links = [StageLink(tag_base=(first + i) << 20, turns=turns, slot=i, recorder=recorder, micro_batch=first + i)
+    links = [StageLink(tag_base=(first + i) << 20, turns=turns, recorder=recorder, micro_batch=first + i)
              for i in range(len(group))]
     if turns is None:
         return links, [mb_loss(model, group[0], window, links[0])]

@@ -109,10 +109,11 @@ class LoopedPipelineSchedule:
     LOOKAHEAD = 2  # receives are posted for the inputs of the current and the next LOOKAHEAD ops
 
     def __init__(self, stage: LoopedStage, pp_group, tensor_shape: tuple, dtype: torch.dtype, device,
-                 record_timeline: bool = True):
+                 record_timeline: bool = True, multi_pass_in_flight: int = 0):
         self.stage, self.group = stage, pp_group
         self.tensor_shape, self.dtype, self.device = tuple(tensor_shape), dtype, torch.device(device)
         self.record_timeline = record_timeline
+        self.multi_pass_in_flight = multi_pass_in_flight  # `run_multi_pass`: micro-batches at a time, 0 = all
         self.p = dist.get_world_size(pp_group)
         self.rank = dist.get_rank(pp_group)
         self.ranks = dist.get_process_group_ranks(pp_group)
@@ -138,15 +139,15 @@ class LoopedPipelineSchedule:
         """Idle time over all stages / (p * makespan), from the last run's timeline."""
         return timeline_bubble(self.timeline, self.p)
 
-    def run_multi_pass(self, run: Callable[[], Tensor], in_flight: int = 0) -> Tensor:
-        """A multi-pass objective's `pipeline_run` (it drives the stages itself, `in_flight` micro-batches at a time,
-        0 = all: parallel/passes.py); with `record_timeline`, `timeline` is then what the stages recorded running,
-        in this schedule's logical time."""
+    def run_multi_pass(self, run: Callable[[], Tensor]) -> Tensor:
+        """A multi-pass objective's `pipeline_run` (it drives the stages itself, `multi_pass_in_flight` micro-batches
+        at a time, 0 = all: parallel/passes.py); with `record_timeline`, `timeline` is then what the stages recorded
+        running, in this schedule's logical time."""
         from recurdepth.parallel.passes import StageRecorder, multi_pass_options
         from recurdepth.parallel.schedule import recorded_timeline
 
         recorder = StageRecorder() if self.record_timeline else None
-        with multi_pass_options(recorder, in_flight):
+        with multi_pass_options(recorder, self.multi_pass_in_flight):
             total = run()
         if recorder is not None:
             self.timeline = recorded_timeline(recorder.gather(self.group if self.p > 1 else None), self.p)

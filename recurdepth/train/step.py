@@ -38,16 +38,16 @@ def pipeline_schedule(cfg, model, dtype: torch.dtype, device: torch.device):
     seq = m.seq_length // (ps.get_tensor_model_parallel_world_size() if p.sequence_parallel else 1)
     cls = NaivePipelineSchedule if p.pipeline_split == "naive" else LoopedPipelineSchedule
     return cls(model, ps.get_pipeline_model_parallel_group(), (seq, t.micro_batch_size, m.hidden_size),
-               dtype, device, record_timeline=p.record_timeline)
+               dtype, device, record_timeline=p.record_timeline, multi_pass_in_flight=p.multi_pass_in_flight)
 
 
 def optimizer_step(engine, objective, guard, faults, schedule, batches: list, window: BackpropWindow,
-                   collect: bool = False, in_flight: int = 0) -> StepOutcome:
+                   collect: bool = False) -> StepOutcome:
     """Forward/backward over `batches`, the reduction and the update unless the guard rejects the step (its
     verdict is the same on every rank; the guard's history is the caller's to update)."""
     tokens = sum(objective.loss_tokens(mb) for mb in batches).float()
     engine.prepare(tokens)
-    loss_sum = forward_backward(engine, objective, schedule, faults, batches, window, collect, in_flight)
+    loss_sum = forward_backward(engine, objective, schedule, faults, batches, window, collect)
     if faults.loss_is_nan():
         loss_sum = loss_sum * float("nan")
     engine.reduce_gradients(tokens)  # `tokens` is the global count from here on
@@ -59,12 +59,12 @@ def optimizer_step(engine, objective, guard, faults, schedule, batches: list, wi
 
 
 def forward_backward(engine, objective, schedule, faults, batches: list, window: BackpropWindow,
-                     collect: bool = False, in_flight: int = 0) -> torch.Tensor:
+                     collect: bool = False) -> torch.Tensor:
     """Forward and (with grad enabled) backward of this rank's micro-batches; returns the summed loss (on the
     last pipeline stage; zero on others)."""
     if schedule is not None:
         if objective.multi_pass:
-            return schedule.run_multi_pass(lambda: objective.pipeline_run(engine.model, batches, window), in_flight)
+            return schedule.run_multi_pass(lambda: objective.pipeline_run(engine.model, batches, window))
         scale, loss_fn = faults.loss_scale(), objective.pipeline_loss
         return schedule.run(batches, window, loss_fn if scale == 1.0 else (lambda *a: loss_fn(*a) * scale))
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)

@@ -196,7 +196,7 @@ class Trainer:
         self.model.train()
         self.objective.set_step(self.state.step)
         out = optimizer_step(self.engine, self.objective, self.guard, self.faults, self.schedule, batches, window,
-                             collect, cfg.parallel.multi_pass_in_flight)
+                             collect)
         self.faults.end()
         if out.bad is None:
             self.guard.accept(out.loss)
@@ -209,7 +209,7 @@ class Trainer:
         if cfg.model.num_experts:
             health["moe_load_balancing_loss"] = router_balance_loss(window.with_grad * len(batches), self.dp_size)
         health.update(self.objective.metrics())
-        if self.schedule is not None and cfg.parallel.record_timeline and torch.is_grad_enabled():
+        if self.schedule is not None and cfg.parallel.record_timeline:
             health["pipeline_bubble"] = self.schedule.bubble_fraction()  # idle / (p x makespan), logical time
         tokens = t.global_batch_size * cfg.model.seq_length
         return StepMetrics(
@@ -221,8 +221,7 @@ class Trainer:
     def forward_backward(self, batches: list, window: BackpropWindow, collect: bool = False) -> torch.Tensor:
         """Forward and (with grad enabled) backward of this rank's micro-batches; the summed loss on the last
         pipeline stage, zero on others (`step.forward_backward`)."""
-        return forward_backward(self.engine, self.objective, self.schedule, self.faults, batches, window, collect,
-                                self.cfg.parallel.multi_pass_in_flight)
+        return forward_backward(self.engine, self.objective, self.schedule, self.faults, batches, window, collect)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
