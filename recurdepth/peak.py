@@ -106,7 +106,7 @@ def mm_flops_per_second(n: int, seconds: float, dtype: torch.dtype, device: str)
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
-def measure_matmul_peak(sizes: tuple = (1024, 2048), repeats: int = 3, seconds: float = 0.15,
+def measure_matmul_peak(sizes: tuple = CPU_SIZES, repeats: int = 3, seconds: float = 0.15,
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """The best FLOP/s of square `torch.mm` over `sizes` x `repeats` bursts of >= `seconds` each (about 1 s on
     an idle 2-core CPU), on this process's threads. Best, not mean: other load only ever slows a burst down."""
@@ -155,11 +155,11 @@ def record(peak: Peak, refresh: bool = False) -> Peak:
     return peak
 
 
-def cached_peak(device: str = "cpu", dtype=None, threads: Optional[int] = None) -> Peak:
-    """The peak for this machine, device, dtype and thread count: the cache's, or measured once and cached."""
+def cached_peak(device: str = "cpu", dtype=None) -> Peak:
+    """The peak for this machine, device, dtype and this process's thread count: the cache's, or measured once
+    (with these threads) and cached."""
     dtype = dtype or torch.float32
-    threads = threads or torch.get_num_threads()
-    hit = lookup(device, dtype, threads)
+    hit = lookup(device, dtype, torch.get_num_threads())
     return hit if hit is not None else record(measure(device, dtype))
 
 

@@ -70,11 +70,13 @@ class PeakSampler:
 
     def keep(self) -> None:
         """Record this run's best burst in the cache if it beats the cached peak."""
+        import datetime
+
         from recurdepth.peak import Peak, record
 
         if self.samples and max(self.samples) > self.cached.flops:
-            self.cached = record(Peak(self.cached.key, max(self.samples), list(self.samples), self.cached.date,
-                                      self.cached.torch))
+            self.cached = record(Peak(self.cached.key, max(self.samples), list(self.samples),
+                                      datetime.date.today().isoformat(), torch.__version__))
 
     def describe(self) -> str:
         now = max(self.samples) if self.samples else 0.0

@@ -106,8 +106,8 @@ def _plain_baseline(trainer):
 
 
 def _profile_table(trainer, plain, steps: int = 2, top: int = 14) -> str:
-    """Where each millisecond of a step goes: torch.profiler over `steps` more steps of recurdepth and of the
-    plain-PyTorch baseline (interleaved), self time per op in ms per step, the ops of either's top `top`."""
+    """Where each millisecond of a step goes: torch.profiler over `steps` more steps of recurdepth, then as many
+    plain-PyTorch steps at the same r and k; self time per op in ms per step, the ops of either's top `top`."""
     from torch.profiler import ProfilerActivity, profile
 
     def run(fn) -> dict:
@@ -119,8 +119,13 @@ def _profile_table(trainer, plain, steps: int = 2, top: int = 14) -> str:
         return {e.key: getattr(e, key) / 1e3 / steps for e in prof.key_averages()}
 
     windows = iter([trainer.sampler.window(trainer.state.step + i) for i in range(steps)])  # ours will draw these
+
+    def plain_step() -> None:
+        window = next(windows)
+        plain(window.total, window.with_grad)
+
     ours = run(trainer.train_step)
-    base = run(lambda: plain(*(lambda w: (w.total, w.with_grad))(next(windows))))
+    base = run(plain_step)
     names = sorted(set(sorted(ours, key=ours.get)[-top:]) | set(sorted(base, key=base.get)[-top:]),
                    key=lambda n: -max(ours.get(n, 0.0), base.get(n, 0.0)))
     lines = [f"profile (torch.profiler, self time, ms per step, {steps} more steps each at the same r and k)",
