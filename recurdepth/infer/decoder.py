@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from recurdepth.infer.kv_cache import LoopedKVCache
 from recurdepth.model.depth import BackpropWindow
-from recurdepth.model.layers import apply_rope
+from recurdepth.model.layers import hook_output, hook_qkv
 
 INITS = ("zeros", "random")
 
@@ -77,10 +77,8 @@ class LoopedDecoder:
         """Self-attention of positions [start, start + s) over the cache; x `[s, b, h]` (already normed): the
         layer's own q/k/v projection and RoPE, keys/values kept in the cache, the layer's output projection."""
         attn = layer.self_attention
-        q, k, v = attn.get_query_key_value_tensors(x)  # [s, b, n, hn], k/v with the query groups' heads
         s, b = x.shape[:2]
-        freqs = self.rope_table[start:start + s]
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q, k, v = hook_qkv(attn, x, self.rope_table[start:start + s])  # [s, b, n, hn], k/v: the query groups' heads
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, hn]
         keys, values = self.cache.update(name, k, v, start, iteration, rows)
         mask = None
@@ -88,8 +86,7 @@ class LoopedDecoder:
             total = start + s
             mask = torch.arange(total, device=x.device).view(1, -1) <= (start + torch.arange(s, device=x.device)).view(-1, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.groups != self.heads)
-        out, bias = attn.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim))
-        return out if bias is None else out + bias
+        return hook_output(attn, out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim))
 
     def _cached(self, start: int, iteration: Optional[int] = None, rows: Optional[torch.Tensor] = None):
         """The model's `attend_for` hook: each layer attends through the cache (slot `iteration` for core layers)."""

@@ -112,6 +112,34 @@ def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return _ApplyRotary.apply(t, cos, sin)
 
 
+def hook_unsupported(config) -> Optional[str]:
+    """Why an attention hook (`attend_for`: the decoder's cache, Coconut's prefix cache, Quiet-STaR's streams) cannot
+    stand for the layer's own attention, an option of megatron's TransformerConfig the hooks would ignore, or
+    None. The hooks run the layer's own `get_query_key_value_tensors` (q/k-norm, GQA, this TP rank's heads), so
+    those need no check."""
+    for key, off in (("multi_latent_attention", False), ("attention_output_gate", False),
+                     ("rotary_interleaved", False), ("no_rope_freq", None), ("window_size", None),
+                     ("softmax_type", "vanilla"), ("experimental_attention_variant", None),
+                     ("sequence_parallel", False)):
+        value = getattr(config, key, off)
+        if value != off:
+            return f"{key}={value!r}"
+    return None
+
+
+def hook_qkv(attn, x: torch.Tensor, freqs: torch.Tensor) -> tuple:
+    """An attention hook's q, k, v `[s, b, n | g, d]` of `x [s, b, h]` (normed): the layer's own projection, RoPE
+    at `freqs [s, 1, 1, d]` on q and k."""
+    q, k, v = attn.get_query_key_value_tensors(x)
+    return apply_rope(q, freqs), apply_rope(k, freqs), v
+
+
+def hook_output(attn, out: torch.Tensor) -> torch.Tensor:
+    """An attention hook's result: the layer's own output projection of `out [s, b, n d]`, its bias added."""
+    out, bias = attn.linear_proj(out)
+    return out if bias is None else out + bias
+
+
 _FAST_PATH_UNSUPPORTED = ("key_value_states", "inference_context", "rotary_pos_cos_sin", "packed_seq_params",
                           "sequence_len_offset", "inference_params")
 

@@ -22,8 +22,9 @@ a core layer's keys at iteration i are those of the state after i iterations; th
 None) run once per pass.
 
 Not with sequence parallelism (a pass's positions are split over the TP ranks; the caller keeps recomputing),
-and refused for attention options the hook would not reproduce (`unsupported`). With the hook the model skips
-its own RoPE and `recurrence.checkpoint_iterations` (a checkpointed iteration would write the cache twice).
+and refused for attention options the hook would not reproduce (`model.layers.hook_unsupported`). With the
+hook the model skips its own RoPE and `recurrence.checkpoint_iterations` (a checkpointed iteration would write
+the cache twice).
 """
 
 from __future__ import annotations
@@ -33,21 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from recurdepth.model.layers import apply_rope
-
-
-def unsupported(config) -> Optional[str]:
-    """Why the cached attention cannot stand for the model's own (an option of megatron's TransformerConfig it
-    would ignore), or None. The softmax scale and attention dropout are honoured, q/k-norm and GQA are part of
-    the layer's own `get_query_key_value_tensors`."""
-    for key, off in (("multi_latent_attention", False), ("attention_output_gate", False),
-                     ("rotary_interleaved", False), ("no_rope_freq", None), ("window_size", None),
-                     ("softmax_type", "vanilla"), ("experimental_attention_variant", None),
-                     ("sequence_parallel", False)):
-        value = getattr(config, key, off)
-        if value != off:
-            return f"{key}={value!r}"
-    return None
+from recurdepth.model.layers import hook_output, hook_qkv, hook_unsupported
 
 
 class PrefixKVCache:
@@ -55,7 +42,7 @@ class PrefixKVCache:
     of length `s`, for passes over growing or shifting spans (`advance(start, end)` before each pass)."""
 
     def __init__(self, model, s: int):
-        why = unsupported(model.config)
+        why = hook_unsupported(model.config)
         if why is not None:
             raise ValueError(f"the KV-cached passes do not reproduce the model's attention with {why}; "
                              f"recompute the prefix instead (e.g. objective.coconut_kv_cache=false)")
@@ -88,8 +75,7 @@ class PrefixKVCache:
         """The self-attention output `[n, b, h]` of `x [n, b, h]` (the normed input of positions [start, end))
         through `attn`'s projections, over the cached keys and values of [0, start) (module docstring)."""
         n, b = x.shape[:2]
-        q, k, v = attn.get_query_key_value_tensors(x)  # [n, b, heads, hn]; k, v: the query groups' heads
-        q, k = apply_rope(q, self.freqs), apply_rope(k, self.freqs)
+        q, k, v = hook_qkv(attn, x, self.freqs)  # [n, b, heads, hn]; k, v: the query groups' heads
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, n, hn]
         if self.start:
             past_k, past_v = self.kv[key]
@@ -99,5 +85,4 @@ class PrefixKVCache:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None and n > 1,
                                              dropout_p=self.dropout if attn.training else 0.0, scale=self.scale,
                                              enable_gqa=k.shape[1] != q.shape[1])
-        out, bias = attn.linear_proj(out.permute(2, 0, 1, 3).reshape(n, b, -1))
-        return out if bias is None else out + bias
+        return hook_output(attn, out.permute(2, 0, 1, 3).reshape(n, b, -1))

@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recurdepth.config import require
 from recurdepth.model.depth import BackpropWindow
-from recurdepth.model.layers import apply_rope
+from recurdepth.model.layers import hook_output, hook_qkv, hook_unsupported
 from recurdepth.objectives.base import Objective, ObjectiveSection
 from recurdepth.objectives.lm import masked_loss_sum
 from recurdepth.parallel.passes import StageLink, pipelined_forward, run_micro_batches, unwrap
@@ -193,7 +193,10 @@ class StreamAttention:
     block j alone). `at(first, last)` gives `pipelined_forward`'s `attend_at` for one call."""
 
     def __init__(self, model, s: int, blocks: int = 0):
-        assert not model.config.attention_dropout, "StreamAttention computes attention without dropout"
+        why = hook_unsupported(model.config) or (
+            f"attention_dropout={model.config.attention_dropout}" if model.config.attention_dropout else None)
+        if why is not None:
+            raise ValueError(f"the thought streams' attention does not reproduce the model's with {why}")
         self.m, self.s, self.blocks, self.cache = model, s, blocks, blocks > 0
         self.kv: dict = {}  # (layer name, iteration) -> (k0, v0 [rows, n, s, d], ks, vs [rows, n, s, blocks - 1, d])
 
@@ -215,8 +218,7 @@ class StreamAttention:
         """Attention of the blocks [first, first + J) `x [J * s, rows, h]` (normed) -> `[J * s, rows, h]`, at
         the RoPE frequencies `freqs [J * s, 1, 1, d]` of their positions."""
         attn = layer.self_attention
-        q, k, v = attn.get_query_key_value_tensors(x)  # [J * s, rows, n | g, d]
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q, k, v = hook_qkv(attn, x, freqs)  # [J * s, rows, n | g, d]
         (S, rows, n, d), s = q.shape, self.s
         J, g = S // s, k.shape[2]
         q, k, v = (t.reshape(J, s, rows, t.shape[2], d).permute(2, 3, 0, 1, 4) for t in (q, k, v))  # [rows, ., J, s, d]
@@ -243,8 +245,7 @@ class StreamAttention:
         p = torch.cat([a0, a1], -1).to(at_least_fp32(q.dtype)).softmax(-1).to(q.dtype)
         out = ((p[..., :s].reshape(rows, n, J * s, s) @ v0).view(rows, n, J, s, d)
                + (p[..., s:].transpose(2, 3) @ vs).transpose(2, 3))
-        out, bias = attn.linear_proj(out.permute(2, 3, 0, 1, 4).reshape(S, rows, n * d))
-        return out if bias is None else out + bias
+        return hook_output(attn, out.permute(2, 3, 0, 1, 4).reshape(S, rows, n * d))
 
 
 def reinforce_surrogate(logp: torch.Tensor, reward: torch.Tensor, weight: float) -> torch.Tensor:
