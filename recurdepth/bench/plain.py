@@ -152,9 +152,13 @@ __all__ = ["PlainLoopedModel", "PlainStep"]
 
 
 def copy_weights(model, plain: "PlainLoopedModel") -> None:
-    """A `LoopedGPTModel`'s weights (TP = 1, local spec) into `plain`: megatron's fused qkv rows are [q, k, v] per
-    head, the plain one's [all q, all k, all v]; sandwich blocks have four norms, pre-norm blocks two."""
+    """A `LoopedGPTModel`'s weights (TP = 1, either spec) into `plain`: megatron's fused qkv rows are [q, k, v] per
+    head, the plain one's [all q, all k, all v]; sandwich blocks have four norms, pre-norm blocks two (read under
+    their local-spec names: TE fuses n1 and n3 into the following linear)."""
+    from recurdepth.model.names import to_local
+
     heads = model.config.num_attention_heads
+    state = to_local(model.state_dict())
     with torch.no_grad():
         plain.embedding.weight.copy_(model.embedding.word_embeddings.weight)
         plain.adapter.weight.copy_(model.adapter.proj.weight)
@@ -170,4 +174,4 @@ def copy_weights(model, plain: "PlainLoopedModel") -> None:
                 target.fc2.weight.copy_(layer.mlp.linear_fc2.weight)
                 names = (("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm")
                          if target.sandwich else ("input_layernorm", "pre_mlp_layernorm"))
-                target.norms.copy_(torch.stack([getattr(layer, n).weight for n in names]))
+                target.norms.copy_(torch.stack([state[f"{stack}.{i}.{n}.weight"] for n in names]))

@@ -15,6 +15,7 @@ import torch
 
 from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.errors import ConfigError
+from recurdepth.model.names import local_name, to_local
 
 FORMATS = ("hf-huginn",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,10 +112,10 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
     dtype = hf_state["transformer.wte.weight"].dtype
     model = build_model(cfg, tok.vocab_size, dtype)
     weights = from_huginn_state(hf_state, cfg)
-    check_imported_shapes(model.state_dict(), weights)
+    check_imported_shapes(to_local(model.state_dict()), weights)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(weights[name])
+        for name, param in model.named_parameters():  # either spec's names (the TE spec where it is the default)
+            param.copy_(weights[local_name(name)])
     made = [p for p in [out, *out.parents] if not p.exists()]  # taking the lock creates them
     try:
         with run_dir_lock(out, "import"):

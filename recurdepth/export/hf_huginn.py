@@ -32,6 +32,7 @@ import torch
 from recurdepth.atomic import commit_staged, fsync_dir, fsync_file, write_atomically
 from recurdepth.config import Config, config_from_dict
 from recurdepth.errors import CheckpointError, ConfigError, RecurdepthError
+from recurdepth.model.names import to_local
 
 MODEL_TYPE = "huginn_raven"
 WEIGHTS = "model.safetensors"
@@ -171,7 +172,8 @@ def huginn_freqs_cis(head_dim: int, block_size: int, base: float) -> torch.Tenso
 
 
 def to_huginn_state(state: dict, cfg: Config) -> dict:
-    """recurdepth model state dict (full tensors, TP = 1) -> huginn_raven state dict."""
+    """recurdepth model state dict (local-spec names: `recurdepth.model.names.to_local`; full tensors, TP = 1)
+    -> huginn_raven state dict."""
     heads = cfg.model.num_heads
     out = {}
     for name, tensor in state.items():
@@ -367,7 +369,7 @@ def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None, ov
 def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path, dtype: Optional[torch.dtype]) -> None:
     from safetensors.torch import save_file
 
-    state = to_huginn_state(loaded.model.state_dict(), cfg)
+    state = to_huginn_state(to_local(loaded.model.state_dict()), cfg)
     if dtype is not None:
         state = {k: (v if k == "freqs_cis" else v.to(dtype)) for k, v in state.items()}
     rows, _ = state["transformer.wte.weight"].shape

@@ -13,6 +13,7 @@ import torch
 
 from recurdepth.config import Config, config_from_dict
 from recurdepth.errors import CheckpointError, ConfigError
+from recurdepth.model.names import with_extra_state
 
 
 @dataclass
@@ -130,6 +131,6 @@ def load_model(path: str | Path, tokenizer: Optional[str] = None, dtype: torch.d
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"cannot load the model weights of {ckpt} ({type(exc).__name__}); it is truncated or "
                               f"from another model shape") from exc
-    model.load_state_dict(loaded["model"])
+    model.load_state_dict(with_extra_state(model, loaded["model"]))
     model.eval()
     return LoadedModel(model=model, cfg=cfg, tokenizer=tok, path=ckpt, vocab_size=tok.vocab_size)

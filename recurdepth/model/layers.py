@@ -189,7 +189,7 @@ class LoopedTransformerLayer(MegatronModule):
         norm = submodules.input_layernorm
         self.input_layernorm = build_module(norm, config=config, hidden_size=h, eps=eps)
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number)
-        self.pre_mlp_layernorm = build_module(norm, config=config, hidden_size=h, eps=eps)
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h, eps=eps)
         self.mlp = build_module(submodules.mlp, config=config, **(mlp_kwargs or {}))
         if hasattr(self.mlp, "set_layer_number"):
             self.mlp.set_layer_number(layer_number)
@@ -197,6 +197,20 @@ class LoopedTransformerLayer(MegatronModule):
             post_norm = post_norm or norm
             self.post_attention_layernorm = build_module(post_norm, config=config, hidden_size=h, eps=eps)
             self.post_mlp_layernorm = build_module(post_norm, config=config, hidden_size=h, eps=eps)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharded state dict in the local spec's names whatever the spec (`recurdepth.model.names`):
+        TE's fused norms saved as `input_layernorm` / `pre_mlp_layernorm`, TE's (FP8) extra state left out, so
+        a checkpoint loads under either spec."""
+        from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+
+        from recurdepth.model.names import EXTRA_STATE, TE_TO_LOCAL
+
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for key in [k for k in sd if k.rsplit(".", 1)[-1] == EXTRA_STATE]:
+            del sd[key]
+        apply_prefix_mapping(sd, {f"{prefix}{te}": f"{prefix}{local}" for te, local in TE_TO_LOCAL.items()})
+        return sd
 
     def forward(self, x: torch.Tensor, rotary_pos_emb=None,
                 attention_mask: Optional[torch.Tensor] = None, attend=None) -> torch.Tensor:

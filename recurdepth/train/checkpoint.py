@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.compat.scheduler import load_scheduler_state
 from recurdepth.errors import CheckpointError
+from recurdepth.model.names import with_extra_state
 from recurdepth.train.faults import maybe_fail_save
 from recurdepth.train.state import Lineage, TrainState  # noqa: F401 - re-exported: where they were
 
@@ -366,7 +367,7 @@ class ShardedState:
         except (Exception, CheckpointException) as exc:  # truncated or foreign (DCP's error is a BaseException)
             raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated, corrupt "
                                   f"or from another model shape: resume from an earlier step_* directory") from exc
-        model.load_state_dict(loaded["model"])
+        model.load_state_dict(with_extra_state(model, loaded["model"]))
         self.optimizer.load_state_dict(loaded["optimizer"])
         return loaded
 
