@@ -7,6 +7,7 @@ start from identical weights and a checkpoint means the same thing under every l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -126,7 +127,7 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     the configured objective's `extra_modules`) names the submodules registered on the model before its
     initialisation, so DDP, the optimizer and checkpoints see them."""
     use_te = use_transformer_engine(cfg, device)
-    tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type == "cpu")
+    tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type in ("cpu", "meta"))
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     per_stage = cfg.model.core_layers // pp_size
@@ -134,19 +135,22 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
         core_range = (0, cfg.model.core_layers) if pp_rank == 0 else (cfg.model.core_layers,) * 2
     else:
         core_range = (pp_rank * per_stage, (pp_rank + 1) * per_stage)
-    model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, model_vocab_size(cfg, vocab_size),
-                           seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
-                           post_process=pp_rank == pp_size - 1,
-                           core_range=core_range)
-    if extra_modules is None:
-        from recurdepth.objectives.registry import objective_class
+    on_meta = torch.device(device).type == "meta"  # `recurdepth plan --dry-run`: shapes only, no memory, no init
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = LoopedGPTModel(tconfig, cfg.model, cfg.recurrence, model_vocab_size(cfg, vocab_size),
+                               seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
+                               post_process=pp_rank == pp_size - 1,
+                               core_range=core_range)
+        if extra_modules is None:
+            from recurdepth.objectives.registry import objective_class
 
-        extra_modules = objective_class(cfg.objective.kind).extra_modules
-    for name, module in extra_modules(cfg, model.pre_process, model.post_process).items():
-        model.add_module(name, module)  # construction: the objective's weights live in the model
+            extra_modules = objective_class(cfg.objective.kind).extra_modules
+        for name, module in extra_modules(cfg, model.pre_process, model.post_process).items():
+            model.add_module(name, module)  # construction: the objective's weights live in the model
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
-    initialize_parameters(model, cfg)
+    if not on_meta:
+        initialize_parameters(model, cfg)
     if cfg.train.compile:
         compile_blocks(model)
     return model

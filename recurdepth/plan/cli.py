@@ -11,7 +11,7 @@ from recurdepth.plan.speed import DEFAULT_ASSUMED_MFU
 
 
 def add_plan_parser(verbs) -> None:
-    """`recurdepth plan CONFIG [overrides] --nodes N --gpus-per-node G --gpu h100 [--strict]`."""
+    """`recurdepth plan CONFIG [overrides] --nodes N --gpus-per-node G --gpu h100 [--strict] [--dry-run]`."""
     p = verbs.add_parser("plan", help="per-rank memory, fit and estimated step time of a config on a cluster, "
                                       "without GPUs: recurdepth plan CONFIG --nodes N --gpus-per-node G --gpu h100")
     p.add_argument("config", help="YAML config, e.g. configs/huginn-3.5b.yaml")
@@ -27,6 +27,9 @@ def add_plan_parser(verbs) -> None:
     p.add_argument("--assumed-mfu", type=float, default=None,
                    help=f"achievable fraction of the peak FLOP/s for the step time (default {DEFAULT_ASSUMED_MFU})")
     p.add_argument("--strict", action="store_true", help="exit 3 when the plan does not fit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="also build the real model of one rank per pipeline stage on the meta device under a fake "
+                        "process group and its pipeline schedule; print its bytes beside the plan's")
     p.set_defaults(func=run_plan)
 
 
@@ -36,4 +39,9 @@ def run_plan(args: argparse.Namespace) -> int:
     result = plan(cfg, args.nodes, gpus, args.gpu, vocab_size=args.vocab_size, assumed_mfu=args.assumed_mfu,
                   config_name=str(args.config))
     print(result.format(), flush=True)
+    if args.dry_run:
+        from recurdepth.plan.dryrun import dry_run
+
+        print(dry_run(cfg, args.nodes, gpus, args.gpu, vocab_size=args.vocab_size,
+                      config_name=str(args.config)).format(), flush=True)
     return 3 if args.strict and not result.fits else 0
