@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from recurdepth.infer.kv_cache import LoopedKVCache
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.model.layers import hook_output, hook_qkv
+from recurdepth.seeding import device_generator
 
 INITS = ("zeros", "random")
 
@@ -67,7 +68,7 @@ class LoopedDecoder:
                                    self.dtype, self.device)
         self.rope_table = model.rotary_pos_emb(max_len)  # [L, 1, 1, d], float64 angles
         self.prev_state: Optional[torch.Tensor] = None  # [1, b, h]: s_r of the newest position (warm start)
-        self.generator = torch.Generator().manual_seed(options.seed)
+        self.generator = device_generator(self.device, options.seed)  # s_0 drawn where the model is
         self.depths: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ the model's blocks, with a cache
@@ -100,7 +101,7 @@ class LoopedDecoder:
             return self.prev_state
         if self.options.init == "zeros":
             return torch.zeros_like(e)
-        return self.model.draw_state(e.shape, e.dtype, self.generator).to(e.device)
+        return self.model.draw_state(e.shape, e.dtype, self.generator, e.device)
 
     def _head(self, state: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.head(state, attend_for=self._cached(start)).transpose(0, 1)  # logits [s, b, V]

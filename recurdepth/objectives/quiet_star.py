@@ -52,7 +52,7 @@ from recurdepth.model.layers import hook_output, hook_qkv, hook_unsupported
 from recurdepth.objectives.base import Objective, ObjectiveSection
 from recurdepth.objectives.lm import masked_loss_sum
 from recurdepth.parallel.passes import StageLink, pipelined_forward, run_micro_batches, unwrap
-from recurdepth.seeding import derive_seed
+from recurdepth.seeding import derive_seed, device_generator
 
 _NOISE_STREAM = 0x7A1E57  # thought-sampling noise, apart from the other per-sample streams
 STREAM_ATTENTION = ("auto", "sparse", "dense")
@@ -160,7 +160,7 @@ class GumbelNoise:
     def __init__(self, seed: int, sample_ids, passes: int, s: int, vocab: int, dtype: torch.dtype, device):
         device = torch.device(device)
         self.shape, self.dtype, self.device = (s, vocab), dtype, device
-        self.generators = [torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE_STREAM, int(sid), p))
+        self.generators = [device_generator(device, derive_seed(seed, _NOISE_STREAM, int(sid), p))
                            for p in range(passes) for sid in sample_ids]
 
     def next(self) -> torch.Tensor:
