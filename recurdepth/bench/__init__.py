@@ -7,7 +7,7 @@ import argparse
 
 
 def add_bench_parser(verbs) -> None:
-    bench = verbs.add_parser("bench", help="benchmarks: recurdepth bench step|dense|memory|data|pipeline|objectives|decode|peak [CONFIG] "
+    bench = verbs.add_parser("bench", help="benchmarks: recurdepth bench step|dense|memory|data|pipeline|objectives|decode|peak|gpu-check [CONFIG] "
                                            "... (--quick: tiny shapes, for CI)")
     subs = bench.add_subparsers(dest="bench", required=True)
     mem = subs.add_parser("memory", help="peak memory of one training step at several recurrences r (fixed k)")
@@ -36,6 +36,9 @@ def add_bench_parser(verbs) -> None:
     from recurdepth.peak import add_peak_bench_parser
 
     add_peak_bench_parser(subs)
+    from recurdepth.bench.gpu_check import add_gpu_check_parser
+
+    add_gpu_check_parser(subs)
     bench.set_defaults(func=run_bench)
 
 
@@ -78,4 +81,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from recurdepth.peak import run_peak_bench
 
         return run_peak_bench(args)
+    if args.bench == "gpu-check":
+        from recurdepth.bench.gpu_check import run_gpu_check
+
+        return run_gpu_check(args)
     raise SystemExit(f"unknown bench {args.bench}")
