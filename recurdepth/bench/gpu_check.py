@@ -161,7 +161,7 @@ def check_te_vs_local(run: Run) -> Row:
 def check_train_step(run: Run) -> Row:
     from recurdepth.bench.harness import PeakSampler
 
-    trainer, metrics = _train(run, BENCH_CONFIG, run.overrides(run.mode.big))
+    trainer, metrics = train_steps(run, BENCH_CONFIG, run.overrides(run.mode.big))
     peak = PeakSampler(trainer.dtype)
     peak.sample(repeats=3)  # the bf16 (GPU) / fp32 (CPU) mm peak, measured now in this process
     timed = metrics[run.mode.warmup:]
@@ -215,7 +215,7 @@ def check_decode(run: Run) -> Row:
 def check_compile(run: Run) -> Row:
     if run.eager is None:
         return Row("compile", "needs the train-step check's eager figures", "", "skip")
-    trainer, metrics = _train(run, BENCH_CONFIG, run.overrides(run.mode.big, compile=True))
+    trainer, metrics = train_steps(run, BENCH_CONFIG, run.overrides(run.mode.big, compile=True))
     timed = metrics[run.mode.warmup:]
     rate = sum(m.tokens for m in timed) / sum(m.seconds for m in timed)
     eager_rate, eager_loss = run.eager
@@ -230,7 +230,7 @@ def check_checkpoint(run: Run) -> Row:
     from recurdepth.infer.loading import load_model
     from recurdepth.model.names import to_local
 
-    trainer, _ = _train(run, BENCH_CONFIG, run.overrides(run.mode.mid), steps=1)
+    trainer, _ = train_steps(run, BENCH_CONFIG, run.overrides(run.mode.mid), steps=1)
     path = trainer.save()
     saved = trainer.engine.module.eval()
     param = next(saved.parameters())
@@ -256,7 +256,7 @@ def check_checkpoint(run: Run) -> Row:
 
 
 def check_quiet_star(run: Run) -> Row:
-    trainer, metrics = _train(run, QUIET_STAR_CONFIG, run.overrides(run.mode.quiet_star), steps=2)
+    trainer, metrics = train_steps(run, QUIET_STAR_CONFIG, run.overrides(run.mode.quiet_star), steps=2)
     o = trainer.cfg.objective
     losses = [m.loss for m in metrics]
     rate = metrics[-1].tokens / metrics[-1].seconds
@@ -285,7 +285,7 @@ def _perturbed(model, seed: int = 0):
     return model
 
 
-def _train(run: Run, config: str, overrides: list, steps: int | None = None):
+def train_steps(run: Run, config: str, overrides: list, steps: int | None = None):
     """A one-process bench trainer for `config` + `overrides`, and the metrics of its steps (warm-up included)."""
     steps = steps or run.mode.warmup + run.mode.steps
     trainer = bench_trainer(config, overrides, steps)
