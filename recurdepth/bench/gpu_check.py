@@ -44,7 +44,7 @@ NO_TE = "transformer_engine not installed / no CUDA: skipped"
 # ~1B parameters (recurdepth.plan.shape.total_params: 0.93B with the byte tokenizer): P2 + R4 x r + C2 at h=3072
 BIG = ["model.hidden_size=3072", "model.num_heads=24", "model.prelude_layers=2", "model.core_layers=4",
        "model.coda_layers=2", "model.seq_length=2048", "recurrence.sampler=fixed", "recurrence.depth=8",
-       "recurrence.backprop_depth=4", "train.global_batch_size=8", "train.micro_batch_size=2", "data.builtin_max_mb=8"]
+       "recurrence.backprop_depth=4", "train.global_batch_size=8", "train.micro_batch_size=2"]
 # the agreement and checkpoint checks compare numerics, not speed: a mid-sized model
 MID = ["model.hidden_size=1024", "model.num_heads=8", "model.prelude_layers=1", "model.core_layers=2",
        "model.coda_layers=1", "model.seq_length=512", "recurrence.sampler=fixed", "recurrence.depth=4",
@@ -55,7 +55,7 @@ QUIET_STAR_GPU = ["model.hidden_size=1024", "model.num_heads=8", "model.seq_leng
 # max |a - b| / max |b| allowed between the TE and local specs (different fused kernels, bf16 rounding at every op;
 # a wrong weight or a swapped norm is off by O(1)); the local stand-in computes the same thing and must agree exactly
 TOLERANCE = {"logits": 3e-2, "grads": 1e-1, "decode": 5e-2, "compile_loss": 2e-2}
-FP32_TOLERANCE = {"logits": 0.0, "grads": 0.0, "decode": 1e-4, "compile_loss": 1e-4}
+FP32_TOLERANCE = {"logits": 1e-6, "grads": 1e-5, "decode": 1e-4, "compile_loss": 1e-4}
 
 
 @dataclass
@@ -149,7 +149,7 @@ def check_te_vs_local(run: Run) -> Row:
     worst = max(grads_b, key=lambda n: relative_diff(grads_a[n], grads_b[n]))
     grads_diff = relative_diff(grads_a[worst], grads_b[worst])
     ok = logits_diff <= run.tol["logits"] and grads_diff <= run.tol["grads"]
-    figure = f"logits {logits_diff:.1e}, grads {grads_diff:.1e} (worst {worst})"
+    figure = f"logits {logits_diff:.1e}, grads {grads_diff:.1e}" + (f" (worst {worst})" if grads_diff else "")
     shape = _shape(cfg, f"r={r} k={k}")
     if not run.te:
         return Row("te-vs-local", f"{NO_TE}; local/local stand-in {'agrees' if ok else 'DISAGREES'} ({shape})",
@@ -159,11 +159,12 @@ def check_te_vs_local(run: Run) -> Row:
 
 
 def check_train_step(run: Run) -> Row:
-    from recurdepth.bench.harness import PeakSampler
+    from recurdepth.peak import CPU_SIZES, GPU_SIZES, measure_matmul_peak
 
     trainer, metrics = train_steps(run, BENCH_CONFIG, run.overrides(run.mode.big))
-    peak = PeakSampler(trainer.dtype)
-    peak.sample(repeats=3)  # the bf16 (GPU) / fp32 (CPU) mm peak, measured now in this process
+    on_gpu = trainer.device.type == "cuda"  # the mm peak in the step's dtype (bf16 on GPU), measured in this run
+    peak = measure_matmul_peak(GPU_SIZES if on_gpu else CPU_SIZES, repeats=3, dtype=trainer.dtype,
+                               device="cuda" if on_gpu else "cpu")
     timed = metrics[run.mode.warmup:]
     flops = sum(m.flops for m in timed) / sum(m.seconds for m in timed)
     tokens_per_s = sum(m.tokens for m in timed) / sum(m.seconds for m in timed)
@@ -174,8 +175,8 @@ def check_train_step(run: Run) -> Row:
     dtype = str(trainer.dtype).replace("torch.", "")
     size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
     return Row("train-step", f"{size} params, {_shape(trainer.cfg)}, {run.spec} {dtype}, "
-                             f"{len(timed)} steps after {run.mode.warmup}; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
-               f"{tokens_per_s:,.0f} tok/s, MFU {flops / peak.best:.1%} of {peak.best / 1e12:,.2f} TFLOP/s "
+                             f"{len(timed)} timed after {run.mode.warmup} warm-up; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+               f"{tokens_per_s:,.0f} tok/s, MFU {flops / peak:.1%} of {peak / 1e12:,.2f} TFLOP/s "
                f"{dtype} mm", "ok" if ok else "FAIL")
 
 
@@ -190,10 +191,8 @@ def check_decode(run: Run) -> Row:
     param = next(model.parameters())
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, vocab, (2, min(32, trainer.cfg.model.seq_length)), generator=g).to(param.device)
+    ref = _logits(model, x, r)
     with torch.no_grad():
-        ref = model(x, window=BackpropWindow(r, 0),
-                    s0=torch.zeros(x.shape[1], x.shape[0], model.config.hidden_size, dtype=param.dtype,
-                                   device=param.device))
         dec = LoopedDecoder(model, x.shape[0], x.shape[1], DecodeOptions(depth=r, init="zeros"))
         half = x.shape[1] // 2
         cached = torch.cat([dec.step(x[:, :half])] + [dec.step(x[:, t:t + 1]) for t in range(half, x.shape[1])], 1)
@@ -241,9 +240,7 @@ def check_checkpoint(run: Run) -> Row:
     r = trainer.cfg.recurrence.depth
     x = torch.randint(0, trainer.data.tokenizer.vocab_size, (2, trainer.cfg.model.seq_length),
                       generator=torch.Generator().manual_seed(2)).to(param.device)
-    s0 = torch.zeros(x.shape[1], 2, saved.config.hidden_size, dtype=param.dtype, device=param.device)
-    with torch.no_grad():
-        diff = relative_diff(loaded(x, window=BackpropWindow(r, 0), s0=s0), saved(x, window=BackpropWindow(r, 0), s0=s0))
+    diff = relative_diff(_logits(loaded, x, r), _logits(saved, x, r))
     ok = equal == len(theirs) == len(ours) and diff <= run.tol["logits"]
     figure = f"{equal}/{len(theirs)} tensors bit-equal, logits {diff:.1e}"
     _free(trainer)
@@ -283,6 +280,14 @@ def _perturbed(model, seed: int = 0):
         for p in model.parameters():
             p.add_((torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.02)).to(p.device, p.dtype))
     return model
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, r: int) -> torch.Tensor:
+    """Logits `[b, s, V]` of `x [b, s]` at depth r from s_0 = zeros (the decoder's `init="zeros"`)."""
+    param = next(model.parameters())
+    s0 = torch.zeros(x.shape[1], x.shape[0], model.config.hidden_size, dtype=param.dtype, device=param.device)
+    return model(x, window=BackpropWindow(r, 0), s0=s0)
 
 
 def train_steps(run: Run, config: str, overrides: list, steps: int | None = None):
