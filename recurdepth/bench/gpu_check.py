@@ -44,11 +44,11 @@ NO_TE = "transformer_engine not installed / no CUDA: skipped"
 # ~1B parameters (recurdepth.plan.shape.total_params: 0.93B with the byte tokenizer): P2 + R4 x r + C2 at h=3072
 BIG = ["model.hidden_size=3072", "model.num_heads=24", "model.prelude_layers=2", "model.core_layers=4",
        "model.coda_layers=2", "model.seq_length=2048", "recurrence.sampler=fixed", "recurrence.depth=8",
-       "recurrence.backprop_depth=4", "train.global_batch_size=8", "train.micro_batch_size=2"]
+       "recurrence.backprop_depth=4", "train.global_batch_size=8", "train.micro_batch_size=2", "train.precision=bf16"]
 # the agreement and checkpoint checks compare numerics, not speed: a mid-sized model
 MID = ["model.hidden_size=1024", "model.num_heads=8", "model.prelude_layers=1", "model.core_layers=2",
        "model.coda_layers=1", "model.seq_length=512", "recurrence.sampler=fixed", "recurrence.depth=4",
-       "recurrence.backprop_depth=2", "train.global_batch_size=4", "train.micro_batch_size=2"]
+       "recurrence.backprop_depth=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=bf16"]
 TINY = QUICK_OVERRIDES + ["model.seq_length=32"]
 QUIET_STAR_GPU = ["model.hidden_size=1024", "model.num_heads=8", "model.seq_length=256",
                   "train.global_batch_size=8", "train.micro_batch_size=4"]
@@ -71,7 +71,6 @@ class Row:
 class Mode:
     """What one run measures: shapes (dotted overrides) and step counts."""
 
-    quick: bool
     big: list
     mid: list
     quiet_star: list
@@ -80,8 +79,8 @@ class Mode:
     decode: tuple  # (batch, prompt ids, new tokens)
 
 
-QUICK = Mode(True, TINY, TINY, [], steps=1, warmup=1, decode=(2, 4, 4))
-FULL = Mode(False, BIG, MID, QUIET_STAR_GPU, steps=3, warmup=2, decode=(8, 128, 64))
+QUICK = Mode(TINY, TINY, [], steps=1, warmup=1, decode=(2, 4, 4))
+FULL = Mode(BIG, MID, QUIET_STAR_GPU, steps=3, warmup=2, decode=(8, 128, 64))
 
 
 def te_available() -> bool:
@@ -102,7 +101,7 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Run:
-    """State shared by the checks of one run: the mode, whether TE runs, the eager step's figures, the log."""
+    """State shared by the checks of one run: the mode, whether TE runs, the eager step's figures."""
 
     def __init__(self, mode: Mode, budget: float):
         self.mode, self.budget, self.start = mode, budget, time.perf_counter()
@@ -174,8 +173,8 @@ def check_train_step(run: Run) -> Row:
     ok = all(math.isfinite(v) for v in losses)
     dtype = str(trainer.dtype).replace("torch.", "")
     size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
-    return Row("train-step", f"{size} params, {_shape(trainer.cfg)}, {run.spec} {dtype}, "
-                             f"{len(timed)} timed after {run.mode.warmup} warm-up; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+    return Row("train-step", f"{size} params, {_shape(trainer.cfg)}, {run.spec} {dtype}, {len(timed)} timed after "
+                             f"{run.mode.warmup} warm-up; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
                f"{tokens_per_s:,.0f} tok/s, MFU {flops / peak:.1%} of {peak / 1e12:,.2f} TFLOP/s "
                f"{dtype} mm", "ok" if ok else "FAIL")
 
@@ -353,13 +352,16 @@ def run_checks(mode: Mode, budget: float, only: list | None = None) -> list:
 
 
 def run_gpu_check(args) -> int:
+    from recurdepth.errors import ConfigError
+
     mode = QUICK if args.quick else FULL
+    if not args.quick and not torch.cuda.is_available():
+        raise ConfigError("no CUDA device: the full gpu-check trains a ~1B model in bf16 on one GPU; run it there, "
+                          "or use --quick (tiny shapes, CPU)")
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
     only = args.only.split(",") if args.only else None
     unknown = sorted(set(only or ()) - set(CHECKS))
     if unknown:
-        from recurdepth.errors import ConfigError
-
         raise ConfigError(f"--only {','.join(unknown)}: not a check; use some of {','.join(CHECKS)}")
     start = time.perf_counter()
     rows = run_checks(mode, args.budget if args.budget is not None else (math.inf if args.quick else 480), only)

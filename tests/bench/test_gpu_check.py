@@ -49,3 +49,17 @@ def test_a_raising_check_is_a_fail_row_and_the_rest_still_run(monkeypatch):
     assert rows[gpu_check.CHECKS.index("decode")].result == "RuntimeError: boom"
     table = gpu_check.format_table(rows)
     assert len(table.splitlines()) == len(gpu_check.CHECKS) + 2 and "FAIL" in table
+
+
+def test_the_full_run_refuses_a_machine_without_cuda():
+    import argparse
+
+    import pytest
+    import torch
+
+    from recurdepth.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the full run would start")
+    with pytest.raises(ConfigError, match="--quick"):
+        gpu_check.run_gpu_check(argparse.Namespace(quick=False, only=None, budget=None))

@@ -36,4 +36,4 @@ def run():
     """A gpu-check run at SMALL shapes, no time budget (the spec is te when transformer_engine imports)."""
     from recurdepth.bench.gpu_check import Mode, Run
 
-    return Run(Mode(False, SMALL, SMALL, [], steps=2, warmup=1, decode=(2, 8, 8)), math.inf)
+    return Run(Mode(SMALL, SMALL, [], steps=2, warmup=1, decode=(2, 8, 8)), math.inf)
