@@ -233,8 +233,7 @@ def check_checkpoint(run: Run) -> Row:
     saved = trainer.engine.module.eval()
     param = next(saved.parameters())
     loaded = load_model(path, dtype=param.dtype, overrides={"spec": "local"}).model
-    theirs = {k: v for k, v in to_local(saved.state_dict()).items() if not k.endswith("_extra_state")}
-    ours = {k: v for k, v in loaded.state_dict().items() if not k.endswith("_extra_state")}
+    theirs, ours = to_local(saved.state_dict()), to_local(loaded.state_dict())  # names and tensors, no extra state
     equal = sum(1 for k in theirs if k in ours and torch.equal(theirs[k].cpu(), ours[k].cpu()))
     r = trainer.cfg.recurrence.depth
     x = torch.randint(0, trainer.data.tokenizer.vocab_size, (2, trainer.cfg.model.seq_length),
@@ -242,7 +241,6 @@ def check_checkpoint(run: Run) -> Row:
     diff = relative_diff(_logits(loaded, x, r), _logits(saved, x, r))
     ok = equal == len(theirs) == len(ours) and diff <= run.tol["logits"]
     figure = f"{equal}/{len(theirs)} tensors bit-equal, logits {diff:.1e}"
-    _free(trainer)
     if not run.te:
         return Row("ckpt-te-local", f"{NO_TE}; local save -> local load stand-in {'ok' if ok else 'BROKEN'}",
                    figure, "skip" if ok else "FAIL")
@@ -260,7 +258,6 @@ def check_quiet_star(run: Run) -> Row:
     row = Row("quiet-star", f"objective.kind=quiet_star T={o.thought_length} n_ahead={o.n_ahead} passes={o.n_passes}, "
                             f"{_shape(trainer.cfg)}, {run.spec}; loss {losses[0]:.3f} -> {losses[-1]:.3f}",
               f"{rate:,.0f} tok/s (step 2)", "ok" if ok else "FAIL")
-    _free(trainer)
     return row
 
 
@@ -308,8 +305,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _free(trainer) -> None:
-    del trainer
+def _free() -> None:
+    """Release what the finished checks no longer reference (their trainers: a 1B model's memory on a GPU)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -342,9 +339,9 @@ def run_checks(mode: Mode, budget: float, only: list | None = None) -> list:
         except Exception as exc:  # a failed check is a row; the others still run
             print(f"gpu-check: {name} raised:\n{log.getvalue()[-2000:]}{traceback.format_exc()}", file=sys.stderr)
             row = Row(name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}", "", "FAIL")
-        if name == "decode" and run.trainer is not None:  # the 1B trainer's last use: free its memory
-            trainer, run.trainer = run.trainer, None
-            _free(trainer)
+        if name == "decode":  # the train-step trainer's last use
+            run.trainer = None
+        _free()
         row.seconds = time.perf_counter() - start
         print(f"gpu-check: {name}: {row.status} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
         rows.append(row)

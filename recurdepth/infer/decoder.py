@@ -101,7 +101,7 @@ class LoopedDecoder:
             return self.prev_state
         if self.options.init == "zeros":
             return torch.zeros_like(e)
-        return self.model.draw_state(e.shape, e.dtype, self.generator, e.device)
+        return self.model.draw_state(e.shape, e.dtype, e.device, self.generator)
 
     def _head(self, state: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.head(state, attend_for=self._cached(start)).transpose(0, 1)  # logits [s, b, V]

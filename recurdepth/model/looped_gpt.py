@@ -130,14 +130,13 @@ class LoopedGPTModel(LanguageModule):
         `inputs_embeds` expects, for objectives that splice other vectors in (continuous thoughts)."""
         return self.embedding.word_embeddings(input_ids)
 
-    def draw_state(self, shape: Sequence[int], dtype: torch.dtype, generator: Optional[torch.Generator] = None,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
-        """A truncated normal (+-3 std) of `shape` from `generator`, on `device` (default: the generator's, else
-        the CPU), scaled by embedding_scale: the initial-state distribution (`initial_state` seeds one generator
-        per sample; the decoder keeps its own). Drawn in float32 or better, then cast to `dtype` (a bf16 step
-        draws in float32: bf16's 8 mantissa bits would round the truncation's inverse-CDF draw)."""
+    def draw_state(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+        """A truncated normal (+-3 std) of `shape` from `generator` (on `device`; None on meta), on `device`,
+        scaled by embedding_scale: the initial-state distribution (`initial_state` seeds one generator per sample;
+        the decoder keeps its own). Drawn in float32 or better, then cast to `dtype` (a bf16 step draws in
+        float32: bf16's 8 mantissa bits would round the truncation's inverse-CDF draw)."""
         std = self.state_std
-        device = device if device is not None else generator.device if generator is not None else torch.device("cpu")
         draw = torch.nn.init.trunc_normal_(torch.empty(tuple(shape), dtype=torch.promote_types(dtype, torch.float32),
                                                        device=device),
                                            0.0, std, -3 * std, 3 * std, generator=generator)
@@ -157,8 +156,8 @@ class LoopedGPTModel(LanguageModule):
             torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
             return state * self.model_cfg.embedding_scale
         assert len(sample_ids) == b, f"need one sample id per batch row, got {len(sample_ids)} for {b}"
-        draws = [self.draw_state((s, h), e.dtype, device_generator(e.device, derive_seed(self.seed, _STATE_STREAM,
-                                                                                          sid)), e.device)
+        draws = [self.draw_state((s, h), e.dtype, e.device,
+                                 device_generator(e.device, derive_seed(self.seed, _STATE_STREAM, sid)))
                  for sid in sample_ids]
         state = torch.stack(draws, dim=1)
         if self.config.sequence_parallel:  # this TP rank's slice of the sequence, as e is

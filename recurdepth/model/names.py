@@ -2,8 +2,9 @@
 
 TransformerEngine's spec fuses a block's first norm into its qkv projection and the MLP's norm into fc1
 (`TELayerNormColumnParallelLinear`), so a TE-spec block names n1 and n3 `self_attention.linear_qkv.layer_norm_*`
-and `mlp.linear_fc1.layer_norm_*`, and adds an `_extra_state` (FP8 metadata) to every TE module. The local spec
-(CPU, eval, export) names them `input_layernorm.*` and `pre_mlp_layernorm.*` and has no extra state.
+and `mlp.linear_fc1.layer_norm_*`, and gives every TE module an `_extra_state` (FP8 metadata). The local spec
+(CPU, eval, export) names them `input_layernorm.*` and `pre_mlp_layernorm.*`; its megatron linears have an
+`_extra_state` too, always empty.
 
 Checkpoints are written in the local names, whatever spec trained them (`LoopedTransformerLayer.sharded_state_dict`
 maps TE names to local ones and leaves TE's extra state out: recurdepth trains no FP8, so it holds nothing to
