@@ -1,4 +1,4 @@
-"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), plan, launch, bench. Errors meant for people print one `error: ...` line and exit 2."""
+"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), plan, launch, bench, compare. Errors meant for people print one `error: ...` line and exit 2."""
 
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(verbs)
     add_generate_parser(verbs)
     add_export_parsers(verbs)
+    from recurdepth.compare import add_compare_parser
+
+    add_compare_parser(verbs)
     return parser
 
 
