@@ -2,7 +2,9 @@
 
 Per token and forward pass (matmuls only, 2 FLOPs per multiply-add; attention scores counted over the
 full s x s square, megatron's convention):
-    F_layer   = 2h(h + 2 d_kv) + 2h^2 + 4 s h + (6 h f  for swiglu | 4 h f for gelu)
+    F_layer   = 2h(h + 2 d_kv) + 2h^2 + 4 s h + F_mlp,   F_mlp = (6 h f for swiglu | 4 h f for gelu)
+    with experts (model.num_experts = E, top-k routing, dropless): F_mlp = k_top (6|4) h f_moe + 2 h E (router);
+    the core's layers have experts, the prelude's and coda's too with model.moe_layers=all
     F_core    = R F_layer + F_adapter          (F_adapter = 4h^2 for concat/gate, 0 for add)
     F_prelude = P F_layer,  F_coda = C F_layer,  F_head = 2 h V
 A training step with r iterations, gradients through min(r, k) of them, costs per token
@@ -10,7 +12,10 @@ A training step with r iterations, gradients through min(r, k) of them, costs pe
 (no-grad iterations are forward only; backward costs twice a forward). With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
 The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
-    3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`).
+    3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`; dense MLPs).
+torch's FlopCounterMode counts exactly these on the real forward and backward (tests/train/test_flop_counter.py),
+plus, with SDPA, the flash backward's recomputation of Q K^T (2 s h per token and back-propagated layer), which
+this count leaves out as megatron's does.
 
 The denominator of MFU/AFU on CPU is the best FLOP/s of a large fp32 `torch.mm` measured in the same process
 with the same thread count: several sizes, several repeats, the best kept (a shared machine only ever makes a
@@ -20,6 +25,7 @@ measurement slower, so the best is the least disturbed one).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -45,27 +51,40 @@ class LoopedFlops:
         return 3 * (self.prelude + self.coda + self.head) + core_passes * self.core
 
 
-def layer_flops(cfg: Config) -> float:
-    """F_layer: forward FLOPs per token of one transformer block (see the module docstring)."""
+def mlp_flops(cfg: Config, experts: bool) -> float:
+    """F_mlp: forward FLOPs per token of a block's MLP; with `experts`, the top-k experts a token is routed to
+    (each of megatron's MoE ffn size) and the router."""
+    m = cfg.model
+    h, per_width = m.hidden_size, (6 if m.activation == "swiglu" else 4) * m.hidden_size
+    dense_f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
+    if not experts:
+        return per_width * dense_f
+    return m.moe_top_k * per_width * (m.moe_ffn_hidden_size or dense_f) + 2 * h * m.num_experts
+
+
+def layer_flops(cfg: Config, experts: Optional[bool] = None) -> float:
+    """F_layer: forward FLOPs per token of one transformer block (see the module docstring); `experts`: whether
+    its MLP is the MoE layer (default: as the core's blocks are built, i.e. when model.num_experts is set)."""
     m = cfg.model
     h, s = m.hidden_size, m.seq_length
     kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
-    f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
-    mlp = 6 * h * f if m.activation == "swiglu" else 4 * h * f
-    return 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp
+    experts = bool(m.num_experts) if experts is None else experts
+    return 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp_flops(cfg, experts)
 
 
 def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
     m = cfg.model
-    layer, h = layer_flops(cfg), m.hidden_size
+    core_layer, h = layer_flops(cfg), m.hidden_size
+    outer_layer = layer_flops(cfg, experts=bool(m.num_experts) and m.moe_layers == "all")
     adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0
-    return LoopedFlops(prelude=m.prelude_layers * layer, core=m.core_layers * layer + adapter,
-                       coda=m.coda_layers * layer, head=2 * h * vocab_size)
+    return LoopedFlops(prelude=m.prelude_layers * outer_layer, core=m.core_layers * core_layer + adapter,
+                       coda=m.coda_layers * outer_layer, head=2 * h * vocab_size)
 
 
 def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:
-    """Training FLOPs per token of a dense GPT with the looped model's blocks and `num_layers` of them."""
-    return 3 * (num_layers * layer_flops(cfg) + 2 * cfg.model.hidden_size * vocab_size)
+    """Training FLOPs per token of a dense GPT with `num_layers` of the looped model's blocks (dense MLPs, as
+    `recurdepth bench dense` builds it)."""
+    return 3 * (num_layers * layer_flops(cfg, experts=False) + 2 * cfg.model.hidden_size * vocab_size)
 
 
 def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> float:

@@ -1,0 +1,155 @@
+"""recurdepth/train/flops.py against torch's `FlopCounterMode` on the real forward and backward of the looped
+model and of its dense-equivalent megatron `GPTModel`: every matmul the step runs, counted by torch.
+
+What the counter counts, and how the comparison stays honest (torch 2.13, CPU):
+- Linear layers, the adapter and the head are `aten.mm`; megatron's core attention (`model.attention=megatron`)
+  is `aten.baddbmm` + `aten.bmm` over the full s x s square, masked afterwards: counted by torch's own formulas,
+  and exactly flops.py's convention (backward = 2 forwards, scores over the full square).
+- SDPA on CPU runs `aten._scaled_dot_product_flash_attention_for_cpu` (and `..._backward`), which torch's
+  counter does not know: it counts 0 for them. We register torch's own SDPA formulas for them (the ones it
+  uses for the CUDA flash kernels), which also ignore causality (full square), and whose backward counts five
+  bmm's: the four of the gradient plus the flash kernel's recomputation of the scores Q K^T, 2 s h per token
+  and back-propagated layer. flops.py (megatron's MFU convention) leaves that recomputation out, so the expected
+  count adds it explicitly (`flash_recompute`).
+- MoE experts run as one `aten.mm` per expert over the tokens routed to it (dropless routing, no grouped GEMM),
+  the router as one more: k_top experts per token, exactly.
+- Checkpointed iterations (`recurrence.checkpoint_iterations`) run their forward again inside backward, under
+  the counter: they are compared with `per_token(r, k, recompute=True)` (the HFU count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from recurdepth.config import load_config
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.train.flops import dense_flops_per_token, looped_flops
+from tests.conftest import TINY
+
+VOCAB, BATCH = 300, 2
+SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64"]
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is as fast, and does not spin against other work on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _flash_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _flash_cpu_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+CPU_FLASH = {aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward}
+
+
+def counted_flops(step) -> tuple[int, dict]:
+    """Total FLOPs torch counts while `step()` runs forward and backward, and the count per aten op."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_FLASH) as mode:
+        step()
+    return mode.get_total_flops(), {str(op): n for op, n in mode.get_flop_counts()["Global"].items()}
+
+
+def flash_recompute(cfg, backprop_layers: int, tokens: int) -> int:
+    """FLOPs of the flash backward's recomputation of Q K^T (2 s h per token and layer), counted by torch's
+    SDPA backward formula and not by flops.py; 0 for megatron's attention, whose backward keeps the scores."""
+    m = cfg.model
+    return 2 * m.seq_length * m.hidden_size * tokens * backprop_layers if m.attention == "sdpa" else 0
+
+
+def batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randint(0, VOCAB, (BATCH, cfg.model.seq_length), generator=g) for _ in range(2))
+
+
+def check(counted: int, expected: float, ops: dict, case: str) -> None:
+    ratio = counted / expected
+    print(f"{case}: counted / analytic = {ratio:.6f}  ({ops})")
+    assert ratio == pytest.approx(1.0, abs=0.02), (case, counted, expected, ops)
+
+
+# (name, overrides, windows (r, k)): every variant of the block flops.py distinguishes, k >= r, k < r, r = 1
+LOOPED = [
+    ("swiglu concat sdpa", [], [(1, 1), (3, 2), (2, 4), (4, 4)]),
+    ("gelu add gqa megatron-attention P2 C0", ["model.activation=gelu", "model.adapter=add",
+                                               "model.num_query_groups=2", "model.attention=megatron",
+                                               "model.prelude_layers=2", "model.coda_layers=0"],
+     [(1, 1), (3, 1), (2, 3)]),
+    ("swiglu gate gqa sdpa", ["model.adapter=gate", "model.num_query_groups=2"], [(3, 2)]),
+    ("checkpointed iterations", ["recurrence.checkpoint_iterations=true"], [(3, 2), (2, 4)]),
+    # MoE (dropless top-k): each token runs k_top experts and the router; the prelude and coda too with moe_layers=all
+    ("moe core top-2", ["model.num_experts=4"], [(3, 2)]),
+    ("moe all gelu top-3", ["model.num_experts=4", "model.moe_top_k=3", "model.moe_layers=all",
+                            "model.activation=gelu", "model.moe_ffn_hidden_size=96"], [(2, 2)]),
+]
+
+
+@pytest.mark.parametrize("name,overrides,windows", LOOPED, ids=[c[0] for c in LOOPED])
+def test_looped_flops_equal_the_counted_forward_and_backward(megatron_single_process, name, overrides, windows):
+    from recurdepth.model.build import build_model
+
+    cfg = load_config(TINY, [*SMALL, *overrides])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    m, recompute = cfg.model, cfg.recurrence.checkpoint_iterations
+    analytic = looped_flops(cfg, model.vocab_size)
+    for r, k in windows:
+        window = BackpropWindow.of(r, k)
+        counted, ops = counted_flops(lambda: model(tokens, labels=labels, window=window).sum().backward())
+        backprop_layers = m.prelude_layers + m.coda_layers + min(r, k) * m.core_layers
+        expected = (analytic.per_token(r, k, recompute=recompute) * tokens.numel()
+                    + flash_recompute(cfg, backprop_layers, tokens.numel()))
+        check(counted, expected, ops, f"{name} r={r} k={k}")
+
+
+def dense_gpt(cfg, num_layers: int):
+    """megatron's GPTModel with `num_layers` of the looped model's blocks, built as
+    `recurdepth.bench.dense.build_dense_equivalent` builds it (without DDP and optimizer)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from recurdepth.model.build import (initialize_parameters, mark_tensor_parallel_params, model_vocab_size,
+                                        transformer_config)
+    from recurdepth.model.layers import layer_spec_submodules
+
+    config = dataclasses.replace(transformer_config(cfg), num_layers=num_layers)
+    spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(False, cfg.model.attention)[0])
+    model = GPTModel(config, spec, vocab_size=model_vocab_size(cfg, VOCAB), max_sequence_length=cfg.model.seq_length,
+                     share_embeddings_and_output_weights=cfg.model.tie_embeddings, position_embedding_type="rope",
+                     rotary_base=int(cfg.model.rotary_base))
+    mark_tensor_parallel_params(model)
+    initialize_parameters(model, cfg)
+    return model
+
+
+DENSE = [("swiglu sdpa", [], 3), ("gelu gqa megatron-attention", ["model.activation=gelu",
+                                                                 "model.num_query_groups=2",
+                                                                 "model.attention=megatron"], 2)]
+
+
+@pytest.mark.parametrize("name,overrides,r", DENSE, ids=[c[0] for c in DENSE])
+def test_dense_flops_equal_the_counted_forward_and_backward(megatron_single_process, name, overrides, r):
+    cfg = load_config(TINY, [*SMALL, *overrides])
+    m = cfg.model
+    layers = m.prelude_layers + r * m.core_layers + m.coda_layers
+    model = dense_gpt(cfg, layers)
+    tokens, labels = batch(cfg)
+    positions = torch.arange(m.seq_length).unsqueeze(0).expand_as(tokens)
+    counted, ops = counted_flops(lambda: model(tokens, positions, None, labels=labels).sum().backward())
+    expected = (dense_flops_per_token(cfg, model.vocab_size, layers) * tokens.numel()
+                + flash_recompute(cfg, layers, tokens.numel()))
+    check(counted, expected, ops, f"dense {name} {layers} layers")
