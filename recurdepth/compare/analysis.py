@@ -112,6 +112,7 @@ class Comparison:
     token_matched: Optional[Interval] = None
     phi: Optional[Interval] = None
     phi_law: Optional[RecurrenceLaw] = None
+    noise_estimated: bool = True  # False: 3 baseline runs and no repeated seeds, so every interval is a point
     notes: list = field(default_factory=list)
 
     def undefined_rungs(self, matching: str = "model_flops") -> list:
@@ -146,7 +147,12 @@ def compare(results: Results, baseline: str, candidate: str, bootstrap: int = 10
             continue
         out.fits[key] = fit_power_law(values, np.exp(base_loss))
     _, residuals = out.fits["model_flops"]
-    pool = _noise_pool(residuals, groups, level, out.notes)
+    pool = _noise_pool(residuals, groups, level)
+    out.noise_estimated = pool is not None
+    if pool is None:
+        out.notes.append("no replicate runs and only 3 baseline runs: no noise estimate, so the intervals are "
+                         "points (they say nothing about uncertainty)")
+        pool = np.zeros(1)
     draws = pool[rng.integers(len(pool), size=(bootstrap, len(base_rows)))]
     for (rung, rows) in groups:
         compute = {k: _geomean([row[k] for row in rows]) for k in out.fits}
@@ -293,8 +299,9 @@ def _phi(out: Comparison, rows: list, rng, bootstrap: int, level: float) -> None
     out.phi, out.phi_law = _interval(law.phi, phis, level), law
 
 
-def _noise_pool(residuals: np.ndarray, groups: list, level: float, notes: list) -> np.ndarray:
-    """Residuals in log loss the bootstrap draws from, widened by t_df / z (see the module docstring)."""
+def _noise_pool(residuals: np.ndarray, groups: list, level: float) -> Optional[np.ndarray]:
+    """Residuals in log loss the bootstrap draws from, widened by t_df / z (see the module docstring); None
+    when there are none (3 baseline runs, no rung with two seeds)."""
     n = len(residuals)
     parts = [residuals * math.sqrt(n / (n - 3))] if n > 3 else []
     df = max(n - 3, 0)
@@ -304,9 +311,7 @@ def _noise_pool(residuals: np.ndarray, groups: list, level: float, notes: list) 
             parts.append((logs - logs.mean()) * math.sqrt(len(rows) / (len(rows) - 1)))
             df += len(rows) - 1
     if not parts:
-        notes.append("no replicate runs and only 3 baseline runs: no noise estimate, so the intervals are points "
-                     "(they say nothing about uncertainty)")
-        return np.zeros(1)
+        return None
     p = (1 + level) / 2
     return np.concatenate(parts) * student_t_quantile(p, df) / NormalDist().inv_cdf(p)
 

@@ -39,6 +39,9 @@ def verdict(c: Comparison) -> str:
     undefined = c.undefined_rungs()
     if undefined:
         text += f" ({len(undefined)} more rung(s) below the baseline's asymptote: CM infinite, left out)"
+    if not c.noise_estimated:
+        return text + ("; survives: not tested (no noise estimate: 3 baseline runs and no repeated seeds, so the "
+                       "interval is a point; add seeds or rungs)")
     side = cm.side(1.0)
     if side == 0:
         return text + f"; survives: none (CI includes 1)" + _others(c, side)
@@ -113,7 +116,7 @@ def table(c: Comparison) -> str:
                      f"[{c.phi.lo:.3f}-{c.phi.hi:.3f}]")
     for r in c.rungs:
         for name, acc in r.accuracy.items():
-            base = "n/a (outside the baseline's rungs)" if acc["baseline"] is None else (
+            base = "n/a (no 2 baseline rungs report it around this compute)" if acc["baseline"] is None else (
                 f"{acc['baseline']:.3f} (diff {acc['difference']:+.3f})")
             lines.append(f"accuracy {name} rung {r.rung}: candidate {acc['candidate']:.3f}, baseline at matched "
                          f"model FLOPs {base}")

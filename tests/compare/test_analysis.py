@@ -157,3 +157,13 @@ def test_phi_needs_varying_depth():
     c = compare(results(synthetic.table(1.0, 0.0, np.random.default_rng(0))), "dense", "looped", bootstrap=20,
                 matchings=("model_flops",))
     assert c.phi is None and any("every candidate run has r = 4" in n for n in c.notes)
+
+
+def test_no_noise_estimate_makes_no_claim():
+    """3 baseline runs and one seed per candidate rung: the residuals are exactly 0, so the intervals are points;
+    the verdict must not turn them into a claim."""
+    rows = synthetic.table(1.3, 0.01, np.random.default_rng(0), seeds=1, cand_seeds=1, rungs=synthetic.RUNGS[:3])
+    c = compare(results(rows), "dense", "looped", bootstrap=50)
+    assert not c.noise_estimated and any("no noise estimate" in n for n in c.notes)
+    line = verdict(c)
+    assert "survives: not tested (no noise estimate" in line and "candidate better" not in line, line
