@@ -84,10 +84,42 @@ def measure(device: str = "cpu", dtype=None, bursts: int = 10, seconds: float = 
             sizes: Optional[tuple] = None) -> Peak:
     """Measure afresh: `bursts` bursts over `sizes` (round-robin), each >= `seconds` (about 4 s on a 2-core CPU)."""
     dtype = dtype or torch.float32
-    sizes = sizes or (GPU_SIZES if device.startswith("cuda") else CPU_SIZES)
+    sizes = affordable_sizes(sizes or (GPU_SIZES if device.startswith("cuda") else CPU_SIZES), seconds, dtype, device)
     samples = [mm_flops_per_second(sizes[i % len(sizes)], seconds, dtype, device) for i in range(bursts)]
     return Peak(peak_key(device, dtype, torch.get_num_threads()), max(samples), samples,
                 _dt.date.today().isoformat(), torch.__version__)
+
+
+_PROBE_N = 256
+_probed: dict = {}
+
+
+def affordable_sizes(sizes: tuple, seconds: float, dtype: torch.dtype, device: str) -> tuple:
+    """`sizes`, each halved (not below 256) until one `torch.mm` of it takes under 10 bursts of `seconds`, judged by
+    one timed 256^3 probe (kept per dtype and device; the margin keeps a busy moment from changing the sizes). A dtype this device only emulates (bf16 on an AVX2 CPU: ~1.5
+    GFLOP/s per core, where one 2048^3 mm takes ~10 s) is then measured in seconds, not minutes; the rate of
+    emulated kernels barely depends on the size, so the smaller squares still read its peak."""
+    key = (str(dtype), device)
+    if key not in _probed:
+        a = torch.randn(_PROBE_N, _PROBE_N, dtype=dtype, device=device)
+        torch.mm(a, a)  # first call: allocation and kernel selection, not timed
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, a)
+        _synchronize(device)
+        _probed[key] = 2 * _PROBE_N**3 / max(time.perf_counter() - start, 1e-9)
+    rate = _probed[key]
+    fitted = []
+    for n in sizes:
+        while n > _PROBE_N and 2 * n**3 / rate > 10 * seconds:
+            n //= 2
+        fitted.append(n)
+    return tuple(dict.fromkeys(fitted))
+
+
+def _synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
 
 def mm_flops_per_second(n: int, seconds: float, dtype: torch.dtype, device: str) -> float:
@@ -95,14 +127,12 @@ def mm_flops_per_second(n: int, seconds: float, dtype: torch.dtype, device: str)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     out = torch.mm(a, b)
-    if device != "cpu":
-        torch.cuda.synchronize()
+    _synchronize(device)
     iters, start = 0, time.perf_counter()
     while iters < 2 or time.perf_counter() - start < seconds:
         torch.mm(a, b, out=out)
         iters += 1
-        if device != "cpu":
-            torch.cuda.synchronize()
+        _synchronize(device)
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
@@ -110,6 +140,7 @@ def measure_matmul_peak(sizes: tuple = CPU_SIZES, repeats: int = 3, seconds: flo
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """The best FLOP/s of square `torch.mm` over `sizes` x `repeats` bursts of >= `seconds` each (about 1 s on
     an idle 2-core CPU), on this process's threads. Best, not mean: other load only ever slows a burst down."""
+    sizes = affordable_sizes(sizes, seconds, dtype, device)
     return max(mm_flops_per_second(n, seconds, dtype, device) for _ in range(repeats) for n in sizes)
 
 
@@ -161,6 +192,28 @@ def cached_peak(device: str = "cpu", dtype=None) -> Peak:
     dtype = dtype or torch.float32
     hit = lookup(device, dtype, torch.get_num_threads())
     return hit if hit is not None else record(measure(device, dtype))
+
+
+def emulated(device: str, dtype) -> bool:
+    """Whether `device` computes `dtype` matmuls in software: bf16 on a CPU without AVX-512 BF16 or AMX, fp16 on
+    a CPU without AMX-FP16."""
+    if device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from recurdepth.precision import cpu_bf16_native
+
+    if dtype == torch.bfloat16:
+        return not cpu_bf16_native()
+    probe = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    return not (probe and probe())
+
+
+def mfu_peak(device: str, dtype) -> float:
+    """The FLOP/s MFU divides by for a step computing in `dtype`: the cached `torch.mm` peak of that dtype, and
+    where the device only emulates it, at least the fp32 peak. Emulated bf16 converts to fp32 and computes there
+    (SDPA and the norms run near fp32 speed, only the mm is slow), so the hardware's fp32 rate bounds the step:
+    MFU stays <= 1 and says how much the emulation wastes, instead of reading ~1.1 against the slow mm."""
+    best = cached_peak(device, dtype).flops
+    return max(best, cached_peak(device, torch.float32).flops) if emulated(device, dtype) else best
 
 
 def run_peak_bench(args) -> int:

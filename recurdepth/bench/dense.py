@@ -95,7 +95,7 @@ def run_dense_bench(args) -> int:
     for model, opt, _, loss_fn in runs.values():  # warm-up: optimizer state, allocator pools
         model.train()
         timed_update(model, opt, loss_fn, batches)
-    peak = PeakSampler(trainer.dtype)
+    peak = PeakSampler(trainer.dtype, quick=args.quick)
     peak.sample(repeats=3)
     seconds = {name: [] for name in runs}
     for _ in range(steps):

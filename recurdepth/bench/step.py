@@ -13,6 +13,8 @@ parallel) the step's tokens and FLOPs are the global batch's and the peak is the
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from recurdepth.bench.harness import QUICK_OVERRIDES, PeakSampler, bench_trainer, best_and_median, set_threads
@@ -22,6 +24,8 @@ def run_step_bench(args) -> int:
     threads = set_threads(args.threads)
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    if getattr(args, "precisions", None):
+        return _precision_bench(args, overrides, steps, warmup, threads)
     trainer = bench_trainer(args.config, overrides, steps + warmup)
     cfg = trainer.cfg
     world = torch.distributed.get_world_size()
@@ -37,7 +41,7 @@ def run_step_bench(args) -> int:
             plain(m.depth, m.backprop_depth)
         if huginn is not None:
             huginn(m.depth, m.backprop_depth)
-    peak = PeakSampler(trainer.dtype)
+    peak = PeakSampler(trainer.dtype, quick=args.quick)
     peak.sample(repeats=3)
     rows, plain_seconds, huginn_seconds = [], [], []
     for _ in range(steps):
@@ -80,6 +84,74 @@ def run_step_bench(args) -> int:
         print(_plain_table(rows, huginn_seconds, label="huginn",
                            title=f"Huginn's published modeling code (--huginn {args.huginn}; {huginn_params:,} "
                                  f"parameters, ours {ours_params:,}), interleaved; speed = huginn s / recurdepth s"))
+    return 0
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_precisions(text: str) -> list:
+    """`fp32,bf16` -> ["fp32", "bf16"]: two or more distinct names of PRECISIONS, or one error line."""
+    from recurdepth.errors import RecurdepthError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown or len(set(names)) < 2 or len(set(names)) != len(names):
+        raise RecurdepthError(f"--precisions {text!r}: give two or more distinct precisions from "
+                              f"{', '.join(PRECISIONS)}, comma-separated, e.g. --precisions fp32,bf16")
+    return names
+
+
+def _precision_bench(args, overrides: list, steps: int, warmup: int, threads: int) -> int:
+    """The same config trained in each precision of `--precisions` (one trainer each, same data and seed), their
+    steps interleaved (fp32 step 1, bf16 step 1, fp32 step 2, ...) so that both see the same machine state; each
+    precision's MFU is against the mm peak of its own dtype. Speed = first precision's seconds / this one's."""
+    from recurdepth.errors import RecurdepthError
+    from recurdepth.precision import cpu_bf16_native
+
+    names = parse_precisions(args.precisions)
+    if getattr(args, "huginn", None) or getattr(args, "profile", False):
+        raise RecurdepthError("--precisions times recurdepth's own step only; run --huginn or --profile separately")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecurdepthError("--precisions runs in one process; start it without torchrun")
+    trainers = {n: bench_trainer(args.config, overrides + [f"train.precision={n}"], steps + warmup) for n in names}
+    for _ in range(warmup):
+        for trainer in trainers.values():
+            trainer.train_step()
+    peaks = {n: PeakSampler(t.dtype, quick=args.quick) for n, t in trainers.items()}
+    for p in peaks.values():
+        p.sample(repeats=3)
+    rows = {n: [] for n in names}
+    for _ in range(steps):
+        for n, trainer in trainers.items():
+            m = trainer.train_step()
+            rows[n].append((m.depth, m.backprop_depth, m.tokens, m.seconds, m.flops))
+        for p in peaks.values():
+            p.sample()
+    for p in peaks.values():
+        p.keep()
+    first = trainers[names[0]]
+    print(_header(first, threads, steps, warmup).replace(str(first.dtype).replace("torch.", ""),
+                                                          "/".join(names), 1))
+    device = first.device.type
+    if device == "cpu":
+        print(f"this CPU: torch capability {torch.backends.cpu.get_cpu_capability()}, bf16 matmuls "
+              f"{'in hardware (AVX-512 BF16 / AMX)' if cpu_bf16_native() else 'emulated (no AVX-512 BF16 / AMX)'}")
+    for n in names:
+        print(f"{n}: {peaks[n].describe()}")
+    print(f"{'precision':>9} {'step':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'MFU':>7} "
+          f"{'speed vs ' + names[0]:>14}")
+    base = [row[3] for row in rows[names[0]]]
+    for n in names:
+        for i, (r, k, tokens, sec, flops) in enumerate(rows[n], 1):
+            print(f"{n:>9} {i:>5} {tokens:>8,.0f} {sec:>8.2f} {tokens / sec:>9,.0f} "
+                  f"{flops / sec / peaks[n].best:>7.3f} {base[i - 1] / sec:>14.3f}")
+    for n in names:
+        secs = [row[3] for row in rows[n]]
+        best, median = best_and_median(secs)
+        tokens, flops = rows[n][0][2], sum(row[4] for row in rows[n]) / len(rows[n])
+        print(f"{n:>9} {'med.':>5} {tokens:>8,.0f} {median:>8.2f} {tokens / median:>9,.0f} "
+              f"{flops / median / peaks[n].best:>7.3f} {best_and_median(base)[1] / median:>14.3f}")
     return 0
 
 
@@ -181,6 +253,9 @@ def add_step_bench_parser(subs) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: for CI")
     p.add_argument("--profile", action="store_true",
                    help="also profile two more steps of recurdepth and of the plain baseline: ms per op, side by side")
+    p.add_argument("--precisions", metavar="LIST", default=None,
+                   help="train the config in each of these precisions (e.g. fp32,bf16), steps interleaved in one "
+                        "run; tokens/s and MFU (each against its own dtype's peak) side by side")
     p.add_argument("--huginn", metavar="DIR", default=None,
                    help="also time Huginn's published modeling code from this checkout of "
                         "seal-rg/recurrent-pretraining (needs transformers<5), interleaved")

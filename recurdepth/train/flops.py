@@ -90,7 +90,7 @@ def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> floa
 def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """The denominator of MFU: configured, a datasheet bf16 figure on known GPUs, else the matmul peak of this
     machine in the step's dtype and threads, measured once and cached (`recurdepth/peak.py`)."""
-    from recurdepth.peak import cached_peak
+    from recurdepth.peak import cached_peak, mfu_peak
 
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
@@ -99,4 +99,4 @@ def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype = torch.flo
         if datasheet is not None:
             return datasheet
         return cached_peak(str(device), torch.bfloat16).flops
-    return cached_peak("cpu", dtype).flops
+    return mfu_peak("cpu", dtype)  # bf16 on a CPU that emulates it: at least the fp32 peak (MFU <= 1)

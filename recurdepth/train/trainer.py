@@ -76,6 +76,11 @@ class Trainer:
         self.locks, self._archive, self.started = [], None, False
         if self.is_logger:
             print(self.summary(model), flush=True)
+            if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+                from recurdepth.precision import cpu_bf16_warning
+
+                if warning := cpu_bf16_warning():
+                    print(warning, flush=True)
 
     model = property(lambda self: self.engine.model)  # the wrapped model (megatron DDP, DeepSpeed engine)
     optimizer = property(lambda self: self.engine.optimizer)

@@ -67,3 +67,31 @@ def test_step_bench_times_the_plain_pytorch_baseline_in_the_same_run(data_cache)
     for name in ("1", "2"):
         ours, plain, speed = (float(x) for x in rows[name][2:5])
         assert ours > 0 and plain > 0 and speed > 0
+
+
+def test_step_bench_times_fp32_and_bf16_interleaved_against_their_own_peaks(data_cache):
+    out = run_cli(["bench", "step", "--quick", "--precisions", "fp32,bf16", BENCH, f"data.cache_dir={data_cache}"],
+                  timeout=300)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["fp32"], ["bf16"])
+            and len(ln.split()) == 7]
+    assert [(r[0], r[1]) for r in rows] == [("fp32", "1"), ("fp32", "2"), ("bf16", "1"), ("bf16", "2"),
+                                            ("fp32", "med."), ("bf16", "med.")]
+    by = {(r[0], r[1]): [float(x.replace(",", "")) for x in r[2:]] for r in rows}
+    for step in ("1", "2"):
+        (t32, s32, _, _, one), (t16, s16, _, mfu16, speed) = by[("fp32", step)], by[("bf16", step)]
+        assert one == 1.0 and t16 == t32 == 4 * 64
+        assert abs(speed - s32 / s16) <= 0.02 * speed + 0.01  # speed = fp32 seconds / bf16 seconds, same step
+        assert 0 < mfu16 <= 1.0  # against bf16's own peak, never above the hardware's (peak.mfu_peak)
+    assert "bf16: peak" in out.stdout and "bfloat16 | " in out.stdout
+
+
+def test_step_bench_precisions_are_checked_before_anything_is_built():
+    import pytest
+
+    from recurdepth.bench.step import parse_precisions
+    from recurdepth.errors import RecurdepthError
+
+    assert parse_precisions("fp32, bf16") == ["fp32", "bf16"]
+    for bad in ("fp32", "fp32,fp32", "fp32,fp8", ""):
+        with pytest.raises(RecurdepthError, match="--precisions"):
+            parse_precisions(bad)

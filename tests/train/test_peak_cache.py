@@ -70,3 +70,13 @@ def test_a_real_measurement_has_bursts_and_a_spread():
     got = P.measure("cpu", torch.float32, bursts=3, seconds=0.01, sizes=(64, 128))
     assert len(got.samples) == 3 and got.flops == max(got.samples) > 0 and 0 <= got.spread < 1
     assert "float32" in got.key and f"{torch.get_num_threads()} threads" in got.key
+
+
+def test_a_dtype_the_device_only_emulates_is_measured_in_smaller_squares(monkeypatch):
+    """bf16 on an AVX2 CPU runs ~1.5 GFLOP/s per core: one 2048^3 mm would take ~10 s, so the sizes shrink until
+    one mm fits in 10 bursts; at fp32's ~100 GFLOP/s they stay."""
+    monkeypatch.setitem(P._probed, (str(torch.bfloat16), "cpu"), 3e9)
+    monkeypatch.setitem(P._probed, (str(torch.float32), "cpu"), 110e9)
+    assert P.affordable_sizes((1024, 2048), 0.2, torch.bfloat16, "cpu") == (1024,)
+    assert P.affordable_sizes((1024, 2048), 0.02, torch.bfloat16, "cpu") == (512,)
+    assert P.affordable_sizes((1024, 2048), 0.2, torch.float32, "cpu") == (1024, 2048)
