@@ -30,6 +30,8 @@ class ModelConfig:
     num_heads: int = 4
     num_query_groups: Optional[int] = None  # grouped-query attention; None = num_heads
     ffn_hidden_size: Optional[int] = None  # None = 4h (gelu) or 8h/3 rounded to 64 (swiglu)
+    kind: Literal["looped", "dense"] = "looped"  # dense: megatron-core's GPTModel, the baseline `recurdepth compare` needs
+    num_layers: Optional[int] = None  # kind=dense only: its layers; None = P + round(mean r) R + C (dense equivalent)
     prelude_layers: int = 1
     core_layers: int = 2
     coda_layers: int = 1
@@ -233,11 +235,41 @@ class Config:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.run_dir) / "checkpoints"
 
+    def _validate_kind(self) -> None:
+        """model.kind=dense trains megatron's GPTModel with the same data, tokenizer, optimizer and engines; what
+        only a looped model has is refused, not ignored."""
+        m = self.model
+        if m.kind == "looped":
+            _require(m.num_layers is None, "model.num_layers", m.num_layers,
+                     "it sizes model.kind=dense only; a looped model's depth is prelude/core/coda_layers and r")
+            return
+        _require(m.num_layers is None or m.num_layers >= 1, "model.num_layers", m.num_layers, "use 1 or more")
+        for ok, key, value, why in (
+                (self.parallel.pipeline == 1, "parallel.pipeline", self.parallel.pipeline,
+                 "model.kind=dense runs without pipeline parallelism (the recurrence-aware schedule drives looped "
+                 "stages); use parallel.pipeline=1"),
+                (self.objective.kind == "lm", "objective.kind", self.objective.kind,
+                 "model.kind=dense trains the plain LM objective; thought-token objectives need the looped model"),
+                (m.num_experts is None, "model.num_experts", m.num_experts,
+                 "model.kind=dense builds dense MLPs; use null or model.kind=looped"),
+                (not self.recurrence.checkpoint_iterations, "recurrence.checkpoint_iterations", True,
+                 "model.kind=dense has no iterations to checkpoint; set it false")):
+            _require(ok, key, value, why)
+
+    def dense_layers(self) -> int:
+        """model.kind=dense: its layer count (model.num_layers, or the looped model's token depth P + r R + C at
+        the mean r)."""
+        from recurdepth.model.depth import mean_depth
+
+        m = self.model
+        return m.num_layers or m.prelude_layers + round(mean_depth(self.recurrence)) * m.core_layers + m.coda_layers
+
     def validate(self) -> "Config":
         """Cross-field constraints that need no process group; layout checks against the world size
         live in `recurdepth.distributed.check_layout`."""
         m, r, t, p = self.model, self.recurrence, self.train, self.parallel
         _require(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "use a positive size")
+        self._validate_kind()
         _require(m.core_layers >= 1, "model.core_layers", m.core_layers, "a looped model needs at least 1 core layer")
         for name in ("prelude_layers", "coda_layers"):
             _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "use 0 or more")

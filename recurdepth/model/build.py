@@ -50,8 +50,10 @@ def init_std(cfg: Config) -> float:
 
 
 def effective_depth(cfg: Config) -> float:
-    """Layers a token passes through at the mean recurrence: P + R * mean(r) + C."""
+    """Layers a token passes through at the mean recurrence: P + R * mean(r) + C (model.kind=dense: its layers)."""
     m = cfg.model
+    if m.kind == "dense":
+        return cfg.dense_layers()
     return m.prelude_layers + m.core_layers * mean_depth(cfg.recurrence) + m.coda_layers
 
 
@@ -128,6 +130,8 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     initialisation, so DDP, the optimizer and checkpoints see them."""
     use_te = use_transformer_engine(cfg, device)
     tconfig = transformer_config(cfg, params_dtype, on_cpu=torch.device(device).type in ("cpu", "meta"))
+    if cfg.model.kind == "dense":  # megatron's GPTModel, the baseline (recurdepth/model/dense.py)
+        return _build_dense(cfg, vocab_size, params_dtype, device, tconfig, use_te)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     per_stage = cfg.model.core_layers // pp_size
@@ -153,6 +157,23 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
         initialize_parameters(model, cfg)
     if cfg.train.compile:
         compile_blocks(model)
+    return model
+
+
+def _build_dense(cfg: Config, vocab_size: int, params_dtype: torch.dtype, device, tconfig, use_te: bool):
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from recurdepth.compat.compile import compile_blocks as compile_transformer_blocks
+    from recurdepth.model.dense import build_dense_model
+
+    on_meta = torch.device(device).type == "meta"
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = build_dense_model(cfg, vocab_size, params_dtype, "meta" if on_meta else device, tconfig, use_te)
+    mark_tensor_parallel_params(model)
+    if not on_meta:
+        initialize_parameters(model, cfg)
+    if cfg.train.compile:
+        compile_transformer_blocks(model, (TransformerLayer,))
     return model
 
 

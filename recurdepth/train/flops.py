@@ -73,7 +73,12 @@ def layer_flops(cfg: Config, experts: Optional[bool] = None) -> float:
 
 
 def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
+    """The model's FLOPs per token by part. model.kind=dense (megatron GPTModel, `cfg.dense_layers()` blocks) is
+    all "prelude": no core, so `per_token(r, k)` is its 3 (L F_layer + F_head) whatever r and k."""
     m = cfg.model
+    if m.kind == "dense":
+        return LoopedFlops(prelude=cfg.dense_layers() * layer_flops(cfg, experts=False), core=0.0, coda=0.0,
+                           head=2 * m.hidden_size * vocab_size)
     core_layer, h = layer_flops(cfg), m.hidden_size
     outer_layer = layer_flops(cfg, experts=bool(m.num_experts) and m.moe_layers == "all")
     adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0

@@ -9,6 +9,8 @@ graceful stop are callbacks (`recurdepth.train.callbacks`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from typing import Optional
@@ -64,7 +66,9 @@ class Trainer:
         self.schedule = pipeline_schedule(cfg, model, self.dtype, self.device)
         self.objective = build_objective(cfg, self.data.tokenizer)
         self.objective.bind(self.model)
-        self.sampler = DepthSampler(cfg.recurrence, t.seed)
+        # a dense GPT (model.kind=dense) has no recurrence: every step and evaluation is one pass, r = k = 1
+        self.sampler = DepthSampler(cfg.recurrence if cfg.model.kind == "looped" else dataclasses.replace(
+            cfg.recurrence, sampler="fixed", depth=1, backprop_depth=1, max_depth=None, eval_depth=1), t.seed)
         self.flops = looped_flops(cfg, model.vocab_size)
         self.peak = peak_flops(cfg, self.device, self.dtype) * torch.distributed.get_world_size()
         self.state, self.last_saved = TrainState(), None
@@ -92,13 +96,18 @@ class Trainer:
 
         cfg, m, r = self.cfg, self.cfg.model, self.cfg.recurrence
         count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-        core = count(model.core) + count(model.adapter)
-        sampler = f"fixed r={r.depth}" if r.sampler == "fixed" else f"{r.sampler} mean r={r.mean:g}"
+        if m.kind == "dense":
+            shape, depth = f"| dense megatron GPTModel, {model.num_layers} layers, h={m.hidden_size}", "no recurrence"
+        else:
+            core = count(model.core) + count(model.adapter)
+            sampler = f"fixed r={r.depth}" if r.sampler == "fixed" else f"{r.sampler} mean r={r.mean:g}"
+            shape = (f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, "
+                     f"h={m.hidden_size}")
+            depth = f"{sampler}, k={r.backprop_depth}"
         return (f"recurdepth | world {torch.distributed.get_world_size()} = dp {self.dp_size} x tp "
                 f"{ps.get_tensor_model_parallel_world_size()} x pp {ps.get_pipeline_model_parallel_world_size()} | "
                 f"{self.device.type} {str(self.dtype).replace('torch.', '')} | params {count(model) / 1e6:.2f}M on this rank "
-                f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, h={m.hidden_size} | "
-                f"{sampler}, k={r.backprop_depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens | "
+                f"{shape} | {depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens | "
                 f"global batch {cfg.train.global_batch_size} | {self.engine.label()} | run dir {self.run_dir}")
 
     # ------------------------------------------------------------------ resume, start, save

@@ -1,0 +1,83 @@
+"""`model.kind=dense`: megatron-core's GPTModel through the same trainer (the baseline of `recurdepth compare`).
+Its checkpoint is megatron's: a bare GPTModel built here and loaded with megatron's own dist_checkpointing reader
+gives the logits recurdepth's loader gives; a resumed run repeats the uninterrupted one bit for bit; the trainer
+counts its FLOPs as a dense GPT's whatever the recurrence section says; what only a looped model has is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recurdepth.config import load_config
+from recurdepth.errors import ConfigError
+from tests.conftest import SMALL, TINY, read_metrics, run_cli
+
+DENSE = [*SMALL, "model.kind=dense", "checkpoint.interval=3", "train.eval_interval=0"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("dense-straight")
+    out = run_cli(["train", str(TINY), *DENSE, f"train.steps={STEPS}", f"train.run_dir={run_dir}",
+                   f"data.cache_dir={data_cache}", f"optimizer.decay_steps={STEPS}"])
+    assert "dense megatron GPTModel, 10 layers" in out.stdout  # P1 + round(mean r = 4) x R2 + C1
+    return run_dir
+
+
+def test_a_resumed_dense_run_repeats_the_uninterrupted_one(straight, tmp_path, data_cache):
+    run_dir = tmp_path / "resumed"
+    common = ["train", str(TINY), *DENSE, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+              f"optimizer.decay_steps={STEPS}"]
+    run_cli([*common, "train.steps=3"])
+    out = run_cli([*common, f"train.steps={STEPS}"])
+    assert "resumed from" in out.stdout
+    a, b = read_metrics(straight), read_metrics(run_dir)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1)) and {r["depth"] for r in a} == {1}
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+
+
+def test_megatrons_own_reader_loads_the_checkpoint_into_a_bare_gpt_model(straight, megatron_single_process):
+    from megatron.core import dist_checkpointing
+
+    from recurdepth.infer.loading import load_model
+    from tests.train.test_flop_counter import dense_gpt
+
+    ckpt = sorted((straight / "checkpoints").glob("step_*"))[-1]
+    ours = load_model(ckpt)
+    cfg = ours.cfg
+    bare = dense_gpt(cfg, 10)
+    torch.nn.init.zeros_(bare.embedding.word_embeddings.weight)  # nothing kept from its own initialisation
+    loaded = dist_checkpointing.load({"model": bare.sharded_state_dict(prefix="gpt.")}, str(ckpt))["model"]
+    missing, unexpected = bare.load_state_dict({k.removeprefix("gpt."): v for k, v in loaded.items()}, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    tokens = torch.randint(0, 256, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(cfg.model.seq_length).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        theirs = bare(tokens, positions, None)
+        mine = ours.model(tokens)
+    assert theirs.abs().max() > 0 and torch.equal(theirs, mine)
+
+
+def test_dense_flops_are_a_dense_gpts_whatever_the_recurrence():
+    from recurdepth.train.flops import dense_flops_per_token, looped_flops
+
+    cfg = load_config(TINY, [*SMALL, "model.kind=dense"])
+    assert cfg.dense_layers() == 1 + 4 * 2 + 1
+    flops = looped_flops(cfg, 384)
+    expected = dense_flops_per_token(cfg, 384, 10)
+    assert {flops.per_token(r, k) for r, k in ((1, 1), (4, 2), (9, 9))} == {expected}
+    assert load_config(TINY, [*SMALL, "model.kind=dense", "model.num_layers=3"]).dense_layers() == 3
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.kind=dense", "parallel.pipeline=2"], "parallel.pipeline=2 is invalid; model.kind=dense runs without"),
+    (["model.kind=dense", "objective.kind=pause"], "objective.kind='pause' is invalid; model.kind=dense trains"),
+    (["model.kind=dense", "model.num_experts=4"], "model.num_experts=4 is invalid; model.kind=dense builds dense"),
+    (["model.kind=dense", "recurrence.checkpoint_iterations=true"], "no iterations to checkpoint"),
+    (["model.num_layers=4"], "model.num_layers=4 is invalid; it sizes model.kind=dense only"),
+    (["model.kind=dense", "model.num_layers=0"], "model.num_layers=0 is invalid; use 1 or more"),
+])
+def test_what_only_a_looped_model_has_is_refused_not_ignored(overrides, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(TINY, overrides)
