@@ -160,13 +160,15 @@ def _model(args):
     """(model in eval mode, its config, the tokenizer's vocabulary size): from `--checkpoint`, or CONFIG +
     overrides (+ the quick shapes) randomly initialised with `train.seed`, fp32, one process."""
     from recurdepth.config import load_config
-    from recurdepth.infer.loading import init_single_process, load_model, load_tokenizer, single_process_layout
+    from recurdepth.infer.loading import (init_single_process, load_model, load_tokenizer, require_looped,
+                                          single_process_layout)
     from recurdepth.model.build import build_model
 
     if args.checkpoint:
         if args.config or args.overrides:
             raise ConfigError("--checkpoint decodes the checkpoint's own model; give no CONFIG or overrides")
         loaded = load_model(args.checkpoint)
+        require_looped(loaded, "recurdepth bench decode")
         return loaded.model, loaded.cfg, loaded.vocab_size
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides) + ["train.compile=false"]
     cfg = single_process_layout(load_config(args.config or str(DEFAULT_CONFIG), overrides))

@@ -66,6 +66,9 @@ class ExportError(RecurdepthError):
 def huginn_incompatibilities(cfg: Config) -> list[str]:
     """Each model option whose value Huginn's architecture cannot represent, with the value it needs."""
     m = cfg.model
+    if m.kind == "dense":  # a megatron GPTModel: its checkpoint is megatron's own format already
+        return ["model.kind='dense' (a megatron GPTModel, not a looped model; megatron's own tools read its "
+                "checkpoint)"]
     need = []
     for key, value in (("block_norm", "sandwich"), ("adapter", "concat"), ("normalization", "RMSNorm"),
                        ("activation", "swiglu"), ("norm_before_coda", True)):

@@ -104,7 +104,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool =
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from recurdepth.infer.loading import load_model
+    from recurdepth.infer.loading import load_model, require_looped
 
     if (args.depth is None) == (args.exit_kl is None):
         raise ConfigError("give exactly one of --depth N or --exit-kl EPS")
@@ -112,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
+    require_looped(loaded, "recurdepth generate")
     tok = loaded.tokenizer
     ids = [tok.eod] + tok.tokenize(args.prompt)  # documents follow an eod in training
     result = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens, options, tok.eod,

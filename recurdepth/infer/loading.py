@@ -100,6 +100,14 @@ def load_tokenizer(cfg: Config, override: Optional[str] = None):
     return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
 
 
+def require_looped(loaded: "LoadedModel", what: str) -> None:
+    """Refuse `what` (a verb that runs the looped model's recurrence, e.g. its KV-cached decoder) on a
+    model.kind=dense checkpoint, in one line."""
+    if loaded.cfg.model.kind != "looped":
+        raise CheckpointError(f"{loaded.path} holds a model.kind=dense megatron GPTModel; {what} runs looped models "
+                              f"only (recurrence, per-iteration exits)")
+
+
 def load_model(path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
                overrides: Optional[dict] = None, verify: bool = True) -> LoadedModel:
     """Build the checkpoint's model for this process and load its weights (no optimizer state), after checking

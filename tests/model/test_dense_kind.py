@@ -81,3 +81,13 @@ def test_dense_flops_are_a_dense_gpts_whatever_the_recurrence():
 def test_what_only_a_looped_model_has_is_refused_not_ignored(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(TINY, overrides)
+
+
+def test_verbs_of_the_looped_model_refuse_a_dense_checkpoint_in_one_line(straight):
+    from tests.conftest import assert_one_error
+
+    ckpt = str(sorted((straight / "checkpoints").glob("step_*"))[-1])
+    assert_one_error(run_cli(["generate", ckpt, "--prompt", "x", "--depth", "2"], check=False),
+                     "model.kind=dense", "recurdepth generate runs looped models only")
+    assert_one_error(run_cli(["export", ckpt, str(straight / "hf")], check=False), "model.kind='dense'")
+    assert not (straight / "hf").exists()
