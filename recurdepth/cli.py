@@ -1,4 +1,4 @@
-"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), plan, launch, bench, compare. Errors meant for people print one `error: ...` line and exit 2."""
+"""`recurdepth VERB ...`: train, data (tokenizer, preprocess, check, procedural), plan, launch, bench, compare, sweep. Errors meant for people print one `error: ...` line and exit 2."""
 
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from recurdepth.compare import add_compare_parser
 
     add_compare_parser(verbs)
+    from recurdepth.sweep import add_sweep_parser
+
+    add_sweep_parser(verbs)
     return parser
 
 
