@@ -6,12 +6,14 @@ where its last checkpoint left it and a run killed after training but before its
 go `parallel` at a time (threads, each waiting on its child; OMP threads split between them). Each child runs
 single-process (`python -m recurdepth train`) or, with nproc > 1, under `python -m recurdepth.torchrun`; its
 output goes to `<run dir>/sweep.log` and each attempt (seconds, exit status, peak RSS from `wait4`: the child
-and its ranks) is a line of `<run dir>/sweep_attempts.jsonl`. A stop signal (SIGUSR1 from slurm's --signal,
+and its ranks) is a line of `<run dir>/sweep_attempts.jsonl`. A child dies with the sweep
+(`RECURDEPTH_LAUNCHER_PID`, recurdepth/exits.py), so a SIGKILLed sweep leaves no run holding its run dir. A stop signal (SIGUSR1 from slurm's --signal,
 SIGTERM, SIGINT) is forwarded to the children, which checkpoint and exit; no new run starts after one.
 
 The row (`rows.py`, the format of `recurdepth compare`): tokens and model FLOPs summed from the run's
 metrics.jsonl steps (a step repeated after a resume counted once), hardware FLOPs from the same steps' r,
-wall_seconds the attempts' training time, final/best validation loss from its evaluations (the last is at
+wall_seconds the same steps' time (start-up, validation and checkpoints left out, alike for every run;
+`attempt_seconds` is the whole of the training attempts the sweep saw end), final/best validation loss from its evaluations (the last is at
 the final step, `spec.eval_interval`), accuracy {"r=D": mean verified accuracy over the trained procedural
 tasks at their training difficulty} from `recurdepth eval` at each test depth ({} without procedural sources
 or test depths).
@@ -31,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recurdepth.errors import DataError
+from recurdepth.exits import LAUNCHER_PID_ENV
 from recurdepth.sweep.rows import append_row, check_unchanged, finished_runs
 from recurdepth.sweep.spec import RunPlan, Sweep
 
@@ -108,7 +111,7 @@ def run_one(sweep: Sweep, run: RunPlan, children: Children, threads: int) -> str
           f"{run.run_dir}", flush=True)
     code = _attempt(train_command(sweep, run), run, children, threads, "train")
     if code != 0:
-        return f"training exited with status {code}"
+        return f"training exited with status {code}{_error_line(run.run_dir / 'sweep.log')}"
     steps, evals = read_metrics(run.run_dir)
     last = max(steps, default=0)
     if last < run.sizing.steps:
@@ -121,7 +124,7 @@ def run_one(sweep: Sweep, run: RunPlan, children: Children, threads: int) -> str
     if run.has_procedural and sweep.eval.test_depths:
         code = _attempt(eval_command(sweep, run), run, children, threads, "eval")
         if code != 0:
-            return f"recurdepth eval exited with status {code}"
+            return f"recurdepth eval exited with status {code}{_error_line(run.run_dir / 'sweep.log')}"
         accuracy = read_accuracy(run.run_dir / "eval" / "eval.json")
     append_row(sweep.results_path, results_row(sweep, run, steps, evals, accuracy, _attempts(run.run_dir)))
     print(f"sweep: {run.variant}: finished, final validation loss {evals[run.sizing.steps]:.4f}", flush=True)
@@ -146,6 +149,7 @@ def eval_command(sweep: Sweep, run: RunPlan) -> list:
 def child_env(threads: int, torchrun: bool) -> dict:
     """This environment, with one process's rank variables (or none under torchrun) and OMP threads set."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child dies with the sweep (its spawning thread)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -176,6 +180,12 @@ def _attempt(cmd: list, run: RunPlan, children: Children, threads: int, what: st
     with open(run.run_dir / "sweep_attempts.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return code
+
+
+def _error_line(log: Path) -> str:
+    """`: <the child's error line>` when its log ends with one, else ''."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines()[-50:] if ln.startswith("error: ")]
+    return f": {lines[-1][len('error: '):]}" if lines else ""
 
 
 def _attempts(run_dir: Path) -> list:
@@ -235,7 +245,8 @@ def results_row(sweep: Sweep, run: RunPlan, steps: dict, evals: dict, accuracy: 
         "model_flops": sum(m["flops"] for m in trained),
         "hardware_flops": sum(m["tokens"] * flops.per_token(m["depth"], r.backprop_depth, r.checkpoint_iterations)
                               for m in trained),
-        "wall_seconds": sum(a["seconds"] for a in train),
+        "wall_seconds": sum(m["seconds"] for m in trained),
+        "attempt_seconds": sum(a["seconds"] for a in train),
         "peak_memory_bytes": max((a["max_rss_bytes"] for a in train), default=0),
         "final_val_loss": evals[s.steps], "best_val_loss": min(evals.values()), "accuracy": accuracy,
     }
