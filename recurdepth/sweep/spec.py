@@ -38,7 +38,7 @@ import yaml
 
 from recurdepth.config import Config, _suggest, load_config
 from recurdepth.errors import ConfigError, RecurdepthError
-from recurdepth.sweep.sizing import Sizing, size_run
+from recurdepth.sweep.sizing import Sizing, is_dense, size_run
 
 TOP_KEYS = {"base", "out", "overrides", "budgets", "seeds", "families", "eval", "parallel", "nproc", "slurm"}
 FAMILY_KEYS = {"overrides", "rungs"}
@@ -75,6 +75,7 @@ class RunPlan:
     tokenizer: str
     dataset: str
     has_procedural: bool
+    dense: bool  # model.kind=dense: no accuracy yet (`recurdepth eval` decodes looped models only)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _plan_run(index, base, out, family, rung, seed, budget, overrides, ev, where
     cfg = load_config(base, [*overrides, *owned])
     return RunPlan(index, variant, family, rung, seed, float(budget), tuple(overrides) + owned, run_dir, interval,
                    sizing, config_hash(cfg), tokenizer_id(cfg), dataset_id(cfg),
-                   any("procedural" in s for s in cfg.data.sources))
+                   any("procedural" in s for s in cfg.data.sources), is_dense(cfg))
 
 
 def eval_interval(steps: int, points: int) -> int:
