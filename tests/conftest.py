@@ -114,3 +114,13 @@ def assert_one_error(out: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def pytest_runtest_logreport(report):
+    """With RECURDEPTH_TEST_TIMES=FILE, append `seconds phase nodeid` for every test phase as it ends: the slow
+    tests of a run that is cut short (a CI timeout) are still known."""
+    path = os.environ.get("RECURDEPTH_TEST_TIMES")
+    if path:
+        with open(path, "a") as out:
+            out.write(f"{report.duration:.2f} {report.when} {report.nodeid}\n")
+
