@@ -163,3 +163,71 @@ def test_plan_json_records_every_run(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path))
     plan = json.loads(sweep.plan_json())
     assert [r["variant"] for r in plan["runs"]] == [r.variant for r in sweep.runs]
+
+
+def test_job_array_forwards_usr1_to_its_task_and_requeues_it(tmp_path, monkeypatch):
+    """Under simulated slurm, USR1 to the batch shell (slurm's --signal=B:USR1) reaches the sweep task (a fake
+    python here: the real task forwards it to its trainer), and with slurm.requeue the array task requeues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from recurdepth.sweep.slurm import render_array
+    from tests.test_launch import fake_bin
+
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "log"
+    log.mkdir()
+    fake_bin(tmp_path, "scontrol", f'echo "$@" > {log}/scontrol')
+    bin_dir = fake_bin(tmp_path, "python", f"printf '%s\\n' \"$@\" > {log}/args\n"
+                                           f"trap 'echo usr1 > {log}/usr1; exit 0' USR1\ntouch {log}/ready\n"
+                                           "for i in $(seq 300); do sleep 0.1; done")
+    text = render_array(load_sweep(write_sweep(tmp_path, slurm={"requeue": True})))
+    assert f"PYTHON={sys.executable}" in text
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(re.sub(r"(?m)^PYTHON=\S+", f"PYTHON={bin_dir}/python", text))
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_JOB_ID="4242", SLURM_JOB_ID="4245",
+               PATH=f"{bin_dir}:/usr/bin:/bin")
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (log / "usr1").exists(), out
+    assert (log / "args").read_text().split() == ["-m", "recurdepth", "sweep", str(tmp_path / "sweep.yaml"),
+                                                   "--task", "3"]
+    assert (log / "scontrol").read_text().split() == ["requeue", "4242_3"] and proc.returncode == 0, out
+
+
+def test_stop_signals_reach_the_running_children(tmp_path):
+    """The sweep forwards SIGUSR1 (slurm's warning), SIGTERM and SIGINT to every live run, and starts no new one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from recurdepth.sweep.runner import Children, run_one
+
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                              "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\n"
+                              f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)"])
+    children = Children()
+    children.add(child)
+    try:
+        while not ready.exists():
+            assert child.poll() is None
+            time.sleep(0.05)
+        children.forward(signal.SIGUSR1, None)
+        assert child.wait(timeout=30) == 7 and children.stopping == "SIGUSR1"
+    finally:
+        child.kill()
+    assert run_one(None, None, children, 1) == "not started (SIGUSR1 received)"
