@@ -154,3 +154,28 @@ class LoopedDecoder:
         if not self.depths:
             return 0.0
         return float(torch.cat(self.depths).float().mean())
+
+
+class DenseDecoder:
+    """`LoopedDecoder`'s interface for a model.kind=dense GPTModel (recurdepth/model/dense.py), so that `eval`
+    scores the sweep's dense baseline with the same prompts, stopping rule and verifiers: each `step` re-runs the
+    model over the whole context (no KV cache; eval's contexts are short) and returns the new positions' logits.
+    One pass per token: `depths` is 1 for every position, whatever `options.depth`."""
+
+    def __init__(self, model, batch: int, max_len: int, options: DecodeOptions):
+        self.model, self.options = model, options
+        self.context: Optional[torch.Tensor] = None
+        self.depths: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.context = tokens if self.context is None else torch.cat([self.context, tokens], 1)
+        logits = self.model(self.context)  # [b, t, V]
+        self.depths.append(torch.ones(tokens.shape[0], dtype=torch.long))
+        return logits[:, -tokens.shape[1]:]
+
+
+def decoder_for(model, batch: int, max_len: int, options: DecodeOptions):
+    """The decoder of `model`'s kind: `LoopedDecoder` (KV-cached, per-iteration exits) or `DenseDecoder`."""
+    cls = DenseDecoder if getattr(model, "kind", "looped") == "dense" else LoopedDecoder
+    return cls(model, batch, max_len, options)

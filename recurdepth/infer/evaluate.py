@@ -14,6 +14,8 @@ Writes `eval.json`, `eval.csv`, `depth_sweep.png` (metric vs r, one line per tas
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import csv
 import json
@@ -173,15 +175,22 @@ def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOpti
 
         t = loaded.cfg.train
         valid = build_datasets(loaded.cfg, t.steps * t.global_batch_size, max(valid_samples, 1)).valid
+    dense = loaded.cfg.model.kind == "dense"  # one pass per token: every r scores the same, so it is scored once
+    if dense:
+        print("model.kind=dense: one pass per token; each r below repeats the same scores (the baseline a looped "
+              "model's r is compared with)", flush=True)
     for depth in depths:
-        if valid is not None:
-            loss, n = validation_loss(loaded, valid, depth, valid_samples)
-            rows += [Row(depth, "valid_loss", "", loss, n, depth),
-                     Row(depth, "valid_ppl", "", math.exp(min(loss, 50.0)), n, depth)]
-        opts = DecodeOptions(**{**asdict(options), "depth": depth})
-        for ts in sets:
-            acc, mean_depth = task_accuracy(loaded, ts.samples, opts)
-            rows.append(Row(depth, "accuracy", ts.label, acc, len(ts.samples), mean_depth))
+        if dense and depth != depths[0]:
+            rows += [dataclasses.replace(r, depth=depth) for r in rows if r.depth == depths[0]]
+        else:
+            if valid is not None:
+                loss, n = validation_loss(loaded, valid, depth, valid_samples)
+                rows += [Row(depth, "valid_loss", "", loss, n, depth),
+                         Row(depth, "valid_ppl", "", math.exp(min(loss, 50.0)), n, depth)]
+            opts = DecodeOptions(**{**asdict(options), "depth": depth})
+            for ts in sets:
+                acc, mean_depth = task_accuracy(loaded, ts.samples, opts)
+                rows.append(Row(depth, "accuracy", ts.label, acc, len(ts.samples), mean_depth))
         line = " | ".join(f"{r.task or r.metric} {r.value:.4g}" for r in rows if r.depth == depth)
         print(f"r={depth:3d} | {line}", flush=True)
     return rows

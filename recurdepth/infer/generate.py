@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from recurdepth.errors import ConfigError
-from recurdepth.infer.decoder import INITS, DecodeOptions, LoopedDecoder
+from recurdepth.infer.decoder import INITS, DecodeOptions, decoder_for
 
 
 @dataclass
@@ -44,7 +44,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, options: DecodeOp
     """Continue `prompt [b, p]` (p >= 1) by up to `max_new_tokens` tokens; rows stop at `eod`. Logits of padded
     vocabulary entries (>= `vocab_size`) are never chosen."""
     b, p = prompt.shape
-    decoder = LoopedDecoder(model, b, p + max_new_tokens, options)
+    decoder = decoder_for(model, b, p + max_new_tokens, options)
     generator = torch.Generator().manual_seed(seed)
     if p > 1:
         decoder.step(prompt[:, :-1])

@@ -27,6 +27,8 @@ class DenseGPTModel(MegatronModule):
     loss `[b, s]` (or logits without labels). `window`, `sample_ids` and `collect_health` are accepted and unused:
     there is no recurrence to window and no per-iteration health."""
 
+    kind = "dense"  # what the decoders dispatch on (recurdepth.infer.decoder.decoder_for)
+
     def __init__(self, gpt, vocab_size: int, num_layers: int):
         super().__init__(config=gpt.config)
         self.gpt, self.vocab_size, self.num_layers = gpt, vocab_size, num_layers

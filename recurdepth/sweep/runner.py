@@ -16,7 +16,7 @@ wall_seconds the same steps' time (start-up, validation and checkpoints left out
 `attempt_seconds` is the whole of the training attempts the sweep saw end), final/best validation loss from its evaluations (the last is at
 the final step, `spec.eval_interval`), accuracy {"r=D": mean verified accuracy over the trained procedural
 tasks at their training difficulty} from `recurdepth eval` at each test depth ({} without procedural sources
-or test depths, and for now with model.kind=dense, whose checkpoints `recurdepth eval` cannot decode yet).
+or test depths; a model.kind=dense run scores the same at every depth, its one pass per token).
 """
 
 from __future__ import annotations
@@ -121,9 +121,7 @@ def run_one(sweep: Sweep, run: RunPlan, children: Children, threads: int) -> str
         what = f"step {missing[0]}" if missing else f"the validation of step {run.sizing.steps}"
         return f"{run.run_dir / 'metrics.jsonl'} lacks {what}; remove {run.run_dir} and re-run the sweep"
     accuracy = {}
-    if run.dense and run.has_procedural and sweep.eval.test_depths:
-        print(f"sweep: {run.variant}: note: no accuracy (recurdepth eval decodes looped models only)", flush=True)
-    elif run.has_procedural and sweep.eval.test_depths:
+    if run.has_procedural and sweep.eval.test_depths:
         code = _attempt(eval_command(sweep, run), run, children, threads, "eval")
         if code != 0:
             return f"recurdepth eval exited with status {code}{_error_line(run.run_dir / 'sweep.log')}"

@@ -91,3 +91,31 @@ def test_verbs_of_the_looped_model_refuse_a_dense_checkpoint_in_one_line(straigh
                      "model.kind=dense", "recurdepth generate runs looped models only")
     assert_one_error(run_cli(["export", ckpt, str(straight / "hf")], check=False), "model.kind='dense'")
     assert not (straight / "hf").exists()
+
+
+def test_eval_scores_a_dense_checkpoint_once_for_every_depth(straight, tmp_path):
+    import json
+
+    out = tmp_path / "eval"
+    res = run_cli(["eval", str(sorted((straight / "checkpoints").glob("step_*"))[-1]), "--depths", "1,4", "--n", "4",
+                   "--valid-samples", "0", "--out", str(out)])
+    assert "model.kind=dense: one pass per token" in res.stdout
+    rows = [r for r in json.loads((out / "eval.json").read_text())["rows"] if r["metric"] == "accuracy"]
+    by_depth = {d: sorted((r["task"], r["value"]) for r in rows if r["depth"] == d) for d in (1, 4)}
+    assert by_depth[1] and by_depth[1] == by_depth[4]
+
+
+def test_the_dense_decoder_returns_the_logits_of_the_newest_positions(straight, megatron_single_process):
+    from recurdepth.infer.decoder import DecodeOptions, DenseDecoder, decoder_for
+    from recurdepth.infer.loading import load_model
+
+    model = load_model(sorted((straight / "checkpoints").glob("step_*"))[-1]).model
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    decoder = decoder_for(model, 2, 16, DecodeOptions(depth=3))
+    assert isinstance(decoder, DenseDecoder)
+    first, second = decoder.step(tokens[:, :9]), decoder.step(tokens[:, 9:])
+    with torch.no_grad():
+        full = model(tokens)
+    assert first.shape[1] == 9 and second.shape[1] == 3
+    assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
+    assert [d.tolist() for d in decoder.depths] == [[1, 1], [1, 1]]
