@@ -408,20 +408,25 @@ _require = require
 def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply `section.key=value` overrides,
     type-check and validate. Raises ConfigError with one line naming the problem and its fix."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML; fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must be a mapping of sections (model:, train:, ...)")
+    raw = {} if path is None else read_yaml_mapping(Path(path), "config file", "configs/tiny.yaml",
+                                                     "a mapping of sections (model:, train:, ...)")
     return config_from_dict(set_overrides(raw, overrides))
+
+
+def read_yaml_mapping(path: Path, what: str, example: str, shape: str) -> dict:
+    """The YAML mapping in `path` (a config, a sweep file), or one ConfigError line naming `what` is wrong with
+    it: missing (pass a file such as `example`), not YAML (the line), or not `shape`."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found; pass a YAML file such as {example}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} {str(path)!r}{where} is not valid YAML; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {str(path)!r} must be {shape}")
+    return raw
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from recurdepth.config import Config, _suggest, load_config
+from recurdepth.config import Config, _suggest, load_config, read_yaml_mapping
 from recurdepth.errors import ConfigError, RecurdepthError
 from recurdepth.sweep.sizing import Sizing, is_dense, size_run
 
@@ -192,17 +190,8 @@ def dataset_id(cfg: Config) -> str:
 # ------------------------------------------------------------------ the YAML's pieces
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} not found; pass a YAML file such as configs/compare/sweep.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"sweep file {str(path)!r}{where} is not valid YAML; fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {str(path)!r} must be a mapping (base:, out:, budgets:, families:, ...)")
-    return raw
+    return read_yaml_mapping(path, "sweep file", "configs/compare/sweep.yaml",
+                             "a mapping (base:, out:, budgets:, families:, ...)")
 
 
 def _known(raw: dict, keys: set, prefix: str) -> None:
