@@ -161,9 +161,6 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
 
 
 def _build_dense(cfg: Config, vocab_size: int, params_dtype: torch.dtype, device, tconfig, use_te: bool):
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from recurdepth.compat.compile import compile_blocks as compile_transformer_blocks
     from recurdepth.model.dense import build_dense_model
 
     on_meta = torch.device(device).type == "meta"
@@ -173,7 +170,7 @@ def _build_dense(cfg: Config, vocab_size: int, params_dtype: torch.dtype, device
     if not on_meta:
         initialize_parameters(model, cfg)
     if cfg.train.compile:
-        compile_transformer_blocks(model, (TransformerLayer,))
+        compile_blocks(model)  # megatron's TransformerLayer blocks
     return model
 
 
