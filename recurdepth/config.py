@@ -256,14 +256,6 @@ class Config:
                  "model.kind=dense has no iterations to checkpoint; set it false")):
             _require(ok, key, value, why)
 
-    def dense_layers(self) -> int:
-        """model.kind=dense: its layer count (model.num_layers, or the looped model's token depth P + r R + C at
-        the mean r)."""
-        from recurdepth.model.depth import mean_depth
-
-        m = self.model
-        return m.num_layers or m.prelude_layers + round(mean_depth(self.recurrence)) * m.core_layers + m.coda_layers
-
     def validate(self) -> "Config":
         """Cross-field constraints that need no process group; layout checks against the world size
         live in `recurdepth.distributed.check_layout`."""

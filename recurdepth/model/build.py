@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from recurdepth.config import Config
 from recurdepth.errors import ConfigError
-from recurdepth.model.depth import mean_depth
+from recurdepth.model.depth import dense_layers, mean_depth
 from recurdepth.model.layers import default_ffn_hidden_size
 from recurdepth.model.looped_gpt import LoopedGPTModel
 from recurdepth.model.vocab import model_vocab_size, padded_vocab_size  # noqa: F401 - re-exported
@@ -53,7 +53,7 @@ def effective_depth(cfg: Config) -> float:
     """Layers a token passes through at the mean recurrence: P + R * mean(r) + C (model.kind=dense: its layers)."""
     m = cfg.model
     if m.kind == "dense":
-        return cfg.dense_layers()
+        return dense_layers(cfg)
     return m.prelude_layers + m.core_layers * mean_depth(cfg.recurrence) + m.coda_layers
 
 

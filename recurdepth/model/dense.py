@@ -5,7 +5,7 @@ in the architecture only (`recurdepth compare`, docs/compare.md).
 It is built as `recurdepth bench dense` builds it: the looped blocks' layer spec (local: SDPA, RoPE, RMSNorm,
 SwiGLU; TE on GPU) in megatron's pre-norm `TransformerLayer`, the same hidden size, heads, vocabulary, tying and
 initialisation (every weight drawn from its name and the seed; output projections scaled by sqrt(2 L)), and
-`cfg.dense_layers()` layers: `model.num_layers`, or P + round(mean r) R + C, the depth a token passes through
+`dense_layers(cfg)` layers: `model.num_layers`, or P + round(mean r) R + C, the depth a token passes through
 in the looped model. Checkpoints hold the GPTModel's own keys (`gpt.` + megatron's names), so megatron's readers
 load them. What only the looped model has (the recurrence, pipeline stages of the looped schedule, thought-token
 objectives, experts, iteration checkpointing) is refused by `Config.validate`, not ignored; r is not drawn.
@@ -20,6 +20,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from recurdepth.config import Config
+from recurdepth.model.depth import dense_layers
 
 
 class DenseGPTModel(MegatronModule):
@@ -58,7 +59,7 @@ def build_dense_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype, d
     from recurdepth.model.layers import layer_spec_submodules
     from recurdepth.model.vocab import model_vocab_size
 
-    layers = cfg.dense_layers()
+    layers = dense_layers(cfg)
     spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(use_te, cfg.model.attention)[0])
     gpt = GPTModel(dataclasses.replace(tconfig, num_layers=layers), spec,
                    vocab_size=model_vocab_size(cfg, vocab_size), max_sequence_length=cfg.model.seq_length,

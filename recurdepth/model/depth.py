@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from recurdepth.config import RecurrenceConfig
+from recurdepth.config import Config, RecurrenceConfig
 
 _STREAM = 0x5EED_DE9  # separates the depth stream from any other stream derived from the same seed
 
@@ -125,3 +125,11 @@ def eval_depth(cfg: RecurrenceConfig) -> int:
     if cfg.eval_depth:
         return int(cfg.eval_depth)
     return int(cfg.depth) if cfg.sampler == "fixed" else max(1, round(mean_depth(cfg)))
+
+
+def dense_layers(cfg: Config) -> int:
+    """model.kind=dense: its layer count (model.num_layers, or the looped model's token depth P + r R + C at the
+    mean r, rounded)."""
+    m = cfg.model
+    return m.num_layers or m.prelude_layers + round(mean_depth(cfg.recurrence)) * m.core_layers + m.coda_layers
+

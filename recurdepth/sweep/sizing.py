@@ -91,13 +91,14 @@ def _check_steps(steps: int, what: str, budget: float) -> None:
 
 def model_params(cfg: Config, vocab_size: int) -> tuple[int, int]:
     """(params_once, params_rec) of the model, unsharded, tied embeddings counted once."""
+    from recurdepth.model.depth import dense_layers
     from recurdepth.plan.shape import dims, is_moe, layer_params, total_params
 
     m, h = cfg.model, cfg.model.hidden_size
     if is_dense(cfg):
         block = sum(layer_params(cfg, 1, 1, False))
         head = 0 if m.tie_embeddings else vocab_size * h
-        return vocab_size * h + cfg.dense_layers() * block + dims(cfg)["norm"] * h + head, 0
+        return vocab_size * h + dense_layers(cfg) * block + dims(cfg)["norm"] * h + head, 0
     rec = m.core_layers * sum(layer_params(cfg, 1, 1, is_moe(cfg, "core")))
     rec += 2 * h * h if m.adapter in ("concat", "gate") else 0
     return total_params(cfg, vocab_size) - rec, rec

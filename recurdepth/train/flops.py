@@ -31,6 +31,7 @@ import torch
 
 from recurdepth.config import Config
 from recurdepth.devices import ACCELERATORS, datasheet_peak_flops
+from recurdepth.model.depth import dense_layers
 from recurdepth.model.layers import default_ffn_hidden_size
 
 # Dense bf16 peak FLOP/s of common accelerators (datasheet, without sparsity), by CUDA device-name substring:
@@ -73,11 +74,11 @@ def layer_flops(cfg: Config, experts: Optional[bool] = None) -> float:
 
 
 def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
-    """The model's FLOPs per token by part. model.kind=dense (megatron GPTModel, `cfg.dense_layers()` blocks) is
+    """The model's FLOPs per token by part. model.kind=dense (megatron GPTModel, `dense_layers(cfg)` blocks) is
     all "prelude": no core, so `per_token(r, k)` is its 3 (L F_layer + F_head) whatever r and k."""
     m = cfg.model
     if m.kind == "dense":
-        return LoopedFlops(prelude=cfg.dense_layers() * layer_flops(cfg, experts=False), core=0.0, coda=0.0,
+        return LoopedFlops(prelude=dense_layers(cfg) * layer_flops(cfg, experts=False), core=0.0, coda=0.0,
                            head=2 * m.hidden_size * vocab_size)
     core_layer, h = layer_flops(cfg), m.hidden_size
     outer_layer = layer_flops(cfg, experts=bool(m.num_experts) and m.moe_layers == "all")

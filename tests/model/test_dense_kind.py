@@ -60,14 +60,15 @@ def test_megatrons_own_reader_loads_the_checkpoint_into_a_bare_gpt_model(straigh
 
 
 def test_dense_flops_are_a_dense_gpts_whatever_the_recurrence():
+    from recurdepth.model.depth import dense_layers
     from recurdepth.train.flops import dense_flops_per_token, looped_flops
 
     cfg = load_config(TINY, [*SMALL, "model.kind=dense"])
-    assert cfg.dense_layers() == 1 + 4 * 2 + 1
+    assert dense_layers(cfg) == 1 + 4 * 2 + 1
     flops = looped_flops(cfg, 384)
     expected = dense_flops_per_token(cfg, 384, 10)
     assert {flops.per_token(r, k) for r, k in ((1, 1), (4, 2), (9, 9))} == {expected}
-    assert load_config(TINY, [*SMALL, "model.kind=dense", "model.num_layers=3"]).dense_layers() == 3
+    assert dense_layers(load_config(TINY, [*SMALL, "model.kind=dense", "model.num_layers=3"])) == 3
 
 
 @pytest.mark.parametrize("overrides,needle", [
