@@ -16,9 +16,18 @@ from tests.conftest import assert_one_error, run_cli
 
 
 def in_process(args: list, capsys) -> subprocess.CompletedProcess:
-    """`recurdepth ARGS` through cli.main in this process, as a CompletedProcess for assert_one_error."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
+    """`recurdepth ARGS` through cli.main in this process, as a CompletedProcess for assert_one_error. cli.main
+    shuts torch.distributed down as it exits: here that would tear down the test session's process group (the
+    session fixture megatron_single_process), and every later in-process test would fail its setup."""
+    import recurdepth.distributed
+
+    real = recurdepth.distributed.shutdown_distributed
+    recurdepth.distributed.shutdown_distributed = lambda: None
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+    finally:
+        recurdepth.distributed.shutdown_distributed = real
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, exc.value.code, out.out, out.err)
 
