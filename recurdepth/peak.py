@@ -28,6 +28,7 @@ import torch
 MAX_AGE_DAYS = 30
 CPU_SIZES = (1024, 2048)
 GPU_SIZES = (4096, 8192)
+QUICK_SIZES = (256, 512)  # --quick benches: a table check, not a peak worth keeping
 
 
 @dataclass
@@ -224,7 +225,7 @@ def run_peak_bench(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     start = time.perf_counter()
     peak = measure(device, dtype, bursts=3 if args.quick else args.bursts, seconds=0.05 if args.quick else 0.2,
-                   sizes=(256, 512) if args.quick else None)
+                   sizes=QUICK_SIZES if args.quick else None)
     print(f"this measurement ({time.perf_counter() - start:.1f} s): {peak.describe()}")
     print("bursts GFLOP/s: " + " ".join(f"{s / 1e9:.1f}" for s in peak.samples))
     if args.quick:

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench.yaml"
-QUICK_SIZES = (256, 512)  # --quick peak squares (as `bench peak --quick`)
 QUICK_OVERRIDES = ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64", "train.global_batch_size=4",
                    "train.micro_batch_size=2", "recurrence.sampler=fixed", "recurrence.depth=3",
                    "recurrence.backprop_depth=2"]
@@ -59,7 +58,7 @@ class PeakSampler:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def sample(self, repeats: int = 1) -> float:
-        from recurdepth.peak import CPU_SIZES, GPU_SIZES, cached_peak, measure_matmul_peak
+        from recurdepth.peak import CPU_SIZES, GPU_SIZES, QUICK_SIZES, cached_peak, measure_matmul_peak
 
         from recurdepth.peak import emulated, measure
 
