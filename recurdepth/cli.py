@@ -72,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERROR_GRACE_ENV = "RECURDEPTH_ERROR_GRACE_S"
+
+
+def _let_rank0_say_it() -> None:
+    """A rank other than 0 that met an error every rank meets stays alive until rank 0 has printed it: a launcher
+    tears the job down at the first rank that exits, and a rank 1 quicker than rank 0 would take rank 0 (and
+    the only error line) with it. Under `recurdepth.torchrun` it waits for rank 0's exit record; otherwise
+    (plain torchrun, slurm, mpirun) for RECURDEPTH_ERROR_GRACE_S seconds (30), in which the launcher, having
+    seen rank 0 exit, ends it."""
+    import time
+
+    from recurdepth.exits import EXIT_DIR_ENV
+
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) <= 1:
+        return
+    grace = float(os.environ.get(ERROR_GRACE_ENV, "30") or 0)
+    folder = os.environ.get(EXIT_DIR_ENV)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if folder and os.path.exists(os.path.join(folder, "rank_0.json")):
+            return
+        time.sleep(0.1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=r".*Transformer Engine.*")
@@ -91,9 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except RecurdepthError as exc:
         if os.environ.get("RECURDEPTH_DEBUG"):  # the full traceback, chained causes included
             raise
+        code = USAGE_EXIT
         if launcher_rank() == 0 or not exc.same_on_every_rank:  # the same error on every rank: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = USAGE_EXIT
+        else:
+            record.write(code)
+            _let_rank0_say_it()
     except KeyboardInterrupt:
         code = 130
     finally:

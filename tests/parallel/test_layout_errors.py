@@ -39,3 +39,21 @@ def test_torchrun_layout_error_exits_2_before_groups(tmp_path):
     assert "exitcode  : 2" in text  # the rank that reported it exited 2 (torchrun itself then exits 1)
     assert "/recurdepth/" not in "".join(ln for ln in text.splitlines() if ln.strip().startswith("File "))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_error_line_survives_a_rank_1_quicker_than_rank_0(tmp_path):
+    """torchrun tears the job down at the first rank that exits: with rank 0 started 4 s late, a rank 1 that
+    exited at once would take rank 0 (the one rank that prints a same-on-every-rank error) with it."""
+    import os
+    import sys
+
+    script = tmp_path / "late_rank0.sh"
+    script.write_text(f'#!/bin/sh\n[ "$RANK" = 0 ] && sleep 4\nexec {sys.executable} "$@"\n')
+    os.chmod(script, 0o755)
+    out = run_cli(["train", str(TINY), "model.core_layers=3", "parallel.pipeline=2", f"train.run_dir={tmp_path / 'r'}"],
+                  nproc=2, check=False, timeout=120, torchrun_args=("--no-python", str(script)))
+    text = out.stdout + out.stderr
+    errors = [ln for ln in text.splitlines() if "error: " in ln]
+    assert out.returncode != 0 and len(errors) == 1, text[-3000:]
+    assert "not divisible by parallel.pipeline=2" in errors[0]
