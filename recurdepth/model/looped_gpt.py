@@ -205,6 +205,30 @@ class LoopedGPTModel(LanguageModule):
             self.last_health = recurrence_health(previous.detach(), state.detach())
         return state
 
+    def readout_forward(self, input_ids: torch.Tensor, labels: torch.Tensor, window: BackpropWindow,
+                        sample_ids: Optional[Sequence[int]] = None, read_at: Optional[Sequence[int]] = None,
+                        collect_health: bool = False, position_ids: Optional[torch.Tensor] = None) -> tuple:
+        """The model read out after several iterations (adaptive-depth objectives): the loop runs as `forward`'s,
+        and after each iteration i in `read_at` (1-based; default every one) the coda, final norm and head are
+        applied to s_i. The readouts go through the head in one batched pass (the n states stacked along the
+        batch). Returns (read_at, per-token losses `[n, b, s]`, final-norm hidden `[n, b, s, h]`)."""
+        e = self.embed(input_ids, None, position_ids)
+        state = self.initial_state(e, sample_ids)
+        rope = self.rope(self.full_seq_len(e), position_ids)
+        wanted = set(range(1, window.total + 1) if read_at is None else read_at)
+        states, picked, previous = [], [], state
+        for it in window.iterations():
+            previous, state = state, self.iteration(it, state, e, rope)
+            if it.index in wanted:
+                states.append(state)
+                picked.append(it.index)
+        if collect_health:
+            self.last_health = recurrence_health(previous.detach(), state.detach())
+        n, b = len(states), labels.shape[0]
+        losses, hidden = self.head(torch.cat(states, dim=1), labels.repeat(n, 1), position_ids,
+                                   return_hidden=True)
+        return picked, losses.reshape(n, b, -1), hidden.reshape(n, b, *hidden.shape[1:])
+
     def output(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The output layer on final-norm hidden states `x [s, b, h]`: the per-token loss `[b, s]` if labels, else
         logits `[s, b, v/tp]` (megatron's layout; `head` transposes them)."""

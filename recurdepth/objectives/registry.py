@@ -16,6 +16,8 @@ OBJECTIVES: dict = {
     "pause": "recurdepth.objectives.pause:PauseObjective",
     "quiet_star": "recurdepth.objectives.quiet_star:QuietStarObjective",
     "coconut": "recurdepth.objectives.coconut:CoconutObjective",
+    "exit_gate": "recurdepth.objectives.halting:ExitGateObjective",
+    "ponder": "recurdepth.objectives.halting:PonderObjective",
 }
 
 

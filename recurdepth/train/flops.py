@@ -9,7 +9,9 @@ full s x s square, megatron's convention):
     F_prelude = P F_layer,  F_coda = C F_layer,  F_head = 2 h V
 A training step with r iterations, gradients through min(r, k) of them, costs per token
     MFU FLOPs = 3 (F_prelude + F_coda + F_head) + (r + 2 min(r, k)) F_core
-(no-grad iterations are forward only; backward costs twice a forward). With per-iteration activation
+(no-grad iterations are forward only; backward costs twice a forward). The adaptive-depth objectives read the
+model out after n iterations (`objective.readout`: n = r for all, min(r, k) for last), each readout
+back-propagated through coda and head: 3 n (F_coda + F_head) in place of 3 (F_coda + F_head). With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
 The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
     3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`; dense MLPs).
@@ -45,11 +47,21 @@ class LoopedFlops:
     core: float
     coda: float
     head: float
+    readout: str = "final"  # objective.readout of the adaptive-depth objectives: all | last (| final: s_r only)
+    readout_depth: int = 0  # `last`: the readouts are the last readout_depth iterations (recurrence.backprop_depth)
+
+    def readouts(self, r: int) -> int:
+        """How many times coda + head run on one token's states: once, or per read-out iteration."""
+        if self.readout == "all":
+            return r
+        if self.readout == "last":
+            return min(r, max(1, self.readout_depth))
+        return 1
 
     def per_token(self, r: int, k: int, recompute: bool = False) -> float:
         grad = min(r, k)
         core_passes = r + 2 * grad + (grad if recompute else 0)
-        return 3 * (self.prelude + self.coda + self.head) + core_passes * self.core
+        return 3 * self.prelude + 3 * self.readouts(r) * (self.coda + self.head) + core_passes * self.core
 
 
 def mlp_flops(cfg: Config, experts: bool) -> float:
@@ -84,7 +96,8 @@ def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
     outer_layer = layer_flops(cfg, experts=bool(m.num_experts) and m.moe_layers == "all")
     adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0
     return LoopedFlops(prelude=m.prelude_layers * outer_layer, core=m.core_layers * core_layer + adapter,
-                       coda=m.coda_layers * outer_layer, head=2 * h * vocab_size)
+                       coda=m.coda_layers * outer_layer, head=2 * h * vocab_size,
+                       readout=getattr(cfg.objective, "readout", "final"), readout_depth=cfg.recurrence.backprop_depth)
 
 
 def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:

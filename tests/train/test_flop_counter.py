@@ -153,3 +153,30 @@ def test_dense_flops_equal_the_counted_forward_and_backward(megatron_single_proc
     expected = (dense_flops_per_token(cfg, model.vocab_size, layers) * tokens.numel()
                 + flash_recompute(cfg, layers, tokens.numel()))
     check(counted, expected, ops, f"dense {name} {layers} layers")
+
+
+@pytest.mark.parametrize("readout,windows", [("all", [(3, 2), (1, 1)]), ("last", [(4, 2)])])
+def test_readout_objectives_count_every_readout(megatron_single_process, readout, windows):
+    """exit_gate reads the model out after n iterations (n = r, or the last k): n coda + head passes, each
+    back-propagated (plus the gate's 2h per token and readout, below the 2% tolerance)."""
+    from types import SimpleNamespace
+
+    from recurdepth.model.build import build_model
+    from recurdepth.objectives import build_objective
+
+    cfg = load_config(TINY, [*SMALL, "objective.kind=exit_gate", f"objective.readout={readout}",
+                             "recurrence.backprop_depth=2"])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    mb = SimpleNamespace(tokens=tokens, labels=labels, sample_ids=None, loss_mask=torch.ones_like(tokens))
+    objective = build_objective(cfg, None)
+    analytic = looped_flops(cfg, model.vocab_size)
+    m = cfg.model
+    for r, k in windows:
+        window = BackpropWindow.of(r, k)
+        n = analytic.readouts(r)
+        assert n == (r if readout == "all" else min(r, 2))
+        counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, window).backward())
+        backprop_layers = m.prelude_layers + n * m.coda_layers + min(r, k) * m.core_layers
+        expected = analytic.per_token(r, k) * tokens.numel() + flash_recompute(cfg, backprop_layers, tokens.numel())
+        check(counted, expected, ops, f"exit_gate readout={readout} r={r} k={k}")

@@ -1,0 +1,173 @@
+"""Learned depth: an exit gate read out after every iteration, trained as Ouro's or PonderNet's halting.
+
+After iteration i = 1..n the model is read out (coda, final norm, head: `LoopedGPTModel.readout_forward`), which
+gives each token a loss L_i and a final-norm hidden state h_i. A gate (`model.exit_gate`, last stage) maps h_i to
+the probability of stopping there,
+
+    lambda_i = sigmoid(w . h_i + b)                                   per token and iteration
+    p(i)     = lambda_i prod_{j<i} (1 - lambda_j)     for i < n,      p(n) = prod_{j<n} (1 - lambda_j)
+
+(the mass left after n-1 continues is the last iteration's; lambda_n is not used), computed in log space:
+log p(i) = log sigma(z_i) + sum_{j<i} log sigma(-z_j). Per token, with the loss mask:
+
+    exit_gate (Ouro, Zhu et al. 2025, arXiv 2510.25741, eq. 4):  sum_i p(i) L_i - beta H(p),   H(p) = -sum p log p
+    ponder    (PonderNet, Banino et al. 2021, arXiv 2107.05407): sum_i p(i) L_i + beta KL(p || q),
+              q(i) = lambda_p (1 - lambda_p)^(i-1) / Z  (the geometric prior truncated to the n readouts, Z its mass)
+
+`objective.readout=all` reads out every iteration of the step's r (so n = r and the gate learns every exit);
+`last` reads out the last `recurrence.backprop_depth` only (fewer head passes; the exits before are not
+learned). Readouts of iterations outside the truncated-backprop window are constants to the core, but their
+coda, head and gate terms carry gradients. The per-token losses and the gate run in float32 at least.
+
+Metrics: `exit/mean_depth` (E_p[i] over the loss-masked tokens, in iterations), `exit/entropy`, `exit/final_loss`
+(the last readout's token-mean loss), `exit/expected_loss` (E_p[L]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from recurdepth.config import require
+from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.parallel.passes import unwrap
+
+
+def halting_log_probs(z: torch.Tensor) -> torch.Tensor:
+    """log p(i) `[n, ...]` of the halting distribution from gate logits z `[n, ...]` (z[n-1] is not used)."""
+    n = z.shape[0]
+    if n == 1:
+        return torch.zeros_like(z)
+    stop = torch.nn.functional.logsigmoid(z[:-1])
+    go_on = torch.nn.functional.logsigmoid(-z[:-1]).cumsum(0)  # sum_{j<=i} log(1 - lambda_j)
+    before = torch.cat([torch.zeros_like(go_on[:1]), go_on[:-1]])  # sum_{j<i}
+    return torch.cat([stop + before, go_on[-1:]])
+
+
+def geometric_log_prior(n: int, rate: float, like: torch.Tensor) -> torch.Tensor:
+    """log q(i), i = 1..n, of Geometric(rate) truncated to n and renormalised; shaped `[n, 1, ...]` to broadcast
+    against `like` `[n, ...]`."""
+    i = torch.arange(n, dtype=torch.float64)
+    log_q = torch.log(torch.tensor(rate, dtype=torch.float64)) + i * torch.log1p(torch.tensor(-rate, dtype=torch.float64))
+    log_q = log_q - torch.logsumexp(log_q, 0)
+    return log_q.to(like.dtype).to(like.device).reshape(n, *([1] * (like.dim() - 1)))
+
+
+class ExitGate(torch.nn.Module):
+    """`model.exit_gate` (last pipeline stage): lambda = sigmoid(w . h + b). w `[h]` and b `[1]` are 1-D, which
+    `initialize_parameters` fills with zeros: lambda = 1/2 at init."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate logits z `[...]` from hidden states `[..., h]` (in float32 at least)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        return hidden.to(dtype) @ self.weight.to(dtype) + self.bias.to(dtype)
+
+
+@dataclass
+class HaltingSection(ObjectiveSection):
+    """`objective.*` of the learned-exit objectives."""
+
+    kind: str = "exit_gate"
+    readout: str = "all"  # all: every iteration is read out (every exit learned); last: the last backprop_depth
+    exit_beta: float = 0.1  # exit_gate: the entropy bonus's weight (Ouro's beta); ponder: the KL's weight
+    ponder_prior: float = 0.25  # ponder: lambda_p of the geometric prior (prior mean depth 1 / lambda_p)
+
+    def validate(self, cfg) -> None:
+        require(self.readout in ("all", "last"), "objective.readout", self.readout, "use all or last")
+        require(self.exit_beta >= 0, "objective.exit_beta", self.exit_beta, "use a weight >= 0")
+        require(0 < self.ponder_prior < 1, "objective.ponder_prior", self.ponder_prior, "use a rate in (0, 1)")
+        require(cfg.parallel.pipeline == 1, "parallel.pipeline", cfg.parallel.pipeline,
+                f"objective.kind={self.kind} reads out every iteration on one stage: it does not run under "
+                f"pipeline parallelism yet; use parallel.pipeline=1 (data or tensor parallelism instead)")
+
+
+class HaltingObjective(Objective):
+    """Shared by `exit_gate` and `ponder`: readouts, gate, halting distribution; `regulariser(log_p)` differs."""
+
+    kind = "exit_gate"
+    Section = HaltingSection
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.section = cfg.objective
+        self._sums: Optional[torch.Tensor] = None
+
+    @classmethod
+    def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict:
+        return {"exit_gate": ExitGate(cfg.model.hidden_size)} if last_stage else {}
+
+    def set_step(self, step: int) -> None:
+        self._sums = None  # the metrics cover one step's (or one evaluation's) micro-batches
+
+    def read_at(self, window) -> Optional[list]:
+        """The iterations read out: every one, or the last `recurrence.backprop_depth`."""
+        if self.section.readout == "all":
+            return None
+        k = max(1, self.cfg.recurrence.backprop_depth)
+        return list(range(max(1, window.total - k + 1), window.total + 1))
+
+    def regulariser(self, log_p: torch.Tensor) -> torch.Tensor:
+        """-beta H(p) per token `[b, s]` (Ouro's entropy bonus)."""
+        return self.section.exit_beta * (log_p.exp() * log_p).sum(0)
+
+    def token_losses(self, losses: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token objective `[b, s]`, log p `[n, b, s]`) from readout losses and gate logits `[n, b, s]`."""
+        log_p = halting_log_probs(z)
+        expected = (log_p.exp() * losses).sum(0)
+        return expected + self.regulariser(log_p), log_p
+
+    def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
+        m = unwrap(model)
+        picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
+                                                   self.read_at(window), collect_health)
+        losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
+        per_token, log_p = self.token_losses(losses, m.exit_gate(hidden))
+        self._record(picked, losses.detach(), log_p.detach(), mb.loss_mask)
+        return (per_token * mb.loss_mask).sum()
+
+    def _record(self, picked, losses, log_p, mask) -> None:
+        p = log_p.exp()
+        depth = torch.tensor(picked, dtype=p.dtype, device=p.device).reshape(-1, 1, 1)
+        mask = mask.to(p.dtype)
+        row = torch.stack([(p * depth).sum(0).mul(mask).sum(), (-(p * log_p).sum(0)).mul(mask).sum(),
+                           (losses[-1] * mask).sum(), ((p * losses).sum(0) * mask).sum(), mask.sum()])
+        self._sums = row if self._sums is None else self._sums + row
+
+    def metrics(self) -> dict[str, float]:
+        """This rank's token means over the step's micro-batches (data-parallel ranks see their own tokens)."""
+        if self._sums is None:
+            return {}
+        depth, entropy, final, expected, _ = (self._sums / self._sums[-1].clamp_min(1)).tolist()
+        self._sums = None
+        return {"exit/mean_depth": depth, "exit/entropy": entropy, "exit/final_loss": final,
+                "exit/expected_loss": expected}
+
+
+class ExitGateObjective(HaltingObjective):
+    """Ouro's entropy-regularised expected loss over the exits."""
+
+    kind = "exit_gate"
+
+
+@dataclass
+class PonderSection(HaltingSection):
+    kind: str = "ponder"
+    exit_beta: float = 0.01  # PonderNet's beta (the KL's weight)
+
+
+class PonderObjective(HaltingObjective):
+    """PonderNet: the expected loss plus beta KL(p || truncated Geometric(lambda_p))."""
+
+    kind = "ponder"
+    Section = PonderSection
+
+    def regulariser(self, log_p: torch.Tensor) -> torch.Tensor:
+        log_q = geometric_log_prior(log_p.shape[0], self.section.ponder_prior, log_p)
+        return self.section.exit_beta * (log_p.exp() * (log_p - log_q)).sum(0)
