@@ -133,3 +133,11 @@ def dense_layers(cfg: Config) -> int:
     m = cfg.model
     return m.num_layers or m.prelude_layers + round(mean_depth(cfg.recurrence)) * m.core_layers + m.coda_layers
 
+
+
+def segment_windows(r: int, segments: int, k: int) -> list[BackpropWindow]:
+    """Deep supervision's segments of a step's r iterations: min(segments, r) runs of r // n iterations, the
+    first r % n one longer, each with gradients through its last min(length, k) (its own truncated window)."""
+    n = max(1, min(segments, r))
+    base, extra = divmod(r, n)
+    return [BackpropWindow.of(base + (1 if i < extra else 0), k) for i in range(n)]

@@ -224,10 +224,16 @@ class LoopedGPTModel(LanguageModule):
                 picked.append(it.index)
         if collect_health:
             self.last_health = recurrence_health(previous.detach(), state.detach())
+        return (picked, *self.read_out(states, labels, position_ids))
+
+    def read_out(self, states: Sequence[torch.Tensor], labels: torch.Tensor,
+                 position_ids: Optional[torch.Tensor] = None) -> tuple:
+        """coda + final norm + head on n states `[s, b, h]` in one pass (stacked along the batch): per-token
+        losses `[n, b, s]` and final-norm hidden `[n, b, s, h]`."""
         n, b = len(states), labels.shape[0]
-        losses, hidden = self.head(torch.cat(states, dim=1), labels.repeat(n, 1), position_ids,
+        losses, hidden = self.head(torch.cat(list(states), dim=1), labels.repeat(n, 1), position_ids,
                                    return_hidden=True)
-        return picked, losses.reshape(n, b, -1), hidden.reshape(n, b, *hidden.shape[1:])
+        return losses.reshape(n, b, -1), hidden.reshape(n, b, *hidden.shape[1:])
 
     def output(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The output layer on final-norm hidden states `x [s, b, h]`: the per-token loss `[b, s]` if labels, else

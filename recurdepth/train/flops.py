@@ -11,7 +11,9 @@ A training step with r iterations, gradients through min(r, k) of them, costs pe
     MFU FLOPs = 3 (F_prelude + F_coda + F_head) + (r + 2 min(r, k)) F_core
 (no-grad iterations are forward only; backward costs twice a forward). The adaptive-depth objectives read the
 model out after n iterations (`objective.readout`: n = r for all, min(r, k) for last), each readout
-back-propagated through coda and head: 3 n (F_coda + F_head) in place of 3 (F_coda + F_head). With per-iteration activation
+back-propagated through coda and head: 3 n (F_coda + F_head) in place of 3 (F_coda + F_head). Deep supervision
+(`objective.supervision_segments` = S) reads out n = min(S, r) segment ends and back-propagates min(m, k) of each
+segment's m iterations: min(r, k) above becomes the sum over segments. With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
 The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
     3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`; dense MLPs).
@@ -33,7 +35,7 @@ import torch
 
 from recurdepth.config import Config
 from recurdepth.devices import ACCELERATORS, datasheet_peak_flops
-from recurdepth.model.depth import dense_layers
+from recurdepth.model.depth import dense_layers, segment_windows
 from recurdepth.model.layers import default_ffn_hidden_size
 
 # Dense bf16 peak FLOP/s of common accelerators (datasheet, without sparsity), by CUDA device-name substring:
@@ -49,9 +51,12 @@ class LoopedFlops:
     head: float
     readout: str = "final"  # objective.readout of the adaptive-depth objectives: all | last (| final: s_r only)
     readout_depth: int = 0  # `last`: the readouts are the last readout_depth iterations (recurrence.backprop_depth)
+    segments: int = 1  # deep supervision: the step's r split into this many segments, each read out, each truncated
 
     def readouts(self, r: int) -> int:
-        """How many times coda + head run on one token's states: once, or per read-out iteration."""
+        """How many times coda + head run on one token's states: once, or per read-out iteration or segment."""
+        if self.segments > 1:
+            return min(self.segments, r)
         if self.readout == "all":
             return r
         if self.readout == "last":
@@ -59,7 +64,7 @@ class LoopedFlops:
         return 1
 
     def per_token(self, r: int, k: int, recompute: bool = False) -> float:
-        grad = min(r, k)
+        grad = min(r, k) if self.segments <= 1 else sum(w.with_grad for w in segment_windows(r, self.segments, k))
         core_passes = r + 2 * grad + (grad if recompute else 0)
         return 3 * self.prelude + 3 * self.readouts(r) * (self.coda + self.head) + core_passes * self.core
 
@@ -97,7 +102,8 @@ def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
     adapter = 4 * h * h if m.adapter in ("concat", "gate") else 0
     return LoopedFlops(prelude=m.prelude_layers * outer_layer, core=m.core_layers * core_layer + adapter,
                        coda=m.coda_layers * outer_layer, head=2 * h * vocab_size,
-                       readout=getattr(cfg.objective, "readout", "final"), readout_depth=cfg.recurrence.backprop_depth)
+                       readout=getattr(cfg.objective, "readout", "final"), readout_depth=cfg.recurrence.backprop_depth,
+                       segments=getattr(cfg.objective, "supervision_segments", 1))
 
 
 def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:

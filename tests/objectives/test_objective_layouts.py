@@ -2,7 +2,7 @@
 (1e-5 relative): pause (random pretraining pauses and M pauses before procedural answers; the looped pipeline
 schedule), coconut (its curriculum crosses stages 0..3 in 4 steps, so 1, 3, 5 and 5 passes per micro-batch;
 `pipeline_run` through `pipelined_forward`), the plain LM objective driven through `pipelined_forward`, and the
-learned exits (exit_gate, ponder) under DP=2 and TP=2 (they refuse PP: tests/objectives/test_halting.py)."""
+learned exits (exit_gate, ponder) and deep supervision under DP=2 and TP=2 (they refuse PP: tests/objectives/test_halting.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ OBJECTIVE = {
     # learned exits: every iteration read out, the gate's halting distribution in the loss
     "exit_gate": ["objective.kind=exit_gate", "objective.exit_beta=0.05",
                   "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
+    "deep_supervision": ["objective.kind=deep_supervision", "objective.supervision_segments=2",
+                         "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
     "ponder": ["objective.kind=ponder", "objective.readout=last",
                "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
 }
@@ -67,7 +69,8 @@ def one_process(tmp_path_factory, data_cache):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,layout", [("pause", "dp2"), ("pause", "pp2"), ("coconut", "dp2"), ("coconut", "pp2"),
-                                         ("exit_gate", "dp2"), ("exit_gate", "tp2"), ("ponder", "tp2")])
+                                         ("exit_gate", "dp2"), ("exit_gate", "tp2"), ("ponder", "tp2"),
+                                         ("deep_supervision", "dp2"), ("deep_supervision", "tp2")])
 def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
     run_cli([*BASE, *OBJECTIVE[kind], *LAYOUTS[layout], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"],
             nproc=2)

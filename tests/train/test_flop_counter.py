@@ -180,3 +180,25 @@ def test_readout_objectives_count_every_readout(megatron_single_process, readout
         backprop_layers = m.prelude_layers + n * m.coda_layers + min(r, k) * m.core_layers
         expected = analytic.per_token(r, k) * tokens.numel() + flash_recompute(cfg, backprop_layers, tokens.numel())
         check(counted, expected, ops, f"exit_gate readout={readout} r={r} k={k}")
+
+
+def test_deep_supervision_counts_each_segment_window_and_readout(megatron_single_process):
+    from types import SimpleNamespace
+
+    from recurdepth.model.build import build_model
+    from recurdepth.model.depth import segment_windows
+    from recurdepth.objectives import build_objective
+
+    cfg = load_config(TINY, [*SMALL, "objective.kind=deep_supervision", "objective.supervision_segments=3",
+                             "recurrence.backprop_depth=2"])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    mb = SimpleNamespace(tokens=tokens, labels=labels, sample_ids=None, loss_mask=torch.ones_like(tokens))
+    objective, analytic, m = build_objective(cfg, None), looped_flops(cfg, model.vocab_size), cfg.model
+    window = BackpropWindow.of(7, 2)  # segments of 3, 2, 2 iterations: 2 + 2 + 2 with gradients
+    counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, window).backward())
+    grad = sum(w.with_grad for w in segment_windows(7, 3, 2))
+    assert grad == 6 and analytic.readouts(7) == 3
+    backprop_layers = m.prelude_layers + 3 * m.coda_layers + grad * m.core_layers
+    expected = analytic.per_token(7, 2) * tokens.numel() + flash_recompute(cfg, backprop_layers, tokens.numel())
+    check(counted, expected, ops, "deep_supervision S=3 r=7 k=2")

@@ -1,0 +1,98 @@
+"""Deep supervision (TRM, Jolicoeur-Martineau 2025, arXiv 2510.04871; HRM, Wang et al. 2025): the step's r core
+iterations run as S segments, the state detached between them, a loss on every segment's readout.
+
+    segments (model/depth.py `segment_windows`): n = min(S, r) runs of r // n iterations (the first r % n one
+    longer), each with its own truncated-backprop window (gradients through its last min(m, k) iterations)
+    s^(0) = s_0;  s^(j) = core^{m_j}(s^(j-1).detach(), e)          the state detached between segments
+    loss  = sum_j w_j L(head(coda(s^(j))))                         per token, where the loss mask is 1
+
+`objective.supervision_weights` are w_1..w_S (default 1/S each); when r < S the last n weights are used. TRM runs
+one optimizer step per segment (N_sup up to 16, the state carried between them); here the segments' losses are
+summed into one step, which gives the same gradients as accumulating them (each segment's graph is its own) and
+keeps the step the unit that the data, the depth sampler and checkpoints count. The readouts of the n segment
+ends go through the coda and head in one batched pass. Metrics: `supervision/first_loss`, `supervision/last_loss`
+(token means of the first and last segment's readout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from recurdepth.config import require
+from recurdepth.model.depth import segment_windows
+from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.parallel.passes import unwrap
+
+
+@dataclass
+class DeepSupervisionSection(ObjectiveSection):
+    kind: str = "deep_supervision"
+    supervision_segments: int = 2  # S segments of the step's r iterations, each read out and supervised
+    supervision_weights: list = field(default_factory=list)  # w_1..w_S (default 1/S each)
+
+    def validate(self, cfg) -> None:
+        require(self.supervision_segments >= 2, "objective.supervision_segments", self.supervision_segments,
+                "use 2 or more segments (1 is the plain lm objective)")
+        require(not self.supervision_weights or len(self.supervision_weights) == self.supervision_segments,
+                "objective.supervision_weights", self.supervision_weights,
+                f"give one weight per segment ({self.supervision_segments}), or none for 1/S each")
+        require(all(isinstance(w, (int, float)) and w >= 0 for w in self.supervision_weights),
+                "objective.supervision_weights", self.supervision_weights, "use weights >= 0")
+        require(cfg.parallel.pipeline == 1, "parallel.pipeline", cfg.parallel.pipeline,
+                "objective.kind=deep_supervision reads every segment out on one stage: it does not run under "
+                "pipeline parallelism yet; use parallel.pipeline=1 (data or tensor parallelism instead)")
+
+
+class DeepSupervisionObjective(Objective):
+    kind = "deep_supervision"
+    Section = DeepSupervisionSection
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        o = cfg.objective
+        self.segments = o.supervision_segments
+        self.weights = [float(w) for w in o.supervision_weights] or [1.0 / self.segments] * self.segments
+        self._sums: Optional[torch.Tensor] = None
+
+    def set_step(self, step: int) -> None:
+        self._sums = None
+
+    def segment_losses(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
+        """Per-token losses `[n, b, s]` of the n segment readouts."""
+        m = unwrap(model)
+        e = m.embed(mb.tokens)
+        rope = m.rope(m.full_seq_len(e))
+        state = previous = m.initial_state(e, mb.sample_ids)
+        ends = []
+        for segment in segment_windows(window.total, self.segments, self.cfg.recurrence.backprop_depth
+                                       if window.with_grad else 0):
+            state = state.detach()
+            for it in segment.iterations():
+                previous, state = state, m.iteration(it, state, e, rope)
+            ends.append(state)
+        if collect_health:
+            from recurdepth.model.looped_gpt import recurrence_health
+
+            m.last_health = recurrence_health(previous.detach(), state.detach())
+        losses, _ = m.read_out(ends, mb.labels)
+        return losses.to(torch.promote_types(e.dtype, torch.float32))  # megatron's cross-entropy is float32
+
+    def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
+        losses = self.segment_losses(model, mb, window, collect_health)
+        n = losses.shape[0]
+        weights = torch.tensor(self.weights[-n:], dtype=losses.dtype, device=losses.device).reshape(n, 1, 1)
+        mask = mb.loss_mask.to(losses.dtype)
+        with torch.no_grad():
+            row = torch.stack([(losses[0] * mask).sum(), (losses[-1] * mask).sum(), mask.sum()])
+            self._sums = row if self._sums is None else self._sums + row
+        return ((weights * losses).sum(0) * mask).sum()
+
+    def metrics(self) -> dict[str, float]:
+        if self._sums is None:
+            return {}
+        first, last, _ = (self._sums / self._sums[-1].clamp_min(1)).tolist()
+        self._sums = None
+        return {"supervision/first_loss": first, "supervision/last_loss": last}
