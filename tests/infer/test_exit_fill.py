@@ -1,0 +1,101 @@
+"""Early exit in a batch against a reference that decodes each row alone, one position at a time, without
+`LoopedKVCache`: its keys and values live in plain per-position lists, and a later token's core iteration i reads
+an earlier position u's keys and values of iteration min(i, d_u) — the last one u computed (the stated fill rule
+for skipped iterations, as Huginn and Ouro decode). Greedy tokens equal, logits to 1e-10 in float64; and the test
+fails when the decoder's fill is removed (checked below by removing it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recurdepth.infer.decoder import DecodeOptions, LoopedDecoder
+from recurdepth.infer.kv_cache import LoopedKVCache
+from recurdepth.model.depth import BackpropWindow
+from recurdepth.model.layers import hook_output, hook_qkv
+from tests.infer.test_decoder import make_model, tokens
+
+R = 6
+
+
+def reference_logits(model, x: torch.Tensor, depths: list) -> torch.Tensor:
+    """Logits `[1, T, V]` of one row `x [1, T]` whose position t ran `depths[t]` core iterations (zeros s_0)."""
+    cfg = model.config
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    rope = model.rotary_pos_emb(x.shape[1])
+    store: dict = {}  # (layer name, iteration or None) -> {position: (k, v)}
+
+    def hooks(t: int, iteration):
+        def attend_for(name, layer):
+            slot = iteration if name.startswith("core.") else None
+
+            def attend(normed):
+                attn = layer.self_attention
+                q, k, v = hook_qkv(attn, normed, rope[t:t + 1])
+                store.setdefault((name, slot), {})[t] = (k, v)
+                # earlier positions: the keys/values of their last computed iteration at or before this one
+                past = [store[(name, slot if slot is None else min(slot, depths[u]))][u] for u in range(t + 1)]
+                keys = torch.cat([kv[0] for kv in past]).permute(1, 2, 0, 3)
+                values = torch.cat([kv[1] for kv in past]).permute(1, 2, 0, 3)
+                out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values,
+                                                     enable_gqa=groups != heads)
+                return hook_output(attn, out.permute(2, 0, 1, 3).reshape(1, 1, -1))
+            return attend
+        return attend_for
+
+    rows = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            e = model.embed(x[:, t:t + 1], attend_for=hooks(t, None))
+            state = torch.zeros_like(e)
+            for it in BackpropWindow(depths[t], 0).iterations():
+                state = model.iteration(it, state, e, None, attend_for=hooks(t, it.index))
+            rows.append(model.head(state, attend_for=hooks(t, None)).transpose(0, 1))
+    return torch.cat(rows, 1)
+
+
+def decode_with_exits(model, prompt: torch.Tensor, new: int, eps: float):
+    """Greedy decoding of the batch with the KL exit: (tokens `[b, T]`, logits `[b, T, V]`, depths `[b, T]`: the
+    core iterations each position ran; the prompt's prefill runs all R)."""
+    b, p = prompt.shape
+    dec = LoopedDecoder(model, b, p + new, DecodeOptions(depth=R, exit_kl=eps))
+    logits = [dec.step(prompt)]
+    seq = prompt
+    for _ in range(new - 1):
+        nxt = logits[-1][:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+        logits.append(dec.step(nxt))
+    depths = [dec.depths[0].view(b, 1).expand(b, p)] + [d.view(b, 1) for d in dec.depths[1:]]
+    return seq, torch.cat(logits, 1), torch.cat(depths, 1)
+
+
+@pytest.fixture(scope="module")
+def decoded(megatron_single_process):
+    model = make_model()
+    prompt = tokens(2, 4, seed=5)
+    for eps in (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
+        seq, logits, depths = decode_with_exits(model, prompt, 10, eps)
+        decode = depths[:, 4:]
+        # a useful case: exits below R that later positions attend through, differing between the rows
+        if (decode < R).sum() >= 3 and (decode[0] != decode[1]).any() and (decode[:, :-1] < R).any():
+            return model, prompt, seq, logits, depths, eps
+    pytest.fail("no eps gave early exits that later tokens attend through")
+
+
+def test_batched_early_exit_equals_each_row_decoded_alone(decoded):
+    model, prompt, seq, logits, depths, eps = decoded
+    for row in range(2):
+        ref = reference_logits(model, seq[row:row + 1], depths[row].tolist())
+        torch.testing.assert_close(logits[row:row + 1], ref[:, :logits.shape[1]], rtol=0, atol=1e-10)
+        assert torch.equal(ref[0, prompt.shape[1] - 1:-1].argmax(-1), seq[row, prompt.shape[1]:])  # same greedy tokens
+
+
+def test_the_fill_of_skipped_iterations_is_what_makes_them_equal(decoded, monkeypatch):
+    """Without the fill, a skipped slot keeps zeros (or an older token's values): the reference disagrees."""
+    model, prompt, _, _, _, eps = decoded
+    monkeypatch.setattr(LoopedKVCache, "fill", lambda self, start, done: self._last.clear())
+    seq, logits, depths = decode_with_exits(model, prompt, 10, eps)
+    worst = max((logits[row:row + 1] - reference_logits(model, seq[row:row + 1], depths[row].tolist())
+                 [:, :logits.shape[1]]).abs().max().item() for row in range(2))
+    assert worst > 1e-6
