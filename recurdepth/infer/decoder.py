@@ -11,6 +11,11 @@ self-attention replaced through the model's `attend_for` hook by one over a KV c
 Adaptive depth (one position at a time): after every iteration i >= 2 the head is applied to s_i, and a row
 stops when KL(p_{i-1} || p_i) < eps (Huginn's KL exit, arXiv 2502.05171 sec. 6); rows that stopped keep their
 state while the others go on. eps = 0 never stops (KL is clamped at 0), so it is full-depth decoding.
+With the learned gate (`exit_gate` q, a model trained with objective.kind=exit_gate or ponder): after every
+iteration i the gate reads the head's final-norm hidden state, lambda_i = sigmoid(w . h_i + b), and a row stops
+at the first i whose exit CDF sum_{j<=i} lambda_j prod_{l<j} (1 - lambda_l) reaches q (Ouro's deterministic
+exit, arXiv 2510.25741). The keys and values of the iterations a row skipped are its last computed ones
+(`LoopedKVCache.fill`; Huginn and Ouro decode so): later tokens attend to them.
 
 One process only (TP = PP = 1): the caller builds the model that way (`recurdepth.infer.loading`).
 """
@@ -39,6 +44,7 @@ class DecodeOptions:
 
     depth: int = 4
     exit_kl: Optional[float] = None
+    exit_gate: Optional[float] = None  # q in (0, 1]: stop at the first iteration whose gate exit CDF reaches q
     kv_share: Optional[int] = None
     warm_start: bool = False
     init: str = "zeros"
@@ -55,6 +61,11 @@ class LoopedDecoder:
     def __init__(self, model, batch: int, max_len: int, options: DecodeOptions):
         if options.depth < 1:
             raise ValueError(f"depth={options.depth}: use at least 1 iteration")
+        if options.exit_kl is not None and options.exit_gate is not None:
+            raise ValueError("choose one exit rule: exit_kl or exit_gate")
+        if options.exit_gate is not None and not hasattr(model, "exit_gate"):
+            raise ValueError("the gate exit needs a model trained with objective.kind=exit_gate or ponder "
+                             "(this one has no model.exit_gate)")
         if options.init not in INITS:
             raise ValueError(f"init={options.init!r}: use one of {', '.join(INITS)}")
         self.model, self.options = model, options
@@ -115,36 +126,49 @@ class LoopedDecoder:
         state = self._initial_state(e) if s0 is None else s0.to(e)
         depth, eps = self.options.depth, self.options.exit_kl
         b = tokens.shape[0]
-        if eps is None or s > 1:
+        if (eps is None and self.options.exit_gate is None) or s > 1:
             for it in BackpropWindow(depth, 0).iterations():
                 state = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1))
             used = torch.full((b,), depth, dtype=torch.long)
             logits = self._head(state, start)
         else:
-            state, logits, used = self._adaptive(state, e, start, eps)
+            state, logits, used = self._adaptive(state, e, start)
         self.cache.fill(start, used.to(self.device))
         self.cache.length = start + s
         self.prev_state = state[-1:]
         self.depths.append(used)
         return logits.transpose(0, 1)
 
-    def _adaptive(self, state, e, start: int, eps: float):
-        """Iterate one position until KL(p_{i-1} || p_i) < eps per row (or the maximum depth)."""
+    def _adaptive(self, state, e, start: int):
+        """Iterate one position until its row's exit rule says stop (or the maximum depth): KL(p_{i-1} || p_i) <
+        eps, or the gate's exit CDF >= q."""
         b = state.shape[1]
+        eps, q = self.options.exit_kl, self.options.exit_gate
         active = torch.ones(b, dtype=torch.bool, device=state.device)
         used = torch.zeros(b, dtype=torch.long)
         logits, prev_logp = None, None
+        cdf = torch.zeros(b, dtype=torch.float64, device=state.device)
+        survive = torch.ones(b, dtype=torch.float64, device=state.device)
         for it in BackpropWindow(self.options.depth, 0).iterations():
             new = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1, active))
             state = torch.where(active.view(1, -1, 1), new, state)
             used += active.cpu().long()
-            new_logits = self._head(state, start)
+            if q is None:
+                new_logits = self._head(state, start)
+            else:
+                out, hidden = self.model.head(state, attend_for=self._cached(start), return_hidden=True)
+                new_logits = out.transpose(0, 1)
+                lam = torch.sigmoid(self.model.exit_gate(hidden[:, -1]).double())  # [b]
+                cdf, survive = cdf + lam * survive, survive * (1 - lam)
             logits = new_logits if logits is None else torch.where(active.view(1, -1, 1), new_logits, logits)
-            logp = F.log_softmax(logits[-1].float(), dim=-1)  # [b, V]
-            if prev_logp is not None:
-                kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0.0)
-                active &= ~(kl < eps)
-            prev_logp = logp
+            if q is not None:
+                active &= ~(cdf >= q)
+            else:
+                logp = F.log_softmax(logits[-1].float(), dim=-1)  # [b, V]
+                if prev_logp is not None:
+                    kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0.0)
+                    active &= ~(kl < eps)
+                prev_logp = logp
             if not bool(active.any()):
                 break
         return state, logits, used

@@ -1,6 +1,6 @@
 """`recurdepth eval CHECKPOINT --depths 1,2,4,8,16,32`: how a looped model's quality depends on test-time depth.
 
-At each depth r (or maximum depth, with `--exit-kl`):
+At each depth r (or maximum depth, with `--exit-kl` or `--exit-gate`):
 - validation loss and perplexity on the held-out split of the checkpoint's training blend (answer-only tokens
   for procedural sources, as in training), with the model's own forward;
 - accuracy on held-out procedural tasks: greedy KV-cached generation after the prompt, scored by the task's
@@ -275,12 +275,17 @@ def _eval(args: argparse.Namespace) -> int:
     args.max_depth = depths[-1]
     options = options_from_args(args)
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
+    from recurdepth.infer.generate import require_gate
+
+    require_gate(loaded, options)
     sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
     rows = run_eval(loaded, depths, sets, options, args.valid_samples)
     out = Path(args.out) if args.out else default_out_dir(loaded.path)
-    mode = f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else "fixed depth"
+    mode = (f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else
+            f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else "fixed depth")
     title = f"{loaded.path} ({mode})"
-    meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "kv_share": args.kv_share,
+    meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "exit_gate": args.exit_gate,
+            "kv_share": args.kv_share,
             "warm_start": args.warm_start, "init": args.init,
             "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
                           for s in sets]}

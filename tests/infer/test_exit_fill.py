@@ -99,3 +99,55 @@ def test_the_fill_of_skipped_iterations_is_what_makes_them_equal(decoded, monkey
     worst = max((logits[row:row + 1] - reference_logits(model, seq[row:row + 1], depths[row].tolist())
                  [:, :logits.shape[1]]).abs().max().item() for row in range(2))
     assert worst > 1e-6
+
+
+def reference_gate_decode(model, x: torch.Tensor, prompt_len: int, q: float):
+    """One row decoded alone with the learned gate's exit: position t >= prompt_len stops at the first iteration
+    whose exit CDF sum_j lambda_j prod_{l<j} (1 - lambda_l) reaches q (Ouro); the reference's own depths and
+    logits, its keys and values in plain lists (`reference_logits`' fill rule). Recomputes the row once per
+    position: position t's depth is found with positions < t fixed."""
+    depths = [R] * x.shape[1]
+    for t in range(prompt_len, x.shape[1]):
+        for d in range(1, R + 1):  # the first depth at which the CDF over iterations 1..d reaches q
+            depths[t] = d
+            cdf, survive = 0.0, 1.0
+            for i in range(1, d + 1):
+                lam = gate_at(model, x[:, :t + 1], depths[:t] + [i])
+                cdf, survive = cdf + lam * survive, survive * (1 - lam)
+            if cdf >= q:
+                break
+    return reference_logits(model, x, depths), depths
+
+
+def gate_at(model, x, depths) -> float:
+    """lambda of the last position of `x` after depths[-1] iterations (earlier positions at their depths)."""
+    captured = {}
+    handle = model.final_layernorm.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
+    try:
+        reference_logits(model, x, depths)
+    finally:
+        handle.remove()
+    return torch.sigmoid(model.exit_gate(captured["h"][-1, 0])).item()
+
+
+def test_the_gate_exit_in_a_batch_equals_each_row_decoded_alone(megatron_single_process):
+    model = make_model("objective.kind=exit_gate")
+    with torch.no_grad():
+        model.exit_gate.weight.normal_(0, 4.0, generator=torch.Generator().manual_seed(11))
+        model.exit_gate.bias.fill_(-1.0)
+    prompt = tokens(2, 3, seed=6)
+    b, p, new, q = 2, 3, 6, 0.5
+    dec = LoopedDecoder(model, b, p + new, DecodeOptions(depth=R, exit_gate=q))
+    logits, seq = [dec.step(prompt)], prompt
+    for _ in range(new - 1):
+        nxt = logits[-1][:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+        logits.append(dec.step(nxt))
+    got = torch.cat(logits, 1)
+    decode_depths = torch.stack(dec.depths[1:], 1)  # [b, new - 1]
+    print("gate exit depths", decode_depths.tolist())
+    assert (decode_depths < R).any() and (decode_depths > 1).any(), decode_depths  # the gate really decides
+    for row in range(b):
+        ref, depths = reference_gate_decode(model, seq[row:row + 1], p, q)
+        assert depths[p:] == decode_depths[row].tolist()
+        torch.testing.assert_close(got[row:row + 1], ref, rtol=0, atol=1e-10)
