@@ -133,8 +133,8 @@ def gate_at(model, x, depths) -> float:
 def test_the_gate_exit_in_a_batch_equals_each_row_decoded_alone(megatron_single_process):
     model = make_model("objective.kind=exit_gate")
     with torch.no_grad():
-        model.exit_gate.weight.normal_(0, 4.0, generator=torch.Generator().manual_seed(11))
-        model.exit_gate.bias.fill_(-1.0)
+        model.exit_gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(11))
+        model.exit_gate.bias.fill_(-1.5)
     prompt = tokens(2, 3, seed=6)
     b, p, new, q = 2, 3, 6, 0.5
     dec = LoopedDecoder(model, b, p + new, DecodeOptions(depth=R, exit_gate=q))
