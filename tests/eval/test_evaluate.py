@@ -104,6 +104,8 @@ def checkpoints(megatron_single_process, tmp_path_factory):
     write_checkpoint(cfg, build_model(cfg, 264), root / "plain", 264)
     cfg = load_config(None, SMALL_MODEL + ["data.tokenizer=sentencepiece", f"data.tokenizer_model={root}/gone.model"])
     write_checkpoint(cfg, build_model(cfg, 264), root / "no-tokenizer", 264)
+    cfg = load_config(None, SMALL_MODEL + ["objective.kind=exit_gate"])
+    write_checkpoint(cfg, build_model(cfg, 264), root / "gated", 264)
     (root / "foreign").mkdir()
     (root / "foreign" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return root
@@ -131,9 +133,20 @@ def test_bad_input_raises_a_one_line_error(checkpoints, call, error):
 @pytest.mark.parametrize("args,message", [
     (["eval", "{root}/plain", "--depths", "0,4"], "depth"),
     (["export", "{root}/plain", "{root}/hf"], "model.norm_before_coda"),
+    (["generate", "{root}/plain", "--prompt", "a", "--exit-gate", "0.5"], "trained with objective.kind=exit_gate"),
+    (["generate", "{root}/gated", "--prompt", "a", "--exit-gate", "1.5"], "threshold q in (0, 1]"),
 ])
 def test_cli_prints_one_error_line_and_exits_2(checkpoints, args, message):
     out = run_cli([a.format(root=checkpoints) for a in args], check=False, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+
+
+def test_generate_with_the_gate_exit_reports_its_mean_depth(checkpoints):
+    out = run_cli(["generate", str(checkpoints / "gated"), "--prompt", "ab", "--exit-gate", "0.5", "--max-depth", "6",
+                   "--max-new-tokens", "4"], timeout=120)
+    tail = out.stdout.strip().splitlines()[-1]
+    assert "exit-gate 0.5 (max 6)" in tail
+    mean = float(tail.split("mean depth ")[1].rstrip("]"))
+    assert 1 <= mean < 6  # lambda = 1/2 at init: the exit CDF reaches 0.5 after the first iteration
