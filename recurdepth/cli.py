@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(verbs)
     add_bench_parser(verbs)
     from recurdepth.export.cli import add_export_parsers
-    from recurdepth.infer.evaluate import add_eval_parser
-    from recurdepth.infer.generate import add_generate_parser
+    from recurdepth.infer.cli import add_eval_parser, add_generate_parser
 
     add_eval_parser(verbs)
     add_generate_parser(verbs)

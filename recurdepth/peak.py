@@ -233,13 +233,3 @@ def run_peak_bench(args) -> int:
     kept = record(peak, refresh=args.refresh)
     print(f"cached ({cache_path()}): {kept.describe()}")
     return 0
-
-
-def add_peak_bench_parser(subs) -> None:
-    p = subs.add_parser("peak", help="measure the matmul peak MFU divides by (best of N bursts, with the spread) "
-                                     "and cache it per machine, dtype and thread count")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="default fp32")
-    p.add_argument("--bursts", type=int, default=10, help="bursts of square torch.mm (default 10)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
-    p.add_argument("--refresh", action="store_true", help="replace the cached entry even if it is higher")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, not cached: for CI")

@@ -37,24 +37,6 @@ QUICK = {"depths": "2,4", "batches": "1,2", "new_tokens": 4, "prompt_length": 4,
 DEFAULTS = {"depths": "4,32", "batches": "1,8", "new_tokens": 32, "prompt_length": 32, "repeats": 3}
 
 
-def add_decode_bench_parser(subs) -> None:
-    p = subs.add_parser("decode", help="tokens/s of greedy `generate` (KV cache, KL exit) vs naive decoding "
-                                       "(megatron forward and plain PyTorch, no cache)")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
-    p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="decode a trained checkpoint's model instead of a randomly initialised one")
-    p.add_argument("--depths", default=None, help="comma-separated r values (default 4,32)")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 32)")
-    p.add_argument("--prompt-length", type=int, default=None, help="prompt ids per row (default 32)")
-    p.add_argument("--exit-kl", type=float, default=5e-4, metavar="EPS",
-                   help="KL threshold of the exit-kl variant (default 5e-4)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, r=2,4, batch 1,2, 4 tokens: for CI")
-    p.add_argument("--out", default=None, help="also write the rows as JSON here")
-
-
 def run_decode_bench(args) -> int:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:

@@ -125,13 +125,3 @@ def run_dense_bench(args) -> int:
               f"{fast / peak.best:>9.3f} {ratio:>9}")
     print("vs dense = achieved FLOP/s ratio, best step / median step")
     return 0
-
-
-def add_dense_bench_parser(subs) -> None:
-    p = subs.add_parser("dense", help="looped model vs a dense megatron GPT with the same depth: achieved FLOP/s")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/bench.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
-    p.add_argument("--depth", type=int, default=None, help="r (default: the config's fixed depth or rounded mean)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps of each model (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, one step: for CI")

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 from recurdepth.bench.harness import QUICK_OVERRIDES, bench_trainer
+from recurdepth.bench.names import GPU_CHECKS as CHECKS
 from recurdepth.model.depth import BackpropWindow
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_CONFIG = str(ROOT / "configs" / "bench.yaml")
 QUIET_STAR_CONFIG = str(ROOT / "configs" / "quiet-star.yaml")
-CHECKS = ("te-vs-local", "train-step", "decode", "compile", "ckpt-te-local", "quiet-star")
 NO_TE = "transformer_engine not installed / no CUDA: skipped"
 # ~1B parameters (recurdepth.plan.shape.total_params: 0.93B with the byte tokenizer): P2 + R4 x r + C2 at h=3072
 BIG = ["model.hidden_size=3072", "model.num_heads=24", "model.prelude_layers=2", "model.core_layers=4",
@@ -367,13 +367,3 @@ def run_gpu_check(args) -> int:
           f"{time.perf_counter() - start:.0f} s ({', '.join(f'{r.check} {r.seconds:.0f} s' for r in rows)})")
     print(format_table(rows), flush=True)
     return 1 if any(r.status == "FAIL" for r in rows) else 0
-
-
-def add_gpu_check_parser(subs) -> None:
-    p = subs.add_parser("gpu-check", help="the GPU acceptance checks in one table: TE vs local spec, a ~1B bf16 step "
-                                          "(tokens/s, MFU), train.compile, TE checkpoint -> local load, KV-cached "
-                                          "decoding, a Quiet-STaR step (--quick: tiny shapes, for CI)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, one timed step: for CI (CPU)")
-    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CHECKS)}")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="skip checks that would start after this many seconds (default 480; --quick: none)")

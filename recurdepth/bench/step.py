@@ -241,23 +241,3 @@ def _header(trainer, threads: int, steps: int, warmup: int) -> str:
 def _row(label, r, k, tokens, seconds, flops, hw_flops, peak) -> str:
     return (f"{label:>6} {r:>4} {k:>3} {tokens:>8,.0f} {seconds:>8.2f} {tokens / seconds:>9,.0f} "
             f"{flops / seconds / 1e9:>8.1f} {flops / seconds / peak:>7.3f} {hw_flops / seconds / peak:>7.3f}")
-
-
-def add_step_bench_parser(subs) -> None:
-    p = subs.add_parser("step", help="tokens/s, achieved FLOP/s, MFU/HFU of the training step vs a measured mm peak")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/bench.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: for CI")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile two more steps of recurdepth and of the plain baseline: ms per op, side by side")
-    p.add_argument("--precisions", metavar="LIST", default=None,
-                   help="train the config in each of these precisions (e.g. fp32,bf16), steps interleaved in one "
-                        "run; tokens/s and MFU (each against its own dtype's peak) side by side")
-    p.add_argument("--huginn", metavar="DIR", default=None,
-                   help="also time Huginn's published modeling code from this checkout of "
-                        "seal-rg/recurrent-pretraining (needs transformers<5), interleaved")
-
-

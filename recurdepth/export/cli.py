@@ -11,14 +11,17 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.errors import ConfigError
 from recurdepth.model.names import local_name, to_local
 
 FORMATS = ("hf-huginn",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names; torch is imported when a command runs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def write_checkpoint(cfg, model, root: Path, vocab_size: int) -> Path:
@@ -40,6 +43,8 @@ def write_checkpoint(cfg, model, root: Path, vocab_size: int) -> Path:
 def _zero_adam_state(adam: torch.optim.Optimizer) -> None:
     """Adam state as before the first step (zero moments, step 0): what a checkpoint needs to hold, with no step
     taken, so that the weights stay exactly as imported."""
+    import torch
+
     for group in adam.param_groups:
         for p in group["params"]:
             state = adam.state[p]
@@ -60,7 +65,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, fmt: str = "hf-huginn", dty
     check_export_target(Path(out_dir), overwrite)
     check_exportable(checkpoint_config(resolve_checkpoint(checkpoint)))  # refuse before building anything
     loaded = load_model(checkpoint, tokenizer=tokenizer, verify=verify)
-    return export_huginn(loaded, Path(out_dir), _DTYPES[dtype], overwrite=overwrite)
+    import torch
+
+    return export_huginn(loaded, Path(out_dir), getattr(torch, dtype), overwrite=overwrite)
 
 
 def check_import_target(out: Path) -> None:
@@ -113,6 +120,8 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
     model = build_model(cfg, tok.vocab_size, dtype)
     weights = from_huginn_state(hf_state, cfg)
     check_imported_shapes(to_local(model.state_dict()), weights)
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():  # either spec's names (the TE spec where it is the default)
             param.copy_(weights[local_name(name)])

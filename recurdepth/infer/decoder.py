@@ -22,34 +22,16 @@ One process only (TP = PP = 1): the caller builds the model that way (`recurdept
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from recurdepth.infer.kv_cache import LoopedKVCache
+from recurdepth.infer.options import INITS, DecodeOptions
 from recurdepth.model.depth import BackpropWindow
 from recurdepth.model.layers import hook_output, hook_qkv
 from recurdepth.seeding import device_generator
-
-INITS = ("zeros", "random")
-
-
-@dataclass
-class DecodeOptions:
-    """How each position is computed: `depth` iterations at most; `exit_kl` eps (None = fixed depth);
-    `kv_share` m (None = a cache slot per iteration); `warm_start` s_0 from the previous token's final state
-    (decoding only); `init` of s_0 otherwise (zeros, or the model's truncated normal from a seeded generator)."""
-
-    depth: int = 4
-    exit_kl: Optional[float] = None
-    exit_gate: Optional[float] = None  # q in (0, 1]: stop at the first iteration whose gate exit CDF reaches q
-    kv_share: Optional[int] = None
-    warm_start: bool = False
-    init: str = "zeros"
-    seed: int = 0
-
 
 class LoopedDecoder:
     """Runs a looped model over a growing batch of sequences `[b, t]` with a `LoopedKVCache`.

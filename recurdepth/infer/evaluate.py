@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import argparse
 import csv
 import json
 import math
@@ -29,7 +28,7 @@ import torch
 
 from recurdepth.errors import ConfigError, DataError
 from recurdepth.infer.decoder import DecodeOptions
-from recurdepth.infer.generate import add_decode_arguments, generate
+from recurdepth.infer.generate import generate
 
 
 @dataclass
@@ -262,48 +261,3 @@ def default_out_dir(checkpoint: Path) -> Path:
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / checkpoint.name
     return checkpoint.parent / f"{checkpoint.name}-eval"
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from recurdepth.infer.generate import options_from_args
-    from recurdepth.infer.loading import load_model
-
-    depths = parse_depths(args.depths)
-    if args.n < 1:
-        raise ConfigError(f"--n {args.n}: use at least 1 sample per task")
-    args.depth = depths[-1]
-    args.max_depth = depths[-1]
-    options = options_from_args(args)
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
-    from recurdepth.infer.generate import require_gate
-
-    require_gate(loaded, options)
-    sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
-    rows = run_eval(loaded, depths, sets, options, args.valid_samples)
-    out = Path(args.out) if args.out else default_out_dir(loaded.path)
-    mode = (f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else
-            f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else "fixed depth")
-    title = f"{loaded.path} ({mode})"
-    meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "exit_gate": args.exit_gate,
-            "kv_share": args.kv_share,
-            "warm_start": args.warm_start, "init": args.init,
-            "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
-                          for s in sets]}
-    written = write_outputs(rows, out, title, meta)
-    print("wrote " + ", ".join(str(p) for p in written.values() if p), flush=True)
-    return 0
-
-
-def add_eval_parser(verbs) -> None:
-    e = verbs.add_parser("eval", help="validation loss and task accuracy vs test-time depth: recurdepth eval CKPT "
-                                      "--depths 1,2,4,8,16,32")
-    e.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
-    e.add_argument("--depths", default="1,2,4,8,16,32", help="comma-separated iterations r (each >= 1)")
-    e.add_argument("--task", action="append", default=None, metavar="NAME[@key=value,...]",
-                   help="a procedural task and difficulty to score (repeatable); default: each trained task at its "
-                        "training difficulty and harder")
-    e.add_argument("--n", type=int, default=200, help="held-out samples per task and difficulty")
-    e.add_argument("--valid-samples", type=int, default=64, help="validation sequences for the loss (0 = skip)")
-    e.add_argument("--out", default=None, help="output folder (default <run dir>/eval/<checkpoint name>)")
-    add_decode_arguments(e)
-    e.set_defaults(func=_eval)

@@ -9,14 +9,12 @@ from a single-position step, where adaptive exit applies.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from recurdepth.errors import ConfigError
-from recurdepth.infer.decoder import INITS, DecodeOptions, decoder_for
+from recurdepth.infer.decoder import DecodeOptions, decoder_for
 
 
 @dataclass
@@ -69,91 +67,3 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, options: DecodeOp
     counted = used > 0
     mean = float(used[counted].float().mean()) if bool(counted.any()) else 0.0
     return GenerateResult(tokens=tokens, depths=used, mean_depth=mean)
-
-
-def options_from_args(args: argparse.Namespace) -> DecodeOptions:
-    """DecodeOptions from `--depth/--exit-kl/--exit-gate/--max-depth/--kv-share/--warm-start/--init`."""
-    exit_gate = getattr(args, "exit_gate", None)
-    if args.exit_kl is not None and exit_gate is not None:
-        raise ConfigError("give one exit rule: --exit-kl EPS or --exit-gate Q, not both")
-    if exit_gate is not None and not 0 < exit_gate <= 1:
-        raise ConfigError(f"--exit-gate {exit_gate}: use a threshold q in (0, 1] on the gate's exit CDF (1 = full depth)")
-    if args.exit_kl is not None or exit_gate is not None:
-        if args.exit_kl is not None and args.exit_kl < 0:
-            raise ConfigError(f"--exit-kl {args.exit_kl}: use eps >= 0 (0 = never exit early)")
-        depth = args.max_depth
-    else:
-        depth = args.depth
-    if depth is None or depth <= 0:
-        raise ConfigError(f"depth {depth} is invalid; use --depth N (N >= 1), or --exit-kl EPS with --max-depth N >= 1")
-    if args.kv_share is not None and args.kv_share < 1:
-        raise ConfigError(f"--kv-share {args.kv_share}: use m >= 1 cache slots per core layer")
-    return DecodeOptions(depth=depth, exit_kl=args.exit_kl, exit_gate=exit_gate, kv_share=args.kv_share,
-                         warm_start=args.warm_start,
-                         init=args.init, seed=args.seed)
-
-
-def require_gate(loaded, options: DecodeOptions) -> None:
-    """--exit-gate needs the gate a halting objective trains (`model.exit_gate`): one line otherwise."""
-    if options.exit_gate is not None and not hasattr(loaded.model, "exit_gate"):
-        raise ConfigError(f"--exit-gate needs a checkpoint trained with objective.kind=exit_gate or ponder; "
-                          f"{loaded.path} was trained with objective.kind={loaded.cfg.objective.kind} (no exit gate); "
-                          f"use --exit-kl EPS or --depth N")
-
-
-def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool = False) -> None:
-    parser.add_argument("--exit-kl", type=float, default=None, metavar="EPS",
-                        help="adaptive depth: stop a token's iterations once KL(p_{i-1} || p_i) < EPS")
-    parser.add_argument("--exit-gate", type=float, default=None, metavar="Q",
-                        help="adaptive depth with the learned gate (a model trained with objective.kind=exit_gate "
-                             "or ponder): stop at the first iteration whose exit CDF reaches Q")
-    parser.add_argument("--max-depth", type=int, default=32,
-                        help="most iterations per token with --exit-kl or --exit-gate")
-    parser.add_argument("--kv-share", type=int, default=None, metavar="M",
-                        help="share the core's KV cache over iterations: slot i mod M (default: one per iteration)")
-    parser.add_argument("--warm-start", action="store_true",
-                        help="start each generated token's recurrence from the previous token's final state")
-    parser.add_argument("--init", choices=INITS, default="zeros", help="initial state s_0 (default zeros)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and a random s_0")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to use instead of the checkpoint's: 'byte' or a sentencepiece .model")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="load the checkpoint without checking its files against the sha256 sums written at save")
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from recurdepth.infer.loading import load_model, require_looped
-
-    if (args.depth is None) == (args.exit_kl is None and args.exit_gate is None):
-        raise ConfigError("give exactly one of --depth N, --exit-kl EPS or --exit-gate Q")
-    options = options_from_args(args)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
-    require_looped(loaded, "recurdepth generate")
-    require_gate(loaded, options)
-    tok = loaded.tokenizer
-    ids = [tok.eod] + tok.tokenize(args.prompt)  # documents follow an eod in training
-    result = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens, options, tok.eod,
-                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, vocab_size=loaded.vocab_size)
-    row = result.tokens[0].tolist()
-    text = tok.detokenize(row[:row.index(tok.eod)] if tok.eod in row else row)
-    print(args.prompt + text, flush=True)
-    mode = (f"exit-kl {args.exit_kl:g} (max {options.depth})" if args.exit_kl is not None else
-            f"exit-gate {args.exit_gate:g} (max {options.depth})" if args.exit_gate is not None else
-            f"depth {options.depth}")
-    print(f"[{len(row)} tokens | {mode} | mean depth {result.mean_depth:.2f}]", flush=True)
-    return 0
-
-
-def add_generate_parser(verbs) -> None:
-    g = verbs.add_parser("generate", help="generate text from a checkpoint: recurdepth generate CKPT --prompt TEXT "
-                                          "--depth N | --exit-kl EPS | --exit-gate Q")
-    g.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--depth", type=int, default=None, help="iterations of the core per token")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    add_decode_arguments(g)
-    g.set_defaults(func=_generate)

@@ -205,3 +205,15 @@ def test_each_folder_imports_only_what_the_architecture_allows():
             if t_unit not in allowed and t_unit.split(".")[0] not in allowed:
                 wrong.append(f"{name} imports {target}")
     assert wrong == [], "\n".join(wrong)
+
+
+def test_building_the_command_line_imports_neither_torch_nor_megatron():
+    """`recurdepth --help`, the light verbs (data, plan, launch, compare, sweep) and every refused command line
+    start in well under a second: the parsers import no torch (1-2 s) and no megatron (3-4 s more)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from recurdepth.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
