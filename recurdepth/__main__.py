@@ -1,4 +1,4 @@
-from recurdepth.cli import main
+from recurdepth.cli import run
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing starts a spawn-context Manager
-    main()
+    run()
