@@ -123,35 +123,38 @@ class LoopedDecoder:
 
     def _adaptive(self, state, e, start: int):
         """Iterate one position until its row's exit rule says stop (or the maximum depth): KL(p_{i-1} || p_i) <
-        eps, or the gate's exit CDF >= q."""
+        eps, or the gate's exit CDF >= q. The batch is compacted: each iteration (core, coda and head) runs on the
+        rows still iterating only, so a row that exited costs nothing more."""
         b = state.shape[1]
         eps, q = self.options.exit_kl, self.options.exit_gate
-        active = torch.ones(b, dtype=torch.bool, device=state.device)
+        active = torch.arange(b, device=state.device)  # the rows still iterating
         used = torch.zeros(b, dtype=torch.long)
         logits, prev_logp = None, None
         cdf = torch.zeros(b, dtype=torch.float64, device=state.device)
         survive = torch.ones(b, dtype=torch.float64, device=state.device)
         for it in BackpropWindow(self.options.depth, 0).iterations():
-            new = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1, active))
-            state = torch.where(active.view(1, -1, 1), new, state)
-            used += active.cpu().long()
-            if q is None:
-                new_logits = self._head(state, start)
-            else:
-                out, hidden = self.model.head(state, attend_for=self._cached(start), return_hidden=True)
-                new_logits = out.transpose(0, 1)
-                lam = torch.sigmoid(self.model.exit_gate(hidden[:, -1]).double())  # [b]
-                cdf, survive = cdf + lam * survive, survive * (1 - lam)
-            logits = new_logits if logits is None else torch.where(active.view(1, -1, 1), new_logits, logits)
+            new = self.model.iteration(it, state[:, active], e[:, active], None,
+                                       attend_for=self._cached(start, it.index - 1, active))
+            state = state.index_copy(1, active, new)
+            used[active.cpu()] += 1
+            out, hidden = self.model.head(new, attend_for=self._cached(start, None, active), return_hidden=True)
+            new_logits = out.transpose(0, 1)  # [1, n, V]
+            logits = (new_logits if logits is None else logits.index_copy(1, active, new_logits))
             if q is not None:
-                active &= ~(cdf >= q)
+                lam = torch.sigmoid(self.model.exit_gate(hidden[:, -1]).double())  # [n]
+                cdf[active], survive[active] = cdf[active] + lam * survive[active], survive[active] * (1 - lam)
+                stop = cdf[active] >= q
             else:
-                logp = F.log_softmax(logits[-1].float(), dim=-1)  # [b, V]
+                logp = F.log_softmax(new_logits[-1].float(), dim=-1)  # [n, V]
+                stop = torch.zeros(len(active), dtype=torch.bool, device=state.device)
                 if prev_logp is not None:
-                    kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0.0)
-                    active &= ~(kl < eps)
-                prev_logp = logp
-            if not bool(active.any()):
+                    kl = (prev_logp[active].exp() * (prev_logp[active] - logp)).sum(-1).clamp_min(0.0)
+                    stop = kl < eps
+                    prev_logp = prev_logp.index_copy(0, active, logp)
+                else:
+                    prev_logp = logp
+            active = active[~stop]
+            if len(active) == 0:
                 break
         return state, logits, used
 

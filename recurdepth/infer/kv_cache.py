@@ -49,8 +49,10 @@ class LoopedKVCache:
 
     def update(self, name: str, k: torch.Tensor, v: torch.Tensor, start: int, iteration: Optional[int] = None,
                rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k, v [b, g, s, hn]` at positions [start, start + s) (of `iteration`'s slot for a core layer; only
-        the batch rows where `rows` is True) and return the keys and values of positions [0, start + s)."""
+        """Write `k, v [b, g, s, hn]` at positions [start, start + s) (of `iteration`'s slot for a core layer) and
+        return the keys and values of positions [0, start + s). With `rows` (batch row indices, a compacted
+        batch: only the rows still iterating), `k, v` are those rows' `[len(rows), g, s, hn]`, and so is what
+        comes back."""
         core = iteration is not None
         keys, values = self._buffers(name, core)
         if core:
@@ -61,14 +63,20 @@ class LoopedKVCache:
         if rows is None:
             keys[:, :, start:end], values[:, :, start:end] = k, v
         else:
-            m = rows.view(-1, 1, 1, 1)
-            keys[:, :, start:end] = torch.where(m, k, keys[:, :, start:end])
-            values[:, :, start:end] = torch.where(m, v, values[:, :, start:end])
+            keys[rows, :, start:end], values[rows, :, start:end] = k, v
         if core:
-            last = self._last.get(name)
-            self._last[name] = (k, v) if last is None or rows is None else (
-                torch.where(rows.view(-1, 1, 1, 1), k, last[0]), torch.where(rows.view(-1, 1, 1, 1), v, last[1]))
-        return keys[:, :, :end], values[:, :, :end]
+            if rows is None:
+                self._last[name] = (k, v)
+            else:
+                last = self._last.get(name)
+                if last is None:
+                    shape = (self.shape[0], *k.shape[1:])
+                    last = (k.new_zeros(shape), v.new_zeros(shape))
+                last[0][rows], last[1][rows] = k, v
+                self._last[name] = last
+        if rows is None:
+            return keys[:, :, :end], values[:, :, :end]
+        return keys[rows, :, :end], values[rows, :, :end]
 
     def fill(self, start: int, iterations_done: torch.Tensor) -> None:
         """After the core loop for positions [start, start + s): every core slot a row did not write (it ran

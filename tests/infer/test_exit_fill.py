@@ -151,3 +151,21 @@ def test_the_gate_exit_in_a_batch_equals_each_row_decoded_alone(megatron_single_
         ref, depths = reference_gate_decode(model, seq[row:row + 1], p, q)
         assert depths[p:] == decode_depths[row].tolist()
         torch.testing.assert_close(got[row:row + 1], ref, rtol=0, atol=1e-10)
+
+
+def test_rows_that_exited_leave_the_batch(decoded):
+    """Compaction: after a row exits, the core and the head run on the other rows only; the core's rows summed
+    over its calls equal the iterations the rows used (a masked batch would run all rows every iteration)."""
+    model, prompt, seq, _, _, eps = decoded
+    rows = []
+    handle = model.core["0"].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        dec = LoopedDecoder(model, 2, seq.shape[1], DecodeOptions(depth=R, exit_kl=eps))
+        dec.step(seq[:, :prompt.shape[1]])
+        rows.clear()
+        for t in range(prompt.shape[1], seq.shape[1]):
+            dec.step(seq[:, t:t + 1])
+    finally:
+        handle.remove()
+    used = torch.stack(dec.depths[1:])
+    assert sum(rows) == int(used.sum()) < 2 * R * used.shape[0]
