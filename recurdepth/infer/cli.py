@@ -114,7 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
     require_gate(loaded, options)
     sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
-    rows = run_eval(loaded, depths, sets, options, args.valid_samples)
+    exit_rows = [] if options.exit_kl is not None or options.exit_gate is not None else None
+    rows = run_eval(loaded, depths, sets, options, args.valid_samples, exit_rows)
     out = Path(args.out) if args.out else default_out_dir(loaded.path)
     mode = (f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else
             f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else "fixed depth")
@@ -124,7 +125,7 @@ def _eval(args: argparse.Namespace) -> int:
             "warm_start": args.warm_start, "init": args.init,
             "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
                           for s in sets]}
-    written = write_outputs(rows, out, title, meta)
+    written = write_outputs(rows, out, title, meta, exit_rows)
     print("wrote " + ", ".join(str(p) for p in written.values() if p), flush=True)
     return 0
 

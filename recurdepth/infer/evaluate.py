@@ -19,7 +19,7 @@ import dataclasses
 import csv
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -121,10 +121,12 @@ def task_sets(cfg, specs: Optional[list[str]], n: int, seed: int) -> list[TaskSe
 
 
 @torch.no_grad()
-def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int = 64) -> tuple[float, float]:
+def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int = 64,
+                  exit_depths: Optional[Counter] = None) -> tuple[float, float]:
     """(fraction of samples whose greedy answer the verifier accepts, mean iterations per generated token).
     Prompts are `<eod> prompt + " "` (a document starts after an eod in training), batched by token length;
-    generation stops at eod or 4 tokens past the longest reference answer."""
+    generation stops at eod or 4 tokens past the longest reference answer. `exit_depths`, if given, counts the
+    generated tokens by the iterations each used."""
     from recurdepth.data.procedural import verify_sample
 
     tok = loaded.tokenizer
@@ -143,6 +145,8 @@ def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int
                 answer = tok.detokenize(row[:row.index(tok.eod)] if tok.eod in row else row)
                 correct += bool(verify_sample(sample, answer.strip()))
             counted = result.depths > 0
+            if exit_depths is not None:
+                exit_depths.update(result.depths[counted].tolist())
             depth_sum += float(result.depths[counted].sum())
             depth_count += int(counted.sum())
     return correct / max(len(samples), 1), depth_sum / max(depth_count, 1)
@@ -166,7 +170,10 @@ def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int =
     return total / max(tokens, 1), tokens
 
 
-def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOptions, valid_samples: int) -> list[Row]:
+def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOptions, valid_samples: int,
+             exit_rows: Optional[list] = None) -> list[Row]:
+    """The rows of every depth; `exit_rows`, if given, gets {depth, task, exit_depth, tokens} per exit depth used
+    (the exit-depth histogram of each task set at each maximum depth)."""
     rows = []
     valid = None
     if valid_samples > 0:
@@ -188,31 +195,85 @@ def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOpti
                          Row(depth, "valid_ppl", "", math.exp(min(loss, 50.0)), n, depth)]
             opts = DecodeOptions(**{**asdict(options), "depth": depth})
             for ts in sets:
-                acc, mean_depth = task_accuracy(loaded, ts.samples, opts)
+                used = Counter()
+                acc, mean_depth = task_accuracy(loaded, ts.samples, opts, exit_depths=used)
                 rows.append(Row(depth, "accuracy", ts.label, acc, len(ts.samples), mean_depth))
+                if exit_rows is not None:
+                    exit_rows += [{"depth": depth, "task": ts.label, "exit_depth": d, "tokens": n}
+                                  for d, n in sorted(used.items())]
         line = " | ".join(f"{r.task or r.metric} {r.value:.4g}" for r in rows if r.depth == depth)
         print(f"r={depth:3d} | {line}", flush=True)
     return rows
 
 
-def write_outputs(rows: list[Row], out: Path, title: str, meta: dict) -> dict:
-    """eval.json, eval.csv, depth_sweep.png and TensorBoard scalars under `out`; returns the paths written."""
+def write_outputs(rows: list[Row], out: Path, title: str, meta: dict, exit_rows: Optional[list] = None) -> dict:
+    """eval.json, eval.csv, depth_sweep.png, compute.csv / compute.png (accuracy vs mean iterations per generated
+    token: the compute Pareto curve), exit_depths.csv (with an exit rule: tokens per exit depth, per task and
+    maximum depth) and TensorBoard scalars under `out`; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    (out / "eval.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
+                                               "exit_depths": exit_rows or []}, indent=1) + "\n")
     with open(out / "eval.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     written = {"json": out / "eval.json", "csv": out / "eval.csv"}
+    accuracy = [r for r in rows if r.metric == "accuracy"]
+    with open(out / "compute.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "max_depth", "mean_iterations", "accuracy", "n"])
+        writer.writerows([r.task, r.depth, r.mean_depth, r.value, r.n] for r in accuracy)
+    written["compute_csv"] = out / "compute.csv"
+    if exit_rows:
+        with open(out / "exit_depths.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["depth", "task", "exit_depth", "tokens"])
+            writer.writeheader()
+            writer.writerows(exit_rows)
+        written["exit_csv"] = out / "exit_depths.csv"
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tensorboard")) as tb:
         for r in rows:
             name = f"eval/{r.metric}" + (f"/{r.task}" if r.task else "")
             tb.add_scalar(name, r.value, global_step=r.depth)
+        for r in accuracy:  # the Pareto curve: accuracy against the iterations it cost (x100 for an integer step)
+            tb.add_scalar(f"eval/accuracy_vs_iterations/{r.task}", r.value, global_step=round(100 * r.mean_depth))
+        for e in exit_rows or []:
+            tb.add_scalar(f"eval/exit_depth_tokens/{e['task']}/r{e['depth']}", e["tokens"], global_step=e["exit_depth"])
     written["tensorboard"] = out / "tensorboard"
     written["png"] = plot(rows, out / "depth_sweep.png", title)
+    written["compute_png"] = plot_compute(accuracy, out / "compute.png", title)
     return written
+
+
+def plot_compute(accuracy: list[Row], path: Path, title: str) -> Optional[Path]:
+    """Accuracy vs mean iterations per generated token, one line per task set (the compute Pareto curve)."""
+    if not accuracy:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by_task = defaultdict(list)
+    for r in accuracy:
+        by_task[r.task].append((r.mean_depth, r.value))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, points in by_task.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("mean core iterations per generated token")
+    ax.set_ylabel("accuracy (verifier)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:

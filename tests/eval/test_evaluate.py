@@ -46,6 +46,27 @@ def test_depth_sweep_writes_tables_plot_and_tensorboard(tiny, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in written["tensorboard"].iterdir())
 
 
+def test_an_exit_rule_writes_the_exit_histogram_and_the_compute_curve(tiny, tmp_path):
+    """With --exit-kl the histogram counts every generated token once, at the depth it used, and the compute
+    curve's mean iterations are the histogram's mean."""
+    import csv
+
+    loaded, sets = tiny
+    exit_rows = []
+    rows = run_eval(loaded, [4], sets, DecodeOptions(exit_kl=1e-3), valid_samples=0, exit_rows=exit_rows)
+    written = write_outputs(rows, tmp_path, "tiny", {"depths": [4]}, exit_rows)
+    assert {e["task"] for e in exit_rows} == {"parity", "addition"}
+    assert all(1 <= e["exit_depth"] <= 4 for e in exit_rows)
+    for r in rows:
+        mine = [e for e in exit_rows if e["task"] == r.task]
+        mean = sum(e["exit_depth"] * e["tokens"] for e in mine) / sum(e["tokens"] for e in mine)
+        assert abs(mean - r.mean_depth) < 1e-9
+    compute = list(csv.DictReader(written["compute_csv"].open()))
+    assert [(c["task"], float(c["mean_iterations"])) for c in compute] == [(r.task, r.mean_depth) for r in rows]
+    assert written["exit_csv"].read_text().splitlines()[0] == "depth,task,exit_depth,tokens"
+    assert written["compute_png"].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_accuracy_is_scored_by_the_verifier(tiny, monkeypatch):
     """A model that always answers correctly scores 1, one that answers wrongly 0."""
     import recurdepth.infer.evaluate as ev
