@@ -171,6 +171,9 @@ class CheckpointConfig:
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this, permanently
     verify: bool = True  # check every file's sha256 (written at save) before loading; --no-verify skips it
     allow_changes: list = field(default_factory=list)  # model/objective keys resume may change, e.g. [model.rotary_base]
+    # a checkpoint (step_* dir, checkpoints folder or run dir) whose model weights start a fresh run: no optimizer
+    # state, step 0; tensors it lacks (an objective's new modules) keep their initialisation. Ignored on resume.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -325,6 +328,8 @@ class Config:
         _require(not self.train.overlap_grad_reduce, "train.overlap_grad_reduce", True,
                  "it is the megatron engine's option; with train.engine=deepspeed use deepspeed.overlap_comm")
         _require(d.reduce_bucket_size >= 1, "deepspeed.reduce_bucket_size", d.reduce_bucket_size, "use >= 1")
+        _require(not self.checkpoint.init_from, "checkpoint.init_from", self.checkpoint.init_from,
+                 "starting from another checkpoint's weights works with train.engine=megatron only yet")
 
     def _validate_sources(self) -> None:
         d = self.data

@@ -145,12 +145,16 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
                                seed=cfg.train.seed, use_te=use_te, pre_process=pp_rank == 0,
                                post_process=pp_rank == pp_size - 1,
                                core_range=core_range)
-        if extra_modules is None:
-            from recurdepth.objectives.registry import objective_class
+        from recurdepth.objectives.registry import objective_class
 
+        if extra_modules is None:
             extra_modules = objective_class(cfg.objective.kind).extra_modules
         for name, module in extra_modules(cfg, model.pre_process, model.post_process).items():
             model.add_module(name, module)  # construction: the objective's weights live in the model
+        trainable = objective_class(cfg.objective.kind).trainable
+        for local_name, param in model.named_parameters():
+            if not trainable(cfg, _global_name_and_shard(local_name, cfg)[0]):
+                param.requires_grad_(False)  # before DDP and the optimizer see it
     model.to(device=device, dtype=params_dtype)  # torch norms are built in the default dtype
     mark_tensor_parallel_params(model)
     if not on_meta:

@@ -40,6 +40,7 @@ class Objective:
       `procedural_options(cfg, tokenizer)`                  (classmethod) options for writing procedural samples;
       `transform_dataset(cfg, tokenizer, dataset, split)`  (classmethod) the data this objective trains on;
       `extra_modules(cfg, first_stage, last_stage)`         (classmethod) weights it adds to the model, by name;
+      `trainable(cfg, name)`                                (classmethod) False freezes parameter `name`;
       `bind(model)`                                         the model it runs through (the trainer calls it once);
       `set_step(step)`                                      the optimizer step about to run (curricula);
       `pipeline_run(model, batches, window)`               overridden: under PP it runs its own passes
@@ -85,6 +86,13 @@ class Objective:
     def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict[str, torch.nn.Module]:
         """Submodules registered on the model at construction (so DDP, the optimizer and checkpoints see them)."""
         return {}
+
+    @classmethod
+    def trainable(cls, cfg, name: str) -> bool:
+        """Whether the model's parameter `name` (its global name, e.g. `core.0.mlp.linear_fc1.weight`) trains;
+        frozen ones get `requires_grad=False` before the engine wraps the model, so DDP, the optimizer and the
+        gradient norm leave them out. Default: every parameter trains."""
+        return True
 
     # ------------------------------------------------------------------ the step
 

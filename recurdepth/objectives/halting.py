@@ -19,6 +19,13 @@ log p(i) = log sigma(z_i) + sum_{j<i} log sigma(-z_j). Per token, with the loss 
 learned). Readouts of iterations outside the truncated-backprop window are constants to the core, but their
 coda, head and gate terms carry gradients. The per-token losses and the gate run in float32 at least.
 
+exit_gate_tune (Ouro's second stage, sec. 3.4): the LM frozen (every parameter but the gate), its readouts
+computed without gradients; per token and iteration i < n the detached improvement of going on,
+I_i = max(0, L_i - L_{i+1}), gives the target probability of continuing w_i = sigmoid(k (I_i - gamma)) (k = 50,
+gamma = 0.005: `objective.tune_slope`, `objective.tune_margin`), and the gate is trained with the binary cross-entropy
+-[w_i log(1 - lambda_i) + (1 - w_i) log lambda_i], averaged over the n - 1 decisions. Start it from a stage-1
+checkpoint with `checkpoint.init_from=RUN_DIR` (a fresh run: new optimizer state).
+
 Metrics: `exit/mean_depth` (E_p[i] over the loss-masked tokens, in iterations), `exit/entropy`, `exit/final_loss`
 (the last readout's token-mean loss), `exit/expected_loss` (E_p[L]).
 """
@@ -171,3 +178,47 @@ class PonderObjective(HaltingObjective):
     def regulariser(self, log_p: torch.Tensor) -> torch.Tensor:
         log_q = geometric_log_prior(log_p.shape[0], self.section.ponder_prior, log_p)
         return self.section.exit_beta * (log_p.exp() * (log_p - log_q)).sum(0)
+
+
+@dataclass
+class ExitGateTuneSection(HaltingSection):
+    kind: str = "exit_gate_tune"
+    tune_slope: float = 50.0  # k of w = sigmoid(k (I - gamma))
+    tune_margin: float = 0.005  # gamma: the improvement in loss worth one more iteration
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        require(self.tune_slope > 0, "objective.tune_slope", self.tune_slope, "use a slope > 0 (Ouro: 50)")
+
+
+class ExitGateTuneObjective(HaltingObjective):
+    """Ouro's stage II: only the gate trains, towards continuing where the next iteration still helps."""
+
+    kind = "exit_gate_tune"
+    Section = ExitGateTuneSection
+
+    @classmethod
+    def trainable(cls, cfg, name: str) -> bool:
+        return name.startswith("exit_gate.")
+
+    def token_losses(self, losses: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token BCE `[b, s]`, log p `[n, b, s]`) from detached readout losses and gate logits `[n, b, s]`."""
+        log_p = halting_log_probs(z)
+        n = z.shape[0]
+        if n == 1:
+            return z[0] * 0, log_p
+        improvement = (losses[:-1] - losses[1:]).clamp_min(0).detach()
+        go_on = torch.sigmoid(self.section.tune_slope * (improvement - self.section.tune_margin))
+        log_stop, log_go = torch.nn.functional.logsigmoid(z[:-1]), torch.nn.functional.logsigmoid(-z[:-1])
+        return -(go_on * log_go + (1 - go_on) * log_stop).mean(0), log_p
+
+    def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
+        m = unwrap(model)
+        with torch.no_grad():  # the LM is frozen: its readouts are data for the gate
+            picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
+                                                       self.read_at(window), collect_health)
+        losses = losses.to(torch.promote_types(hidden.dtype, torch.float32))
+        per_token, log_p = self.token_losses(losses, m.exit_gate(hidden))
+        self._record(picked, losses, log_p.detach(), mb.loss_mask)
+        return (per_token * mb.loss_mask).sum()
+

@@ -18,6 +18,7 @@ OBJECTIVES: dict = {
     "coconut": "recurdepth.objectives.coconut:CoconutObjective",
     "exit_gate": "recurdepth.objectives.halting:ExitGateObjective",
     "ponder": "recurdepth.objectives.halting:PonderObjective",
+    "exit_gate_tune": "recurdepth.objectives.halting:ExitGateTuneObjective",
     "deep_supervision": "recurdepth.objectives.deep_supervision:DeepSupervisionObjective",
 }
 

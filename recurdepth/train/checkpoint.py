@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.compat.scheduler import load_scheduler_state
 from recurdepth.errors import CheckpointError
-from recurdepth.model.names import with_extra_state
+from recurdepth.model.names import EXTRA_STATE, with_extra_state
 from recurdepth.train.faults import maybe_fail_save
 from recurdepth.train.state import Lineage, TrainState  # noqa: F401 - re-exported: where they were
 
@@ -620,6 +620,43 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
     ts = loaded["train_state"]
     return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
                       skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
+
+
+def load_model_weights(path: Path, model, verify: bool = True) -> list[str]:
+    """The model weights of checkpoint `path` into `model`, nothing else (no optimizer state, schedule or step):
+    `checkpoint.init_from`. megatron's dist_checkpointing reads them under any TP/PP/DP layout. Returns the
+    names of this model's tensors the checkpoint does not hold (they keep their initialisation); a tensor of
+    another shape is a CheckpointError."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint.init_from={path} is not a complete checkpoint (no {MANIFEST}); "
+                              f"pick a complete step_* directory")
+    if verify:
+        verify_checkpoint(path, distributed=True)
+    inner = _unwrap(model)
+    wanted = inner.sharded_state_dict()
+    try:
+        saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"cannot read checkpoint.init_from={path} ({type(exc).__name__}); it is truncated "
+                              f"or corrupt: pick another step_* directory") from exc
+    request = {name: sh for name, sh in wanted.items() if getattr(sh, "key", None) in saved}
+    missing = sorted(name for name, sh in wanted.items()
+                     if name not in request and not name.endswith(EXTRA_STATE))
+    try:
+        loaded = dist_checkpointing.load({"model": request}, str(path))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"cannot load the weights of checkpoint.init_from={path} into this model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); its shapes differ "
+                              f"from the configured model's: use the same model section") from exc
+    result = inner.load_state_dict(with_extra_state(inner, loaded["model"]), strict=False)
+    unexpected_missing = sorted(set(result.missing_keys) - set(missing) - {k for k in result.missing_keys
+                                                                           if k.endswith(EXTRA_STATE)})
+    if unexpected_missing:
+        raise CheckpointError(f"checkpoint.init_from={path} left {', '.join(unexpected_missing[:5])} unloaded")
+    return missing
 
 
 def saved_config(path: Path) -> dict:

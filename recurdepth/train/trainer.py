@@ -119,6 +119,8 @@ class Trainer:
         if plan.archive:
             self._archive = plan
         if plan.target is None:
+            if self.cfg.checkpoint.init_from:
+                self.init_from(self.cfg.checkpoint.init_from)
             return
         self.state = self.load(plan.target)
         # a checkpoint from before lineages has no run_id: continue it under this run's (agreed) id
@@ -127,6 +129,20 @@ class Trainer:
         if self.is_logger:
             print(f"resumed from {plan.target} at step {self.state.step} "
                   f"({self.state.consumed_samples} samples consumed)", flush=True)
+
+    def init_from(self, source: str) -> None:
+        """`checkpoint.init_from`: a fresh run (step 0, new optimizer state) starting from another checkpoint's
+        model weights, under any layout; tensors that checkpoint lacks keep their initialisation (said once)."""
+        from recurdepth.infer.loading import resolve_checkpoint
+        from recurdepth.train.checkpoint import load_model_weights
+
+        path = resolve_checkpoint(source)
+        missing = load_model_weights(path, self.model, verify=self.cfg.checkpoint.verify)
+        self.engine.weights_loaded()
+        if self.is_logger:
+            kept = f"; not in it, kept as initialised: {', '.join(missing)}" if missing else ""
+            print(f"initialised from the model weights of {path} (a fresh run: step 0, new optimizer state){kept}",
+                  flush=True)
 
     def start(self) -> None:
         """Take the run-dir lock, then write what a run writes before its first step (moves implied by the

@@ -146,3 +146,34 @@ def test_pipeline_parallelism_is_refused_with_the_reason():
 
     with pytest.raises(ConfigError, match="parallel.pipeline=1"):
         load_config(None, ["objective.kind=ponder", "parallel.pipeline=2", "model.core_layers=2"])
+
+
+def test_the_gate_tuning_loss_equals_ouros_stage_two_restated():
+    """exit_gate_tune: BCE of the gate's continue probability against w = sigmoid(50 (max(0, L_i - L_{i+1}) -
+    0.005)), averaged over the n - 1 decisions; the readout losses are targets (no gradient into them)."""
+    _, obj = objective("exit_gate_tune")
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    L = (2 * torch.rand(5, 2, 3, generator=gen, dtype=torch.float64)).requires_grad_()
+    ours, _ = obj.token_losses(L, z)
+    lam = torch.sigmoid(z)
+    terms = []
+    for i in range(4):
+        w = torch.sigmoid(50 * (torch.clamp(L[i] - L[i + 1], min=0) - 0.005)).detach()
+        terms.append(-(w * torch.log(1 - lam[i]) + (1 - w) * torch.log(lam[i])))
+    theirs = torch.stack(terms).mean(0)
+    assert torch.allclose(ours, theirs, atol=1e-10, rtol=0)
+    g_ours, = torch.autograd.grad(ours.sum(), z)
+    g_theirs, = torch.autograd.grad(theirs.sum(), z)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-10, rtol=0)
+    assert torch.autograd.grad(obj.token_losses(L, z)[0].sum(), L, allow_unused=True)[0] is None
+
+
+def test_gate_tuning_freezes_everything_but_the_gate(megatron_single_process):
+    from recurdepth.model.build import build_model
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.num_heads=4", "model.seq_length=16",
+                             "objective.kind=exit_gate_tune"])
+    model = build_model(cfg, 300)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["exit_gate.bias", "exit_gate.weight"]

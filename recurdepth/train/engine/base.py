@@ -59,6 +59,14 @@ class Engine:
         """{file name: text} the engine writes into the run directory at start (its resolved config)."""
         return {}
 
+    def weights_loaded(self) -> None:
+        """The model's weights were replaced in place (`checkpoint.init_from`): bring the optimizer's own copies
+        of them (main parameters) up to date."""
+        from recurdepth.errors import ConfigError
+
+        raise ConfigError(f"checkpoint.init_from is not supported with train.engine={self.name} yet; "
+                          f"use train.engine=megatron")
+
     # ------------------------------------------------------------------ the step
 
     def prepare(self, tokens: torch.Tensor) -> None:

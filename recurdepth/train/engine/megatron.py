@@ -35,6 +35,9 @@ class MegatronEngine(Engine):
     def label(self) -> str:
         return "megatron " + ("distributed optimizer" if self.cfg.optimizer.distributed else "DDP")
 
+    def weights_loaded(self) -> None:
+        self.optimizer.reload_model_params()  # main (fp32) parameters from the model's, as megatron's finetuning
+
     def prepare(self, tokens: torch.Tensor) -> None:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
