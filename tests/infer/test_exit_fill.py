@@ -19,8 +19,14 @@ from tests.infer.test_decoder import make_model, tokens
 R = 6
 
 
-def reference_logits(model, x: torch.Tensor, depths: list) -> torch.Tensor:
-    """Logits `[1, T, V]` of one row `x [1, T]` whose position t ran `depths[t]` core iterations (zeros s_0)."""
+def reference_logits(model, x: torch.Tensor, depths: list, share=None, prompt_len: int = 0) -> torch.Tensor:
+    """Logits `[1, T, V]` of one row `x [1, T]` whose position t ran `depths[t]` core iterations (zeros s_0).
+    With `share=m` (Huginn's compressed cache, restated): iteration i of a core layer writes slot (i - 1) mod m,
+    a later write to the same slot replacing an earlier one, and a later token reads each earlier position's
+    slot as that position left it; a slot a position never wrote holds its last computed keys and values (the
+    prompt, `prompt_len` positions, is then one parallel chunk, as the decoder prefills it)."""
+    if share is not None:
+        return _shared_reference(model, x, depths, share, prompt_len)
     cfg = model.config
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
     rope = model.rotary_pos_emb(x.shape[1])
@@ -55,11 +61,53 @@ def reference_logits(model, x: torch.Tensor, depths: list) -> torch.Tensor:
     return torch.cat(rows, 1)
 
 
-def decode_with_exits(model, prompt: torch.Tensor, new: int, eps: float):
+def _shared_reference(model, x: torch.Tensor, depths: list, m: int, prompt_len: int) -> torch.Tensor:
+    """The prompt [0, prompt_len) runs as one parallel chunk (its positions attend to each other's keys of the
+    same iteration, as a prefill does); every later position runs alone."""
+    cfg = model.config
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
+    rope = model.rotary_pos_emb(x.shape[1])
+    slots: dict = {}  # (layer, slot or None) -> {position: (k, v)}, overwritten in place
+    last: dict = {}  # layer -> {position: (k, v)} of the newest iteration each position ran
+
+    def hooks(start: int, n: int, iteration):
+        def attend_for(name, layer):
+            slot = None if not name.startswith("core.") else (iteration - 1) % m
+
+            def attend(normed):
+                attn = layer.self_attention
+                q, k, v = hook_qkv(attn, normed, rope[start:start + n])  # [n, 1, heads | groups, d]
+                for j in range(n):
+                    slots.setdefault((name, slot), {})[start + j] = (k[j:j + 1], v[j:j + 1])
+                    if slot is not None:
+                        last.setdefault(name, {})[start + j] = (k[j:j + 1], v[j:j + 1])
+                past = [slots[(name, slot)].get(u) or last[name][u] for u in range(start)]
+                keys = torch.cat([kv[0] for kv in past] + [k]).permute(1, 2, 0, 3)
+                values = torch.cat([kv[1] for kv in past] + [v]).permute(1, 2, 0, 3)
+                mask = torch.arange(start + n).view(1, -1) <= (start + torch.arange(n)).view(-1, 1)
+                out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
+                                                     enable_gqa=groups != heads)
+                return hook_output(attn, out.permute(2, 0, 1, 3).reshape(n, 1, -1))
+            return attend
+        return attend_for
+
+    rows = []
+    chunks = [(0, prompt_len)] + [(t, 1) for t in range(prompt_len, x.shape[1])]
+    with torch.no_grad():
+        for start, n in chunks:
+            e = model.embed(x[:, start:start + n], attend_for=hooks(start, n, None))
+            state = torch.zeros_like(e)
+            for it in BackpropWindow(depths[start], 0).iterations():
+                state = model.iteration(it, state, e, None, attend_for=hooks(start, n, it.index))
+            rows.append(model.head(state, attend_for=hooks(start, n, None)))  # [1, n, V]
+    return torch.cat(rows, 1)
+
+
+def decode_with_exits(model, prompt: torch.Tensor, new: int, eps: float, share=None):
     """Greedy decoding of the batch with the KL exit: (tokens `[b, T]`, logits `[b, T, V]`, depths `[b, T]`: the
     core iterations each position ran; the prompt's prefill runs all R)."""
     b, p = prompt.shape
-    dec = LoopedDecoder(model, b, p + new, DecodeOptions(depth=R, exit_kl=eps))
+    dec = LoopedDecoder(model, b, p + new, DecodeOptions(depth=R, exit_kl=eps, kv_share=share))
     logits = [dec.step(prompt)]
     seq = prompt
     for _ in range(new - 1):
@@ -169,3 +217,17 @@ def test_rows_that_exited_leave_the_batch(decoded):
         handle.remove()
     used = torch.stack(dec.depths[1:])
     assert sum(rows) == int(used.sum()) < 2 * R * used.shape[0]
+
+
+@pytest.mark.parametrize("share", [2, 4])
+def test_a_shared_cache_with_exits_equals_the_restated_compressed_cache(decoded, share):
+    """KV sharing with m < r (Huginn's compressed cache) and early exits in a batch, against the restatement."""
+    model, prompt, _, _, _, eps = decoded
+    seq, logits, depths = decode_with_exits(model, prompt, 10, eps, share=share)
+    assert (depths[:, prompt.shape[1]:] < R).any()
+    for row in range(2):
+        ref = reference_logits(model, seq[row:row + 1], depths[row].tolist(), share=share,
+                               prompt_len=prompt.shape[1])
+        torch.testing.assert_close(logits[row:row + 1], ref, rtol=0, atol=1e-10)
+    unshared = reference_logits(model, seq[:1], depths[0].tolist())
+    assert (unshared - logits[:1]).abs().max() > 1e-6  # sharing is another computation: the check can fail
