@@ -123,12 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except KeyboardInterrupt:
         code = 130
     finally:
-        from recurdepth.distributed import shutdown_distributed
+        if "torch.distributed" in sys.modules:  # a command that never imported torch has nothing to shut down
+            from recurdepth.distributed import shutdown_distributed
 
-        try:
-            shutdown_distributed()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+            try:
+                shutdown_distributed()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
         record.write(code)
     sys.exit(code)
 

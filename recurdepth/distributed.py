@@ -278,9 +278,12 @@ def _restart_scoped_store(info: RankInfo):
 
 
 def shutdown_distributed() -> None:
-    from megatron.core import parallel_state
+    import sys
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    if "megatron.core.parallel_state" in sys.modules:  # megatron's groups exist only if it was imported
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
