@@ -12,6 +12,7 @@ untested megatron).
 Entry points: `megatron_cpu.apply_cpu_compat()` (CPU only; also applies the optimizer fix),
 `optimizer.apply_optimizer_fix()` (wherever megatron's fallback torch Adam runs),
 `checkpoint_writer.apply_checkpoint_writer_compat()` (always), `compile.compile_blocks()` (train.compile),
+`megatron_jit.disable_jit_fuser_on_cpu()` (as megatron is imported: the hook `recurdepth/__init__.py` installs),
 `datasets` (preprocessing), `scheduler` (checkpoint load) and `private` (megatron private names used as they
 are, imported nowhere else).
 """
@@ -162,6 +163,16 @@ PATCHES: tuple[Patch, ...] = (
           "on rank 0, warns (DeprecationWarning) on every call (the group is unused on that path: no dgrad "
           "all-reduce, no sequence parallelism inside the matmul)",
           "a graph break in every compiled block that has a row-parallel linear (all of them)", _COMPILE),
+    # ---------------------------------------------------------------- megatron's import
+    Patch("megatron.core.jit.jit_fuser -> megatron's own noop_decorator (disable_jit_fuser(), called by an import "
+          "hook right after megatron.core.jit runs, before any module binds jit_fuser)", _M + "megatron_jit",
+          "disable_jit_fuser_on_cpu", ("megatron.core.jit.jit_fuser", "megatron.core.jit.disable_jit_fuser"),
+          "its ~40 fused helpers (bias+activation, norms, MoE router bias) are worth torch.compile: decorating "
+          "them imports dynamo and inductor at import time",
+          "nothing fails, but every process that imports megatron spends 1.5-2 s importing dynamo/inductor for "
+          "kernels a CPU never runs compiled (each first call would start an inductor C++ compile)",
+          "CUDA absent (RECURDEPTH_MEGATRON_JIT=1 keeps the fusions, =0 drops them on GPU too); the hook is "
+          "installed when recurdepth is imported"),
     # ---------------------------------------------------------------- data preprocessing
     Patch("IndexedDatasetBuilder's per-sequence index lists -> typed arrays", _M + "datasets",
           "compact_index_lists",

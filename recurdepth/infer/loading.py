@@ -14,6 +14,7 @@ import torch
 from recurdepth.config import Config, config_from_dict
 from recurdepth.errors import CheckpointError, ConfigError
 from recurdepth.model.names import with_extra_state
+from recurdepth.train.checkpoint import resolve_checkpoint  # noqa: F401 - re-exported: callers import it here
 
 
 @dataclass
@@ -23,30 +24,6 @@ class LoadedModel:
     tokenizer: object
     path: Path
     vocab_size: int  # the tokenizer's (unpadded) vocabulary
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint directory from a step_* directory, a checkpoints folder (its `latest`) or a run
-    directory (its checkpoints/latest)."""
-    from recurdepth.train.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found; pass a step_* directory, a checkpoints folder "
-                              f"or a run directory")
-    if (path / "recurdepth.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            return latest_checkpoint(root)
-    if path.name == "latest" and path.is_file():
-        return latest_checkpoint(path.parent)
-    if (path / "config.json").is_file() or (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path} is not a recurdepth checkpoint (no recurdepth.json): a checkpoint of another "
-                              f"model or framework; a Hugging Face Huginn directory can be converted with "
-                              f"`recurdepth import {path} OUT_DIR`")
-    raise CheckpointError(f"{path} is not a recurdepth checkpoint (no recurdepth.json, no `latest`); pass a "
-                          f"step_* directory written by `recurdepth train`")
 
 
 def checkpoint_config(path: Path) -> Config:

@@ -622,6 +622,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
                       skipped_batches=list(ts.get("skipped_batches", []))), loaded["config"]
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint directory from a step_* directory, a checkpoints folder (its `latest`) or a run
+    directory (its checkpoints/latest)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found; pass a step_* directory, a checkpoints folder "
+                              f"or a run directory")
+    if (path / "recurdepth.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            return latest_checkpoint(root)
+    if path.name == "latest" and path.is_file():
+        return latest_checkpoint(path.parent)
+    if (path / "config.json").is_file() or (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a recurdepth checkpoint (no recurdepth.json): a checkpoint of another "
+                              f"model or framework; a Hugging Face Huginn directory can be converted with "
+                              f"`recurdepth import {path} OUT_DIR`")
+    raise CheckpointError(f"{path} is not a recurdepth checkpoint (no recurdepth.json, no `latest`); pass a "
+                          f"step_* directory written by `recurdepth train`")
+
+
 def load_model_weights(path: Path, model, verify: bool = True) -> list[str]:
     """The model weights of checkpoint `path` into `model`, nothing else (no optimizer state, schedule or step):
     `checkpoint.init_from`. megatron's dist_checkpointing reads them under any TP/PP/DP layout. Returns the

@@ -133,8 +133,7 @@ class Trainer:
     def init_from(self, source: str) -> None:
         """`checkpoint.init_from`: a fresh run (step 0, new optimizer state) starting from another checkpoint's
         model weights, under any layout; tensors that checkpoint lacks keep their initialisation (said once)."""
-        from recurdepth.infer.loading import resolve_checkpoint
-        from recurdepth.train.checkpoint import load_model_weights
+        from recurdepth.train.checkpoint import load_model_weights, resolve_checkpoint
 
         path = resolve_checkpoint(source)
         missing = load_model_weights(path, self.model, verify=self.cfg.checkpoint.verify)
