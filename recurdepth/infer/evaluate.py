@@ -246,38 +246,8 @@ def write_outputs(rows: list[Row], out: Path, title: str, meta: dict, exit_rows:
     return written
 
 
-def plot_compute(accuracy: list[Row], path: Path, title: str) -> Optional[Path]:
-    """Accuracy vs mean iterations per generated token, one line per task set (the compute Pareto curve)."""
-    if not accuracy:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    by_task = defaultdict(list)
-    for r in accuracy:
-        by_task[r.task].append((r.mean_depth, r.value))
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, points in by_task.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("mean core iterations per generated token")
-    ax.set_ylabel("accuracy (verifier)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
-    """Accuracy vs r (one line per task set; log2 x axis) and validation loss vs r, side by side."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -286,6 +256,49 @@ def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
     except ImportError:
         print("note: matplotlib is not installed, so no plot was drawn (pip install matplotlib)", flush=True)
         return None
+    return plt
+
+
+def _accuracy_axes(ax, points_by_task: dict, xlabel: str, log2: bool) -> None:
+    """One accuracy line per task set on `ax`."""
+    for label, points in points_by_task.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    if log2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (verifier)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_compute(accuracy: list[Row], path: Path, title: str) -> Optional[Path]:
+    """Accuracy vs mean iterations per generated token, one line per task set (the compute Pareto curve)."""
+    plt = _pyplot() if accuracy else None
+    if plt is None:
+        return None
+    by_task = defaultdict(list)
+    for r in accuracy:
+        by_task[r.task].append((r.mean_depth, r.value))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _accuracy_axes(ax, by_task, "mean core iterations per generated token", log2=False)
+    return _save(plt, fig, path, title)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
+    """Accuracy vs r (one line per task set; log2 x axis) and validation loss vs r, side by side."""
+    plt = _pyplot()
+    if plt is None:
+        return None
     acc = defaultdict(list)
     for r in rows:
         if r.metric == "accuracy":
@@ -293,16 +306,7 @@ def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
     loss = [(r.depth, r.value) for r in rows if r.metric == "valid_loss"]
     panels = 1 + bool(loss)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    ax = axes[0][0]
-    for label, points in acc.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("test-time iterations r")
-    ax.set_ylabel("accuracy (verifier)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _accuracy_axes(axes[0][0], acc, "test-time iterations r", log2=True)
     if loss:
         ax2 = axes[0][1]
         xs, ys = zip(*sorted(loss))
@@ -311,11 +315,7 @@ def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
         ax2.set_xlabel("test-time iterations r")
         ax2.set_ylabel("validation loss (answer tokens)")
         ax2.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def default_out_dir(checkpoint: Path) -> Path:
