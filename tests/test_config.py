@@ -13,6 +13,13 @@ def test_bundled_config_loads_and_round_trips():
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in TINY.parent.glob("*.yaml")))
+def test_every_bundled_config_loads_and_round_trips(path):
+    """Each training config under configs/ validates as it stands (configs/compare/ holds sweep specs)."""
+    cfg = load_config(TINY.parent / path)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["model.hiden_size=64"], "unknown config key model.hiden_size; did you mean model.hidden_size?"),
     (["modle.hidden_size=64"], "unknown config section 'modle'; did you mean model?"),

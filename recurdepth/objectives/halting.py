@@ -33,7 +33,7 @@ Metrics: `exit/mean_depth` (E_p[i] over the loss-masked tokens, in iterations), 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -182,6 +182,7 @@ class PonderObjective(HaltingObjective):
 
 @dataclass
 class ExitGateTuneSection(HaltingSection):
+    forward_only: ClassVar[bool] = True  # FLOPs: the LM is only read (recurdepth/train/flops.py)
     kind: str = "exit_gate_tune"
     tune_slope: float = 50.0  # k of w = sigmoid(k (I - gamma))
     tune_margin: float = 0.005  # gamma: the improvement in loss worth one more iteration

@@ -13,7 +13,8 @@ A training step with r iterations, gradients through min(r, k) of them, costs pe
 model out after n iterations (`objective.readout`: n = r for all, min(r, k) for last), each readout
 back-propagated through coda and head: 3 n (F_coda + F_head) in place of 3 (F_coda + F_head). Deep supervision
 (`objective.supervision_segments` = S) reads out n = min(S, r) segment ends and back-propagates min(m, k) of each
-segment's m iterations: min(r, k) above becomes the sum over segments. With per-iteration activation
+segment's m iterations: min(r, k) above becomes the sum over segments. An objective that only reads a frozen model
+(exit_gate_tune, `forward_only`) costs one forward: F_prelude + n (F_coda + F_head) + r F_core. With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
 The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
     3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`; dense MLPs).
@@ -52,6 +53,7 @@ class LoopedFlops:
     readout: str = "final"  # objective.readout of the adaptive-depth objectives: all | last (| final: s_r only)
     readout_depth: int = 0  # `last`: the readouts are the last readout_depth iterations (recurrence.backprop_depth)
     segments: int = 1  # deep supervision: the step's r split into this many segments, each read out, each truncated
+    forward_only: bool = False  # the model is frozen and only read (exit_gate_tune): no backward through it
 
     def readouts(self, r: int) -> int:
         """How many times coda + head run on one token's states: once, or per read-out iteration or segment."""
@@ -64,6 +66,8 @@ class LoopedFlops:
         return 1
 
     def per_token(self, r: int, k: int, recompute: bool = False) -> float:
+        if self.forward_only:  # one forward of everything, every readout included; nothing back-propagated
+            return self.prelude + self.readouts(r) * (self.coda + self.head) + r * self.core
         grad = min(r, k) if self.segments <= 1 else sum(w.with_grad for w in segment_windows(r, self.segments, k))
         core_passes = r + 2 * grad + (grad if recompute else 0)
         return 3 * self.prelude + 3 * self.readouts(r) * (self.coda + self.head) + core_passes * self.core
@@ -103,7 +107,8 @@ def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
     return LoopedFlops(prelude=m.prelude_layers * outer_layer, core=m.core_layers * core_layer + adapter,
                        coda=m.coda_layers * outer_layer, head=2 * h * vocab_size,
                        readout=getattr(cfg.objective, "readout", "final"), readout_depth=cfg.recurrence.backprop_depth,
-                       segments=getattr(cfg.objective, "supervision_segments", 1))
+                       segments=getattr(cfg.objective, "supervision_segments", 1),
+                       forward_only=getattr(cfg.objective, "forward_only", False))
 
 
 def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:

@@ -202,3 +202,21 @@ def test_deep_supervision_counts_each_segment_window_and_readout(megatron_single
     backprop_layers = m.prelude_layers + 3 * m.coda_layers + grad * m.core_layers
     expected = analytic.per_token(7, 2) * tokens.numel() + flash_recompute(cfg, backprop_layers, tokens.numel())
     check(counted, expected, ops, "deep_supervision S=3 r=7 k=2")
+
+
+def test_gate_tuning_counts_one_forward_of_the_frozen_model(megatron_single_process):
+    """exit_gate_tune reads a frozen LM: its FLOPs are one forward with every readout (the gate's own 2h per token
+    and readout, forward and backward, is below the 2% tolerance)."""
+    from types import SimpleNamespace
+
+    from recurdepth.model.build import build_model
+    from recurdepth.objectives import build_objective
+
+    cfg = load_config(TINY, [*SMALL, "objective.kind=exit_gate_tune"])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    mb = SimpleNamespace(tokens=tokens, labels=labels, sample_ids=None, loss_mask=torch.ones_like(tokens))
+    objective, analytic = build_objective(cfg, None), looped_flops(cfg, model.vocab_size)
+    window = BackpropWindow.of(3, 2)
+    counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, window).backward())
+    check(counted, analytic.per_token(3, 2) * tokens.numel(), ops, "exit_gate_tune r=3")
