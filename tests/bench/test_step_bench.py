@@ -56,7 +56,8 @@ def test_step_bench_under_torchrun_counts_the_global_batch_against_every_ranks_p
     step = table(out.stdout, ("1 ",))["1"]
     tokens, gflops, mfu = float(step[3].replace(",", "")), float(step[6]), float(step[7])
     assert tokens == 4 * 64  # the global batch (4 sequences of 64), not one rank's half
-    assert abs(mfu - gflops / peak) <= 0.0006
+    # equal up to the printed precision: MFU to 3 decimals, GFLOP/s and the peak to 1
+    assert abs(mfu - gflops / peak) <= 0.0005 + 0.05 / peak + 0.05 * gflops / peak ** 2 + 1e-9
 
 
 def test_step_bench_times_the_plain_pytorch_baseline_in_the_same_run(data_cache):
