@@ -32,6 +32,7 @@ Metrics: `exit/mean_depth` (E_p[i] over the loss-masked tokens, in iterations), 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -132,9 +133,11 @@ class HaltingObjective(Objective):
 
     def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
         m = unwrap(model)
-        picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
-                                                   self.read_at(window), collect_health)
-        losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
+        frozen = getattr(self.section, "forward_only", False)  # exit_gate_tune: the readouts are data for the gate
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
+                                                       self.read_at(window), collect_health)
+        losses = losses.to(torch.promote_types(hidden.dtype, torch.float32))  # megatron's cross-entropy is float32
         per_token, log_p = self.token_losses(losses, m.exit_gate(hidden))
         self._record(picked, losses.detach(), log_p.detach(), mb.loss_mask)
         return (per_token * mb.loss_mask).sum()
@@ -212,14 +215,3 @@ class ExitGateTuneObjective(HaltingObjective):
         go_on = torch.sigmoid(self.section.tune_slope * (improvement - self.section.tune_margin))
         log_stop, log_go = torch.nn.functional.logsigmoid(z[:-1]), torch.nn.functional.logsigmoid(-z[:-1])
         return -(go_on * log_go + (1 - go_on) * log_stop).mean(0), log_p
-
-    def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
-        m = unwrap(model)
-        with torch.no_grad():  # the LM is frozen: its readouts are data for the gate
-            picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
-                                                       self.read_at(window), collect_health)
-        losses = losses.to(torch.promote_types(hidden.dtype, torch.float32))
-        per_token, log_p = self.token_losses(losses, m.exit_gate(hidden))
-        self._record(picked, losses, log_p.detach(), mb.loss_mask)
-        return (per_token * mb.loss_mask).sum()
-

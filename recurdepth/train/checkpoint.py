@@ -674,8 +674,7 @@ def load_model_weights(path: Path, model, verify: bool = True) -> list[str]:
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); its shapes differ "
                               f"from the configured model's: use the same model section") from exc
     result = inner.load_state_dict(with_extra_state(inner, loaded["model"]), strict=False)
-    unexpected_missing = sorted(set(result.missing_keys) - set(missing) - {k for k in result.missing_keys
-                                                                           if k.endswith(EXTRA_STATE)})
+    unexpected_missing = sorted(k for k in result.missing_keys if k not in missing and not k.endswith(EXTRA_STATE))
     if unexpected_missing:
         raise CheckpointError(f"checkpoint.init_from={path} left {', '.join(unexpected_missing[:5])} unloaded")
     return missing
