@@ -131,3 +131,28 @@ class Objective:
     def metrics(self) -> dict[str, float]:
         """Extra per-step metrics (logged with the step's health values)."""
         return {}
+
+
+class TokenMeans:
+    """Per-token quantities summed over a step's micro-batches and reported as token means (an objective's
+    `metrics`): `add(tokens, *sums)` per micro-batch, `pop()` -> {name: sum / tokens} (then empty), `reset()`."""
+
+    def __init__(self, *names: str):
+        self.names, self._sums = names, None
+
+    def add(self, tokens: "torch.Tensor", *sums: "torch.Tensor") -> None:
+        import torch
+
+        row = torch.stack([*(s.detach() for s in sums), tokens.detach().to(sums[0].dtype)])
+        self._sums = row if self._sums is None else self._sums + row
+
+    def reset(self) -> None:
+        self._sums = None
+
+    def pop(self) -> dict[str, float]:
+        if self._sums is None:
+            return {}
+        means = (self._sums[:-1] / self._sums[-1].clamp_min(1)).tolist()
+        self._sums = None
+        return dict(zip(self.names, means))
+

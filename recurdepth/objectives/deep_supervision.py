@@ -17,13 +17,11 @@ ends go through the coda and head in one batched pass. Metrics: `supervision/fir
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 
 from recurdepth.config import require
 from recurdepth.model.depth import segment_windows
-from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.objectives.base import Objective, ObjectiveSection, TokenMeans
 from recurdepth.parallel.passes import unwrap
 
 
@@ -55,10 +53,10 @@ class DeepSupervisionObjective(Objective):
         o = cfg.objective
         self.segments = o.supervision_segments
         self.weights = [float(w) for w in o.supervision_weights] or [1.0 / self.segments] * self.segments
-        self._sums: Optional[torch.Tensor] = None
+        self.means = TokenMeans("supervision/first_loss", "supervision/last_loss")
 
     def set_step(self, step: int) -> None:
-        self._sums = None
+        self.means.reset()
 
     def segment_losses(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
         """Per-token losses `[n, b, s]` of the n segment readouts."""
@@ -85,14 +83,8 @@ class DeepSupervisionObjective(Objective):
         n = losses.shape[0]
         weights = torch.tensor(self.weights[-n:], dtype=losses.dtype, device=losses.device).reshape(n, 1, 1)
         mask = mb.loss_mask.to(losses.dtype)
-        with torch.no_grad():
-            row = torch.stack([(losses[0] * mask).sum(), (losses[-1] * mask).sum(), mask.sum()])
-            self._sums = row if self._sums is None else self._sums + row
+        self.means.add(mask.sum(), (losses[0] * mask).sum(), (losses[-1] * mask).sum())
         return ((weights * losses).sum(0) * mask).sum()
 
     def metrics(self) -> dict[str, float]:
-        if self._sums is None:
-            return {}
-        first, last, _ = (self._sums / self._sums[-1].clamp_min(1)).tolist()
-        self._sums = None
-        return {"supervision/first_loss": first, "supervision/last_loss": last}
+        return self.means.pop()

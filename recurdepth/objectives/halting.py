@@ -39,7 +39,7 @@ from typing import ClassVar, Optional
 import torch
 
 from recurdepth.config import require
-from recurdepth.objectives.base import Objective, ObjectiveSection
+from recurdepth.objectives.base import Objective, ObjectiveSection, TokenMeans
 from recurdepth.parallel.passes import unwrap
 
 
@@ -105,14 +105,14 @@ class HaltingObjective(Objective):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.section = cfg.objective
-        self._sums: Optional[torch.Tensor] = None
+        self.means = TokenMeans("exit/mean_depth", "exit/entropy", "exit/final_loss", "exit/expected_loss")
 
     @classmethod
     def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict:
         return {"exit_gate": ExitGate(cfg.model.hidden_size)} if last_stage else {}
 
     def set_step(self, step: int) -> None:
-        self._sums = None  # the metrics cover one step's (or one evaluation's) micro-batches
+        self.means.reset()  # the metrics cover one step's (or one evaluation's) micro-batches
 
     def read_at(self, window) -> Optional[list]:
         """The iterations read out: every one, or the last `recurrence.backprop_depth`."""
@@ -146,18 +146,12 @@ class HaltingObjective(Objective):
         p = log_p.exp()
         depth = torch.tensor(picked, dtype=p.dtype, device=p.device).reshape(-1, 1, 1)
         mask = mask.to(p.dtype)
-        row = torch.stack([(p * depth).sum(0).mul(mask).sum(), (-(p * log_p).sum(0)).mul(mask).sum(),
-                           (losses[-1] * mask).sum(), ((p * losses).sum(0) * mask).sum(), mask.sum()])
-        self._sums = row if self._sums is None else self._sums + row
+        self.means.add(mask.sum(), ((p * depth).sum(0) * mask).sum(), (-(p * log_p).sum(0) * mask).sum(),
+                       (losses[-1] * mask).sum(), ((p * losses).sum(0) * mask).sum())
 
     def metrics(self) -> dict[str, float]:
         """This rank's token means over the step's micro-batches (data-parallel ranks see their own tokens)."""
-        if self._sums is None:
-            return {}
-        depth, entropy, final, expected, _ = (self._sums / self._sums[-1].clamp_min(1)).tolist()
-        self._sums = None
-        return {"exit/mean_depth": depth, "exit/entropy": entropy, "exit/final_loss": final,
-                "exit/expected_loss": expected}
+        return self.means.pop()
 
 
 class ExitGateObjective(HaltingObjective):
