@@ -107,6 +107,10 @@ def add_step_bench_parser(subs) -> None:
     p.add_argument("--precisions", metavar="LIST", default=None,
                    help="train the config in each of these precisions (e.g. fp32,bf16), steps interleaved in one "
                         "run; tokens/s and MFU (each against its own dtype's peak) side by side")
+    p.add_argument("--versus", metavar="OVERRIDES", default=None,
+                   help="also train the config with these overrides on top (one quoted string, e.g. "
+                        "\"objective.kind=recursion_router objective.router_capacity=[1.0,0.5]\"), steps interleaved "
+                        "in one run; tokens/s, FLOPs and speed side by side")
     p.add_argument("--huginn", metavar="DIR", default=None,
                    help="also time Huginn's published modeling code from this checkout of "
                         "seal-rg/recurrent-pretraining (needs transformers<5), interleaved")

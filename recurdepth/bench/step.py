@@ -26,6 +26,8 @@ def run_step_bench(args) -> int:
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     if getattr(args, "precisions", None):
         return _precision_bench(args, overrides, steps, warmup, threads)
+    if getattr(args, "versus", None):
+        return _versus_bench(args, overrides, steps, warmup, threads)
     trainer = bench_trainer(args.config, overrides, steps + warmup)
     cfg = trainer.cfg
     world = torch.distributed.get_world_size()
@@ -106,15 +108,34 @@ def _precision_bench(args, overrides: list, steps: int, warmup: int, threads: in
     """The same config trained in each precision of `--precisions` (one trainer each, same data and seed), their
     steps interleaved (fp32 step 1, bf16 step 1, fp32 step 2, ...) so that both see the same machine state; each
     precision's MFU is against the mm peak of its own dtype. Speed = first precision's seconds / this one's."""
+    names = parse_precisions(args.precisions)
+    return _interleaved_bench(args, "--precisions", "precision",
+                              {n: overrides + [f"train.precision={n}"] for n in names}, steps, warmup, threads)
+
+
+def _versus_bench(args, overrides: list, steps: int, warmup: int, threads: int) -> int:
+    """The config as given ("base") and with `--versus`'s overrides on top ("versus"), steps interleaved; speed =
+    base seconds / versus seconds, and the FLOPs each step counts (a router's skipped tokens are not counted)."""
+    import shlex
+
+    extra = shlex.split(args.versus)
+    print(f"versus = base + {' '.join(extra)}")
+    return _interleaved_bench(args, "--versus", "variant", {"base": overrides, "versus": overrides + extra},
+                              steps, warmup, threads)
+
+
+def _interleaved_bench(args, flag: str, column: str, variants: dict, steps: int, warmup: int, threads: int) -> int:
+    """One trainer per variant (name -> overrides; same data and seed), their steps interleaved so that all see
+    the same machine state; each variant's MFU against the mm peak of its own dtype."""
     from recurdepth.errors import RecurdepthError
     from recurdepth.precision import cpu_bf16_native
 
-    names = parse_precisions(args.precisions)
+    names = list(variants)
     if getattr(args, "huginn", None) or getattr(args, "profile", False):
-        raise RecurdepthError("--precisions times recurdepth's own step only; run --huginn or --profile separately")
+        raise RecurdepthError(f"{flag} times recurdepth's own step only; run --huginn or --profile separately")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RecurdepthError("--precisions runs in one process; start it without torchrun")
-    trainers = {n: bench_trainer(args.config, overrides + [f"train.precision={n}"], steps + warmup) for n in names}
+        raise RecurdepthError(f"{flag} runs in one process; start it without torchrun")
+    trainers = {n: bench_trainer(args.config, o, steps + warmup) for n, o in variants.items()}
     for _ in range(warmup):
         for trainer in trainers.values():
             trainer.train_step()
@@ -131,27 +152,32 @@ def _precision_bench(args, overrides: list, steps: int, warmup: int, threads: in
     for p in peaks.values():
         p.keep()
     first = trainers[names[0]]
-    print(_header(first, threads, steps, warmup).replace(str(first.dtype).replace("torch.", ""),
-                                                          "/".join(names), 1))
+    header = _header(first, threads, steps, warmup)
+    dtypes = {str(t.dtype).replace("torch.", "") for t in trainers.values()}
+    print(header.replace(str(first.dtype).replace("torch.", ""), "/".join(names), 1) if len(dtypes) > 1 else header)
     device = first.device.type
     if device == "cpu":
         print(f"this CPU: torch capability {torch.backends.cpu.get_cpu_capability()}, bf16 matmuls "
               f"{'in hardware (AVX-512 BF16 / AMX)' if cpu_bf16_native() else 'emulated (no AVX-512 BF16 / AMX)'}")
     for n in names:
         print(f"{n}: {peaks[n].describe()}")
-    print(f"{'precision':>9} {'step':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'MFU':>7} "
+    print(f"{column:>9} {'step':>5} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>7} "
           f"{'speed vs ' + names[0]:>14}")
     base = [row[3] for row in rows[names[0]]]
     for n in names:
         for i, (r, k, tokens, sec, flops) in enumerate(rows[n], 1):
-            print(f"{n:>9} {i:>5} {tokens:>8,.0f} {sec:>8.2f} {tokens / sec:>9,.0f} "
+            print(f"{n:>9} {i:>5} {tokens:>8,.0f} {sec:>8.2f} {tokens / sec:>9,.0f} {flops / sec / 1e9:>8.1f} "
                   f"{flops / sec / peaks[n].best:>7.3f} {base[i - 1] / sec:>14.3f}")
     for n in names:
         secs = [row[3] for row in rows[n]]
         best, median = best_and_median(secs)
         tokens, flops = rows[n][0][2], sum(row[4] for row in rows[n]) / len(rows[n])
         print(f"{n:>9} {'med.':>5} {tokens:>8,.0f} {median:>8.2f} {tokens / median:>9,.0f} "
-              f"{flops / median / peaks[n].best:>7.3f} {best_and_median(base)[1] / median:>14.3f}")
+              f"{flops / median / 1e9:>8.1f} {flops / median / peaks[n].best:>7.3f} "
+              f"{best_and_median(base)[1] / median:>14.3f}")
+    for n in names[1:]:  # the same steps' FLOPs: how much of the base's work the variant's step counts
+        print(f"{n}: {sum(row[4] for row in rows[n]) / sum(row[4] for row in rows[names[0]]):.3f}x the model "
+              f"FLOPs of {names[0]} per step")
     return 0
 
 

@@ -15,6 +15,7 @@ Tensors are `[seq, batch, hidden]` inside the model (megatron's layout); inputs 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from recurdepth.config import ModelConfig, RecurrenceConfig
+from recurdepth.errors import RecurdepthError
 from recurdepth.model.depth import BackpropWindow, Iteration
 from recurdepth.seeding import derive_seed, device_generator
 from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules, rope_cos_sin
@@ -183,6 +185,34 @@ class LoopedGPTModel(LanguageModule):
                 attend_for is None or getattr(attend_for, "recomputable", False)):
             return checkpoint(self.core_step, state, e, rope, attention_mask, attend_for, use_reentrant=False)
         return self.core_step(state, e, rope, attention_mask, attend_for)
+
+    def routed_iteration(self, it: Iteration, state: torch.Tensor, e: torch.Tensor, rope: torch.Tensor,
+                         index: torch.Tensor, gate: Optional[torch.Tensor] = None,
+                         valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One iteration on some of each row's tokens (Mixture-of-Recursions): the tokens at `index [b, K]`
+        (ascending positions per row) go through the core gathered into a `[K, b, h]` batch, attending causally to
+        each other only, at their own RoPE positions (recursion-wise KV: only they write keys and values here);
+        every other token keeps its state and costs nothing. At the routed tokens
+        s_i = s_{i-1} + g (core(adapter(s_{i-1}, e)) - s_{i-1}) with `gate` g `[b, K]` (None: g = 1, the plain
+        update). `valid [b, K]` (None: all) marks the real entries of rows padded to K; the padding comes after
+        a row's real entries, so causality keeps it out of their attention; it is computed and dropped. Run as `iteration` runs it (no grad, grad, or
+        checkpointed); the whole update is outside autograd in a no-grad iteration."""
+        if self.rope_tables is False or self.config.sequence_parallel:
+            raise RecurdepthError("routing tokens past the core needs model.spec=local and "
+                                  "parallel.sequence_parallel=false (per-row RoPE positions, whole sequences)")
+        with contextlib.nullcontext() if it.grad else torch.no_grad():
+            h = state.shape[-1]
+            rows = index.t()  # [K, b]
+            spread = rows.unsqueeze(-1).expand(-1, -1, h)
+            x, ex = state.gather(0, spread), e.gather(0, spread)
+            cos, sin = rope_cos_sin(rope, state.dtype)  # [s, 1, 1, d]
+            cos, sin = cos[:, 0, 0][rows].unsqueeze(2), sin[:, 0, 0][rows].unsqueeze(2)  # [K, b, 1, d]
+            update = self.iteration(it, x, ex, (cos, sin)) - x  # causal over the gathered order
+            if gate is not None:
+                update = gate.t().unsqueeze(-1).to(update.dtype) * update
+            if valid is not None:
+                update = update * valid.t().unsqueeze(-1).to(update.dtype)
+            return state.scatter_add(0, spread, update)
 
     def core_chunk(self, x: torch.Tensor, e: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                    attention_mask: Optional[torch.Tensor] = None, it: Optional[Iteration] = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ OBJECTIVES: dict = {
     "ponder": "recurdepth.objectives.halting:PonderObjective",
     "exit_gate_tune": "recurdepth.objectives.halting:ExitGateTuneObjective",
     "deep_supervision": "recurdepth.objectives.deep_supervision:DeepSupervisionObjective",
+    "recursion_router": "recurdepth.objectives.router:RouterObjective",
 }
 
 

@@ -16,6 +16,12 @@ back-propagated through coda and head: 3 n (F_coda + F_head) in place of 3 (F_co
 segment's m iterations: min(r, k) above becomes the sum over segments. An objective that only reads a frozen model
 (exit_gate_tune, `forward_only`) costs one forward: F_prelude + n (F_coda + F_head) + r F_core. With per-iteration activation
 checkpointing the hardware also re-runs min(r, k) core forwards: HFU FLOPs add min(r, k) F_core.
+The recursion router (objective.kind=recursion_router) runs iteration i on a fraction a_i of each sequence's tokens
+(expert-choice: a_i = k_i / s exactly, objectives/router.py `expert_counts`; token-choice: (r - i + 1) / r, the
+balanced share, an estimate: its counts depend on the data). Their attention is over a_i s tokens, so per token
+of the batch iteration i costs a_i (F_core - R 4 s h) + a_i^2 R 4 s h, plus the router: expert-choice 4h on each
+of the a_{i-1} s candidates (a_0 = 1), token-choice 4 h r once per token (always back-propagated); every
+iteration's term is 3x in the window and 1x before it, and a_i = 1 for every i is the plain count.
 The dense-equivalent GPT (same h, P + r R + C layers, every layer back-propagated) costs
     3 ((P + r R + C) F_layer + F_head)   per token (`dense_flops_per_token`; dense MLPs).
 torch's FlopCounterMode counts exactly these on the real forward and backward (tests/train/test_flop_counter.py),
@@ -54,6 +60,11 @@ class LoopedFlops:
     readout_depth: int = 0  # `last`: the readouts are the last readout_depth iterations (recurrence.backprop_depth)
     segments: int = 1  # deep supervision: the step's r split into this many segments, each read out, each truncated
     forward_only: bool = False  # the model is frozen and only read (exit_gate_tune): no backward through it
+    router: str = ""  # recursion_router: expert | token ("" for every other objective: a_i = 1)
+    router_capacity: tuple = ()  # its objective.router_capacity
+    core_attention: float = 0.0  # R 4 s h: the part of F_core over the s x s square
+    seq_length: int = 0
+    hidden_size: int = 0
 
     def readouts(self, r: int) -> int:
         """How many times coda + head run on one token's states: once, or per read-out iteration or segment."""
@@ -65,7 +76,31 @@ class LoopedFlops:
             return min(r, max(1, self.readout_depth))
         return 1
 
+    def active_fractions(self, r: int) -> list:
+        """a_1..a_r: the share of a sequence's tokens that runs each core iteration (1 without a router)."""
+        if self.router == "expert":
+            from recurdepth.objectives.router import expert_counts
+
+            return [k / self.seq_length for k in expert_counts(r, self.seq_length, list(self.router_capacity))]
+        if self.router == "token":
+            return [(r - i) / r for i in range(r)]
+        return [1.0] * r
+
+    def _routed_per_token(self, r: int, k: int, recompute: bool) -> float:
+        grad_from = r - min(r, k)  # iterations 1..grad_from run without autograd
+        fractions, total = self.active_fractions(r), 0.0
+        for i, a in enumerate(fractions):
+            core = a * (self.core - self.core_attention) + a * a * self.core_attention
+            router = 4 * self.hidden_size * (fractions[i - 1] if i else 1.0) if self.router == "expert" else 0.0
+            grad = i >= grad_from
+            total += (3 if grad else 1) * (core + router) + (core if grad and recompute else 0.0)
+        if self.router == "token":
+            total += 3 * 4 * self.hidden_size * r
+        return 3 * (self.prelude + self.coda + self.head) + total
+
     def per_token(self, r: int, k: int, recompute: bool = False) -> float:
+        if self.router:
+            return self._routed_per_token(r, k, recompute)
         if self.forward_only:  # one forward of everything, every readout included; nothing back-propagated
             return self.prelude + self.readouts(r) * (self.coda + self.head) + r * self.core
         grad = min(r, k) if self.segments <= 1 else sum(w.with_grad for w in segment_windows(r, self.segments, k))
@@ -108,7 +143,10 @@ def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:
                        coda=m.coda_layers * outer_layer, head=2 * h * vocab_size,
                        readout=getattr(cfg.objective, "readout", "final"), readout_depth=cfg.recurrence.backprop_depth,
                        segments=getattr(cfg.objective, "supervision_segments", 1),
-                       forward_only=getattr(cfg.objective, "forward_only", False))
+                       forward_only=getattr(cfg.objective, "forward_only", False),
+                       router=getattr(cfg.objective, "router", "") if cfg.objective.kind == "recursion_router" else "",
+                       router_capacity=tuple(getattr(cfg.objective, "router_capacity", ())),
+                       core_attention=m.core_layers * 4 * m.seq_length * h, seq_length=m.seq_length, hidden_size=h)
 
 
 def dense_flops_per_token(cfg: Config, vocab_size: int, num_layers: int) -> float:

@@ -1,5 +1,7 @@
 """`recurdepth bench step|dense --quick` keep working and report consistent figures (no timing assertions)."""
 
+import dataclasses
+
 from recurdepth.config import load_config
 from recurdepth.train.flops import dense_flops_per_token, layer_flops, looped_flops
 from tests.conftest import ROOT, run_cli
@@ -74,12 +76,12 @@ def test_step_bench_times_fp32_and_bf16_interleaved_against_their_own_peaks(data
     out = run_cli(["bench", "step", "--quick", "--precisions", "fp32,bf16", BENCH, f"data.cache_dir={data_cache}"],
                   timeout=300)
     rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["fp32"], ["bf16"])
-            and len(ln.split()) == 7]
+            and len(ln.split()) == 8]
     assert [(r[0], r[1]) for r in rows] == [("fp32", "1"), ("fp32", "2"), ("bf16", "1"), ("bf16", "2"),
                                             ("fp32", "med."), ("bf16", "med.")]
     by = {(r[0], r[1]): [float(x.replace(",", "")) for x in r[2:]] for r in rows}
     for step in ("1", "2"):
-        (t32, _, tps32, _, one), (t16, _, tps16, mfu16, speed) = by[("fp32", step)], by[("bf16", step)]
+        (t32, _, tps32, _, _, one), (t16, _, tps16, _, mfu16, speed) = by[("fp32", step)], by[("bf16", step)]
         assert one == 1.0 and t16 == t32 == 4 * 64
         # speed = fp32 seconds / bf16 seconds of the same step = bf16 tokens/s / fp32 tokens/s (the same tokens);
         # from tokens/s, not the seconds column, whose 2 decimals of a ~0.1 s quick step are too coarse
@@ -98,3 +100,27 @@ def test_step_bench_precisions_are_checked_before_anything_is_built():
     for bad in ("fp32", "fp32,fp32", "fp32,fp8", ""):
         with pytest.raises(RecurdepthError, match="--precisions"):
             parse_precisions(bad)
+
+
+def test_step_bench_versus_times_a_router_beside_the_plain_step(data_cache):
+    """--versus: the config and the config + overrides, interleaved; the router's step counts only the tokens it
+    runs (flops.py's routed count), and speed is the base's time over the variant's."""
+    capacity = "[1.0,0.5]"
+    out = run_cli(["bench", "step", "--quick", BENCH, f"data.cache_dir={data_cache}", "--versus",
+                   f"objective.kind=recursion_router objective.router_capacity={capacity}"], timeout=300)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["base"], ["versus"])
+            and len(ln.split()) == 8]
+    assert [(r[0], r[1]) for r in rows] == [("base", "1"), ("base", "2"), ("versus", "1"), ("versus", "2"),
+                                            ("base", "med."), ("versus", "med.")]
+    by = {(r[0], r[1]): [float(x.replace(",", "")) for x in r[2:]] for r in rows}
+    cfg = load_config(BENCH, ["model.hidden_size=64", "model.num_heads=4", "model.seq_length=64",
+                              "objective.kind=recursion_router", f"objective.router_capacity={capacity}"])
+    routed = looped_flops(cfg, 384)
+    ratio = routed.per_token(3, 2) / dataclasses.replace(routed, router="").per_token(3, 2)
+    assert 0.5 < ratio < 0.9
+    for step in ("1", "2"):
+        (t0, _, tps0, g0, _, one), (t1, _, tps1, g1, _, speed) = by[("base", step)], by[("versus", step)]
+        assert one == 1.0 and t0 == t1 == 4 * 64
+        assert abs(speed - tps1 / tps0) <= 0.01 * speed + 0.002
+        assert abs(g1 / tps1 - ratio * g0 / tps0) <= 0.02 * g1 / tps1  # GFLOP per token: the routed count
+    assert f"versus: {ratio:.3f}x the model FLOPs of base per step" in out.stdout

@@ -220,3 +220,36 @@ def test_gate_tuning_counts_one_forward_of_the_frozen_model(megatron_single_proc
     window = BackpropWindow.of(3, 2)
     counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, window).backward())
     check(counted, analytic.per_token(3, 2) * tokens.numel(), ops, "exit_gate_tune r=3")
+
+
+@pytest.mark.parametrize("capacity,window", [("[1.0,0.5]", (4, 4)), ("[1.0,0.5]", (4, 2)), ("[0.75,0.5,0.25]", (3, 3)),
+                                             ("[1.0]", (3, 2))])
+def test_router_counts_only_the_tokens_that_run_each_iteration(megatron_single_process, capacity, window):
+    """recursion_router (expert-choice): iteration i runs the core on k_i of each sequence's s tokens, attention
+    over k_i x k_i, plus the router on the candidates; capacity 1 everywhere is the plain count. The flash
+    backward's recomputation of Q K^T is a_i^2 of a full layer's here."""
+    from types import SimpleNamespace
+
+    from recurdepth.model.build import build_model
+    from recurdepth.objectives import build_objective
+
+    cfg = load_config(TINY, [*SMALL, "objective.kind=recursion_router", f"objective.router_capacity={capacity}",
+                             "recurrence.sampler=fixed", "recurrence.depth=4"])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    mb = SimpleNamespace(tokens=tokens, labels=labels, sample_ids=None, loss_mask=torch.ones_like(tokens))
+    objective, analytic, m = build_objective(cfg, None), looped_flops(cfg, model.vocab_size), cfg.model
+    r, k = window
+    counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, BackpropWindow.of(r, k)).backward())
+    fractions = analytic.active_fractions(r)
+    recompute = sum(a * a for a in fractions[r - min(r, k):]) * m.core_layers
+    expected = (analytic.per_token(r, k) * tokens.numel()
+                + flash_recompute(cfg, m.prelude_layers + m.coda_layers, tokens.numel())
+                + 2 * m.seq_length * m.hidden_size * tokens.numel() * recompute)
+    check(counted, expected, ops, f"router capacity={capacity} r={r} k={k}")
+    plain = dataclasses.replace(analytic, router="")
+    if capacity == "[1.0]":  # every token every iteration: the plain count, router aside
+        router = 4 * m.hidden_size * (r + 2 * min(r, k))
+        assert analytic.per_token(r, k) == pytest.approx(plain.per_token(r, k) + router, rel=1e-12)
+    else:
+        assert counted < 0.9 * plain.per_token(r, k) * tokens.numel()  # routing tokens out saves counted FLOPs
