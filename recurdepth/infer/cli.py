@@ -11,10 +11,15 @@ from recurdepth.infer.options import INITS, DecodeOptions
 
 
 def options_from_args(args: argparse.Namespace) -> DecodeOptions:
-    """DecodeOptions from `--depth/--exit-kl/--exit-gate/--max-depth/--kv-share/--warm-start/--init`."""
-    exit_gate = getattr(args, "exit_gate", None)
+    """DecodeOptions from `--depth/--exit-kl/--exit-gate/--exit-router/--max-depth/--kv-share/--warm-start/--init`."""
+    exit_gate, exit_router = getattr(args, "exit_gate", None), getattr(args, "exit_router", False)
     if args.exit_kl is not None and exit_gate is not None:
         raise ConfigError("give one exit rule: --exit-kl EPS or --exit-gate Q, not both")
+    if exit_router and (args.exit_kl is not None or exit_gate is not None):
+        raise ConfigError("give one exit rule: --exit-router routes as trained; drop --exit-kl / --exit-gate")
+    if exit_router and args.kv_share is not None:
+        raise ConfigError("--exit-router keeps keys and values per iteration (recursion-wise, as trained): "
+                          "drop --kv-share")
     if exit_gate is not None and not 0 < exit_gate <= 1:
         raise ConfigError(f"--exit-gate {exit_gate}: use a threshold q in (0, 1] on the gate's exit CDF (1 = full depth)")
     if args.exit_kl is not None or exit_gate is not None:
@@ -27,17 +32,37 @@ def options_from_args(args: argparse.Namespace) -> DecodeOptions:
         raise ConfigError(f"depth {depth} is invalid; use --depth N (N >= 1), or --exit-kl EPS with --max-depth N >= 1")
     if args.kv_share is not None and args.kv_share < 1:
         raise ConfigError(f"--kv-share {args.kv_share}: use m >= 1 cache slots per core layer")
-    return DecodeOptions(depth=depth, exit_kl=args.exit_kl, exit_gate=exit_gate, kv_share=args.kv_share,
+    return DecodeOptions(depth=depth, exit_kl=args.exit_kl, exit_gate=exit_gate, exit_router=exit_router,
+                         kv_share=args.kv_share,
                          warm_start=args.warm_start,
                          init=args.init, seed=args.seed)
 
 
-def require_gate(loaded, options: DecodeOptions) -> None:
-    """--exit-gate needs the gate a halting objective trains (`model.exit_gate`): one line otherwise."""
+def require_gate(loaded, options: DecodeOptions, depths: tuple = ()) -> None:
+    """--exit-gate needs the gate a halting objective trains (`model.exit_gate`), --exit-router the routers of a
+    recursion_router run (and depths they were trained for): one line otherwise. A router checkpoint decoded
+    without --exit-router runs every token through every iteration: said on stderr."""
+    import sys
+
     if options.exit_gate is not None and not hasattr(loaded.model, "exit_gate"):
         raise ConfigError(f"--exit-gate needs a checkpoint trained with objective.kind=exit_gate or ponder; "
                           f"{loaded.path} was trained with objective.kind={loaded.cfg.objective.kind} (no exit gate); "
                           f"use --exit-kl EPS or --depth N")
+    router = getattr(loaded.model, "recursion_router", None)
+    if options.exit_router:
+        if router is None:
+            raise ConfigError(f"--exit-router needs a checkpoint trained with objective.kind=recursion_router; "
+                              f"{loaded.path} was trained with objective.kind={loaded.cfg.objective.kind}; "
+                              f"use --exit-kl EPS or --depth N")
+        n = router.weight.shape[0]
+        bad = [d for d in (depths or (options.depth,)) if (d != n if router.mode == "token" else d > n)]
+        if bad:
+            raise ConfigError(f"depth {bad[0]}: this checkpoint's {router.mode}-choice router was trained for "
+                              f"{'exactly' if router.mode == 'token' else 'at most'} {n} iterations; use "
+                              f"{'--depth(s) ' + str(n) if router.mode == 'token' else f'depths <= {n}'}")
+    elif router is not None:
+        print(f"note: {loaded.path} was trained with objective.kind=recursion_router; without --exit-router every "
+              f"token runs every iteration (add --exit-router to route as trained)", file=sys.stderr, flush=True)
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool = False) -> None:
@@ -46,6 +71,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool =
     parser.add_argument("--exit-gate", type=float, default=None, metavar="Q",
                         help="adaptive depth with the learned gate (a model trained with objective.kind=exit_gate "
                              "or ponder): stop at the first iteration whose exit CDF reaches Q")
+    parser.add_argument("--exit-router", action="store_true",
+                        help="route each token as a model trained with objective.kind=recursion_router was trained "
+                             "(its depth from the router; keys and values recursion-wise)")
     parser.add_argument("--max-depth", type=int, default=32,
                         help="most iterations per token with --exit-kl or --exit-gate")
     parser.add_argument("--kv-share", type=int, default=None, metavar="M",
@@ -66,7 +94,10 @@ def _generate(args: argparse.Namespace) -> int:
     from recurdepth.infer.generate import generate
     from recurdepth.infer.loading import load_model, require_looped
 
-    if (args.depth is None) == (args.exit_kl is None and args.exit_gate is None):
+    if args.exit_router:
+        if args.depth is None:
+            raise ConfigError("--exit-router routes within --depth N iterations: give --depth N")
+    elif (args.depth is None) == (args.exit_kl is None and args.exit_gate is None):
         raise ConfigError("give exactly one of --depth N, --exit-kl EPS or --exit-gate Q")
     options = options_from_args(args)
     if args.max_new_tokens < 1:
@@ -83,14 +114,14 @@ def _generate(args: argparse.Namespace) -> int:
     print(args.prompt + text, flush=True)
     mode = (f"exit-kl {args.exit_kl:g} (max {options.depth})" if args.exit_kl is not None else
             f"exit-gate {args.exit_gate:g} (max {options.depth})" if args.exit_gate is not None else
-            f"depth {options.depth}")
+            f"exit-router (max {options.depth})" if args.exit_router else f"depth {options.depth}")
     print(f"[{len(row)} tokens | {mode} | mean depth {result.mean_depth:.2f}]", flush=True)
     return 0
 
 
 def add_generate_parser(verbs) -> None:
     g = verbs.add_parser("generate", help="generate text from a checkpoint: recurdepth generate CKPT --prompt TEXT "
-                                          "--depth N | --exit-kl EPS | --exit-gate Q")
+                                          "--depth N | --exit-kl EPS | --exit-gate Q | --depth N --exit-router")
     g.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--depth", type=int, default=None, help="iterations of the core per token")
@@ -112,16 +143,18 @@ def _eval(args: argparse.Namespace) -> int:
     args.max_depth = depths[-1]
     options = options_from_args(args)
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
-    require_gate(loaded, options)
+    require_gate(loaded, options, tuple(depths))
     sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
-    exit_rows = [] if options.exit_kl is not None or options.exit_gate is not None else None
+    adaptive = options.exit_kl is not None or options.exit_gate is not None or options.exit_router
+    exit_rows = [] if adaptive else None
     rows = run_eval(loaded, depths, sets, options, args.valid_samples, exit_rows)
     out = Path(args.out) if args.out else default_out_dir(loaded.path)
     mode = (f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else
-            f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else "fixed depth")
+            f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else
+            "exit-router" if args.exit_router else "fixed depth")
     title = f"{loaded.path} ({mode})"
     meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "exit_gate": args.exit_gate,
-            "kv_share": args.kv_share,
+            "exit_router": args.exit_router, "kv_share": args.kv_share,
             "warm_start": args.warm_start, "init": args.init,
             "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
                           for s in sets]}

@@ -16,6 +16,12 @@ iteration i the gate reads the head's final-norm hidden state, lambda_i = sigmoi
 at the first i whose exit CDF sum_{j<=i} lambda_j prod_{l<j} (1 - lambda_l) reaches q (Ouro's deterministic
 exit, arXiv 2510.25741). The keys and values of the iterations a row skipped are its last computed ones
 (`LoopedKVCache.fill`; Huginn and Ouro decode so): later tokens attend to them.
+With the router (`exit_router`, a model trained with objective.kind=recursion_router), each position routes as
+the model was trained: token-choice runs the depth its router picks; expert-choice continues past iteration i
+while sigmoid(z_i) >= 1/2 (MoR's auxiliary-loss inference: top-k over a sequence is not causal); the update is
+s + g (f - s). Its keys and values are recursion-wise, as in training: at iteration i a token attends only to the
+earlier positions that ran iteration i (a mask over the cache from the iterations each position ran), not to a
+fill. Prompts are routed position by position too (the prelude and coda still run the chunk at once).
 
 One process only (TP = PP = 1): the caller builds the model that way (`recurdepth.infer.loading`).
 """
@@ -48,6 +54,20 @@ class LoopedDecoder:
         if options.exit_gate is not None and not hasattr(model, "exit_gate"):
             raise ValueError("the gate exit needs a model trained with objective.kind=exit_gate or ponder "
                              "(this one has no model.exit_gate)")
+        router = getattr(model, "recursion_router", None)
+        if options.exit_router:
+            if router is None:
+                raise ValueError("the router exit needs a model trained with objective.kind=recursion_router "
+                                 "(this one has no model.recursion_router)")
+            if options.exit_kl is not None or options.exit_gate is not None:
+                raise ValueError("choose one exit rule: exit_router, exit_kl or exit_gate")
+            if options.kv_share is not None:
+                raise ValueError("exit_router keeps keys and values per iteration (recursion-wise): kv_share "
+                                 "(Huginn's compressed cache) does not apply")
+            outputs = router.weight.shape[0]
+            if router.mode == "token" and options.depth != outputs or options.depth > outputs:
+                raise ValueError(f"depth={options.depth}: this router was trained for "
+                                 f"{'exactly' if router.mode == 'token' else 'at most'} {outputs} iterations")
         if options.init not in INITS:
             raise ValueError(f"init={options.init!r}: use one of {', '.join(INITS)}")
         self.model, self.options = model, options
@@ -63,6 +83,9 @@ class LoopedDecoder:
         self.prev_state: Optional[torch.Tensor] = None  # [1, b, h]: s_r of the newest position (warm start)
         self.generator = device_generator(self.device, options.seed)  # s_0 drawn where the model is
         self.depths: list[torch.Tensor] = []
+        # exit_router: iterations each position ran [b, L] (its core keys at iteration i exist where this >= i)
+        self.reached = torch.zeros(batch, max_len, dtype=torch.long, device=self.device) if options.exit_router \
+            else None
 
     # ------------------------------------------------------------------ the model's blocks, with a cache
 
@@ -76,7 +99,10 @@ class LoopedDecoder:
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, hn]
         keys, values = self.cache.update(name, k, v, start, iteration, rows)
         mask = None
-        if s > 1:  # causal within the new positions; every cached position is visible
+        if self.reached is not None and iteration is not None:  # recursion-wise: earlier positions that ran it
+            seen = self.reached[rows if rows is not None else slice(None), :start] > iteration
+            mask = torch.cat([seen, seen.new_ones(seen.shape[0], s)], 1).view(-1, 1, 1, start + s)
+        elif s > 1:  # causal within the new positions; every cached position is visible
             total = start + s
             mask = torch.arange(total, device=x.device).view(1, -1) <= (start + torch.arange(s, device=x.device)).view(-1, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.groups != self.heads)
@@ -108,6 +134,8 @@ class LoopedDecoder:
         state = self._initial_state(e) if s0 is None else s0.to(e)
         depth, eps = self.options.depth, self.options.exit_kl
         b = tokens.shape[0]
+        if self.options.exit_router:
+            return self._routed_chunk(state, e, start)
         if (eps is None and self.options.exit_gate is None) or s > 1:
             for it in BackpropWindow(depth, 0).iterations():
                 state = self.model.iteration(it, state, e, None, attend_for=self._cached(start, it.index - 1))
@@ -157,6 +185,47 @@ class LoopedDecoder:
             if len(active) == 0:
                 break
         return state, logits, used
+
+    def _routed_chunk(self, state, e, start: int) -> torch.Tensor:
+        """exit_router: the chunk's positions through the core one at a time (each routed, the rows that go on
+        compacted), then the coda and head over the chunk; logits `[b, s, V]`."""
+        s = e.shape[0]
+        finals = []
+        for t in range(s):
+            final, used = self._route_one(state[t:t + 1], e[t:t + 1], start + t)
+            self.reached[:, start + t] = used.to(self.device)
+            self.cache.fill(start + t, used.to(self.device))
+            self.depths.append(used)
+            finals.append(final)
+        state = torch.cat(finals)
+        logits = self._head(state, start)
+        self.cache.length = start + s
+        self.prev_state = state[-1:]
+        return logits.transpose(0, 1)
+
+    def _route_one(self, state, e, position: int):
+        """One position `[1, b, h]` through the routed core: (final state, iterations each row ran `[b]`)."""
+        router, b = self.model.recursion_router, state.shape[1]
+        active = torch.arange(b, device=state.device)
+        used = torch.zeros(b, dtype=torch.long)
+        if router.mode == "token":
+            _, runs, token_gate = router.token_choice(state, e, self.options.depth)  # [1, b]
+        for it in BackpropWindow(self.options.depth, 0).iterations():
+            x, ex = state[:, active], e[:, active]
+            if router.mode == "token":
+                go, gate = runs[0, active] >= it.index, token_gate[0, active]
+            else:
+                z = router(x, ex, slice(it.index - 1, it.index))[0, :, 0]
+                go, gate = z >= 0, torch.sigmoid(z)
+            active, x, ex, gate = active[go], x[:, go], ex[:, go], gate[go]
+            if len(active) == 0:
+                break
+            new = self.model.iteration(it, x, ex, None, attend_for=self._cached(position, it.index - 1, active))
+            if router.gating == "weighted":
+                new = x + gate.view(1, -1, 1).to(new.dtype) * (new - x)
+            state = state.index_copy(1, active, new)
+            used[active.cpu()] += 1
+        return state, used
 
     def mean_depth(self) -> float:
         """Mean iterations per position over every `step` so far."""

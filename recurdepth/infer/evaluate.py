@@ -153,9 +153,16 @@ def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int
 
 
 @torch.no_grad()
-def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int = 8) -> tuple[float, int]:
-    """Token-mean loss (under the loss mask) over the first `samples` validation samples at depth r."""
+def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int = 8,
+                    routed: bool = False) -> tuple[float, int]:
+    """Token-mean loss (under the loss mask) over the first `samples` validation samples at depth r; `routed`: a
+    recursion_router model routed as its decoder routes (`RouterObjective.causal_forward`)."""
     from recurdepth.model.depth import BackpropWindow
+
+    if routed:
+        from recurdepth.objectives import build_objective
+
+        router = build_objective(loaded.cfg, loaded.tokenizer)
 
     total, tokens = 0.0, 0
     for start in range(0, min(samples, len(dataset)), batch_size):
@@ -164,7 +171,11 @@ def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int =
         x = torch.stack([s["tokens"] for s in items])
         labels = torch.stack([s["labels"] for s in items])
         mask = torch.stack([s["loss_mask"] for s in items]).float()
-        per_token = loaded.model(x, labels=labels, window=BackpropWindow(depth, 0), sample_ids=ids)
+        if routed:
+            per_token, _ = router.causal_forward(loaded.model, x, BackpropWindow(depth, 0), sample_ids=ids,
+                                                 labels=labels)
+        else:
+            per_token = loaded.model(x, labels=labels, window=BackpropWindow(depth, 0), sample_ids=ids)
         total += float((per_token.float() * mask).sum())
         tokens += int(mask.sum())
     return total / max(tokens, 1), tokens
@@ -190,7 +201,7 @@ def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOpti
             rows += [dataclasses.replace(r, depth=depth) for r in rows if r.depth == depths[0]]
         else:
             if valid is not None:
-                loss, n = validation_loss(loaded, valid, depth, valid_samples)
+                loss, n = validation_loss(loaded, valid, depth, valid_samples, routed=options.exit_router)
                 rows += [Row(depth, "valid_loss", "", loss, n, depth),
                          Row(depth, "valid_ppl", "", math.exp(min(loss, 50.0)), n, depth)]
             opts = DecodeOptions(**{**asdict(options), "depth": depth})

@@ -18,6 +18,7 @@ class DecodeOptions:
     depth: int = 4
     exit_kl: Optional[float] = None
     exit_gate: Optional[float] = None  # q in (0, 1]: stop at the first iteration whose gate exit CDF reaches q
+    exit_router: bool = False  # route each token as a recursion_router model was trained to (recursion-wise KV)
     kv_share: Optional[int] = None
     warm_start: bool = False
     init: str = "zeros"

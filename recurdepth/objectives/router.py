@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -106,11 +107,18 @@ class RecursionRouter(torch.nn.Module):
     (expert-choice: row i - 1 at iteration i) or r logits over the depths (token-choice). The weight is 2-D,
     drawn like every projection (a zero router would tie every score); the bias starts at zero."""
 
-    def __init__(self, hidden_size: int, outputs: int):
+    def __init__(self, hidden_size: int, outputs: int, mode: str = "expert", gating: str = "weighted"):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(outputs, 2 * hidden_size))
         self.bias = torch.nn.Parameter(torch.zeros(outputs))
         torch.nn.init.normal_(self.weight, std=0.02)
+        self.mode, self.gating = mode, gating  # how it was trained: the decoder routes the same way
+
+    def token_choice(self, state: torch.Tensor, e: torch.Tensor, r: int) -> tuple:
+        """Token-choice over r depths: (p `[..., r]`, iterations each token runs `[...]` (1..r), its gate p_d)."""
+        p = torch.softmax(self(state, e, slice(0, r)), dim=-1)
+        depth = p.argmax(-1)
+        return p, depth + 1, p.gather(-1, depth.unsqueeze(-1))[..., 0]
 
     def forward(self, state: torch.Tensor, e: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Logits `[..., n]` of the rows `rows` of the map, from `state` and `e` `[..., h]` (float32 at least)."""
@@ -139,7 +147,9 @@ class RouterObjective(Objective):
     def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict:
         if not first_stage:
             return {}
-        return {"recursion_router": RecursionRouter(cfg.model.hidden_size, int(max_depth(cfg.recurrence)))}
+        o = cfg.objective
+        return {"recursion_router": RecursionRouter(cfg.model.hidden_size, int(max_depth(cfg.recurrence)), o.router,
+                                                    o.router_gating)}
 
     def set_step(self, step: int) -> None:
         self.means.reset()
@@ -199,33 +209,63 @@ class RouterObjective(Objective):
 
     def _token(self, m, state, e, rope, window):
         """Token-choice: a depth per token from one router before iteration 1; the balancing loss on its use."""
-        r, (s, b) = window.total, state.shape[:2]
+        r = window.total
         # with autograd even before the window: the gates of the window's iterations and the balancing loss train it
-        p = torch.softmax(m.recursion_router(state, e, slice(0, r)), dim=-1)  # [s, b, r]
-        depth = p.argmax(-1)  # [s, b]: 0-based, the token runs iterations 1..depth + 1
-        gate_all = p.gather(-1, depth.unsqueeze(-1))[..., 0]  # [s, b]
-        used = torch.nn.functional.one_hot(depth, r).to(p.dtype).reshape(-1, r).mean(0)  # f_j
+        p, runs, gate = m.recursion_router.token_choice(state, e, r)  # [s, b, r], [s, b], [s, b]
+        used = torch.nn.functional.one_hot(runs - 1, r).to(p.dtype).reshape(-1, r).mean(0)  # f_j
         balance = r * (used * p.reshape(-1, r).mean(0)).sum()
+        state, previous, depth = self.per_token_loop(m, state, e, rope, window, lambda it, s_, alive: (
+            alive & (runs >= it.index), gate))
+        return state, previous, balance, depth, 0.0
+
+    def per_token_loop(self, m, state, e, rope, window, decide) -> tuple:
+        """Iterations whose routed tokens each decide for themselves: `decide(it, state, alive [s, b]) -> (routed
+        [s, b], gate [s, b])` before iteration `it` (alive: routed at the iteration before). Rows are gathered and
+        padded to the longest. Returns (s_r, s_{r-1}, mean iterations per token)."""
+        s = state.shape[0]
         positions = torch.arange(s, device=state.device)
-        previous = state
+        alive = torch.ones(state.shape[:2], dtype=torch.bool, device=state.device)
+        previous, runs = state, torch.zeros(state.shape[:2], dtype=torch.float64, device=state.device)
         for it in window.iterations():
-            alive = (depth >= it.index - 1).t()  # [b, s]
-            count = alive.sum(1)
+            with contextlib.nullcontext() if it.grad else torch.no_grad():
+                alive, gate = decide(it, state, alive)
+            count = alive.sum(0)  # [b]
             K = int(count.max())
             if K == 0:
                 break
+            runs = runs + alive.double()
             previous = state
             if K == s and bool((count == s).all()):
-                state = self._update(m, it, state, e, rope, None, gate_all.t())
+                state = self._update(m, it, state, e, rope, None, gate.t())
                 continue
-            key = torch.where(alive, positions, positions + s)  # active first, in order
+            key = torch.where(alive.t(), positions, positions + s)  # [b, s]: active first, in order
             order = key.sort(dim=1).values[:, :K]
             index, valid = order % s, order < s
-            gate = gate_all.t().gather(1, index)
-            if self.section.router_gating == "none":
-                gate = None
-            state = m.routed_iteration(it, state, e, rope, index, gate, valid)
-        return state, previous, balance, float((depth + 1).double().mean()), 0.0
+            row_gate = None if self.section.router_gating == "none" else gate.t().gather(1, index)
+            state = m.routed_iteration(it, state, e, rope, index, row_gate, valid)
+        self.last_runs = runs  # [s, b]: iterations each token ran
+        return state, previous, float(runs.mean())
+
+    def causal_forward(self, model, tokens: torch.Tensor, window, s0: Optional[torch.Tensor] = None,
+                       sample_ids=None, labels: Optional[torch.Tensor] = None) -> tuple:
+        """The routed model on `tokens [b, s]` from `s0 [s, b, h]` (default: the model's per-sample draw) with
+        decisions a decoder can make: token-choice as trained; expert-choice by threshold, a token continuing past
+        iteration i while sigmoid(z_i) >= 1/2 (MoR's auxiliary-loss inference). Returns (logits `[b, s, V]`, or
+        per-token losses `[b, s]` with `labels`; iterations per token `[s, b]`)."""
+        m = unwrap(model)
+        e = m.embed(tokens)
+        s0 = m.initial_state(e, sample_ids) if s0 is None else s0
+        rope = m.rope(m.full_seq_len(e))
+        router = m.recursion_router
+        if self.section.router == "token":
+            _, runs, gate = router.token_choice(s0, e, window.total)
+            decide = lambda it, state, alive: (alive & (runs >= it.index), gate)  # noqa: E731
+        else:
+            def decide(it, state, alive):
+                z = router(state, e, slice(it.index - 1, it.index))[..., 0]
+                return alive & (z >= 0), torch.sigmoid(z)
+        state, _, _ = self.per_token_loop(m, s0, e, rope, window, decide)
+        return m.head(state, labels), self.last_runs
 
     def metrics(self) -> dict[str, float]:
         return self.means.pop()

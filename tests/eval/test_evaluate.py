@@ -127,6 +127,9 @@ def checkpoints(megatron_single_process, tmp_path_factory):
     write_checkpoint(cfg, build_model(cfg, 264), root / "no-tokenizer", 264)
     cfg = load_config(None, SMALL_MODEL + ["objective.kind=exit_gate"])
     write_checkpoint(cfg, build_model(cfg, 264), root / "gated", 264)
+    cfg = load_config(None, SMALL_MODEL + ["objective.kind=recursion_router", "recurrence.sampler=fixed",
+                                           "recurrence.depth=4"])
+    write_checkpoint(cfg, build_model(cfg, 264), root / "routed", 264)
     (root / "foreign").mkdir()
     (root / "foreign" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return root
@@ -156,6 +159,12 @@ def test_bad_input_raises_a_one_line_error(checkpoints, call, error):
     (["export", "{root}/plain", "{root}/hf"], "model.norm_before_coda"),
     (["generate", "{root}/plain", "--prompt", "a", "--exit-gate", "0.5"], "trained with objective.kind=exit_gate"),
     (["generate", "{root}/gated", "--prompt", "a", "--exit-gate", "1.5"], "threshold q in (0, 1]"),
+    (["generate", "{root}/plain", "--prompt", "a", "--depth", "4", "--exit-router"],
+     "trained with objective.kind=recursion_router"),
+    (["eval", "{root}/routed", "--depths", "2,6", "--exit-router"], "trained for at most 4 iterations"),
+    (["generate", "{root}/routed", "--prompt", "a", "--exit-router"], "give --depth N"),
+    (["generate", "{root}/routed", "--prompt", "a", "--depth", "4", "--exit-router", "--exit-kl", "0.1"],
+     "give one exit rule"),
 ])
 def test_cli_prints_one_error_line_and_exits_2(checkpoints, args, message):
     out = run_cli([a.format(root=checkpoints) for a in args], check=False, timeout=120)
@@ -171,3 +180,14 @@ def test_generate_with_the_gate_exit_reports_its_mean_depth(checkpoints):
     assert "exit-gate 0.5 (max 6)" in tail
     mean = float(tail.split("mean depth ")[1].rstrip("]"))
     assert 1 <= mean < 6  # lambda = 1/2 at init: the exit CDF reaches 0.5 after the first iteration
+
+
+def test_generate_with_the_router_routes_and_says_so_without_it(checkpoints):
+    routed = run_cli(["generate", str(checkpoints / "routed"), "--prompt", "ab", "--depth", "4", "--exit-router",
+                      "--max-new-tokens", "4"], timeout=120)
+    tail = routed.stdout.strip().splitlines()[-1]
+    assert "exit-router (max 4)" in tail and "recursion_router" not in routed.stderr
+    assert 0 <= float(tail.split("mean depth ")[1].rstrip("]")) <= 4
+    plain = run_cli(["generate", str(checkpoints / "routed"), "--prompt", "ab", "--depth", "4", "--max-new-tokens",
+                     "4"], timeout=120)
+    assert "mean depth 4.00" in plain.stdout and "without --exit-router every token runs every iteration" in plain.stderr
