@@ -123,6 +123,16 @@ class Objective:
         per-token loss `[b, s]`."""
         raise NotImplementedError(f"objective {self.kind} has no single-pass pipeline loss")
 
+    def pipeline_readouts(self, window: BackpropWindow) -> Optional[list]:
+        """Under the looped pipeline schedule: the iterations whose states the last stage reads out (coda, final
+        norm, head) for `pipeline_readout_loss`, or None for the plain head after iteration r."""
+        return None
+
+    def pipeline_readout_loss(self, picked: list, losses: torch.Tensor, hidden: torch.Tensor, mb) -> torch.Tensor:
+        """The summed loss of one micro-batch from the readouts of iterations `picked`: per-token losses `[n, b, s]`
+        and final-norm hidden `[n, b, s, h]` (the same as `loss_sum` computes from `readout_forward`)."""
+        raise NotImplementedError(f"objective {self.kind} reads out only after iteration r")
+
     def pipeline_run(self, model, batches: list, window: BackpropWindow) -> Optional[torch.Tensor]:
         """Multi-pass objectives under PP: forward and backward of this rank's micro-batches; the summed loss on
         the last stage, zero elsewhere."""

@@ -91,9 +91,9 @@ class HaltingSection(ObjectiveSection):
         require(self.readout in ("all", "last"), "objective.readout", self.readout, "use all or last")
         require(self.exit_beta >= 0, "objective.exit_beta", self.exit_beta, "use a weight >= 0")
         require(0 < self.ponder_prior < 1, "objective.ponder_prior", self.ponder_prior, "use a rate in (0, 1)")
-        require(cfg.parallel.pipeline == 1, "parallel.pipeline", cfg.parallel.pipeline,
-                f"objective.kind={self.kind} reads out every iteration on one stage: it does not run under "
-                f"pipeline parallelism yet; use parallel.pipeline=1 (data or tensor parallelism instead)")
+        require(cfg.parallel.pipeline == 1 or cfg.parallel.pipeline_split == "looped", "parallel.pipeline_split",
+                cfg.parallel.pipeline_split, f"objective.kind={self.kind} reads the state out after iterations "
+                f"inside the looped pipeline schedule; use parallel.pipeline_split=looped")
 
 
 class HaltingObjective(Objective):
@@ -137,10 +137,22 @@ class HaltingObjective(Objective):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             picked, losses, hidden = m.readout_forward(mb.tokens, mb.labels, window, mb.sample_ids,
                                                        self.read_at(window), collect_health)
+        return self.readout_loss(m, picked, losses, hidden, mb)
+
+    def readout_loss(self, m, picked, losses, hidden, mb) -> torch.Tensor:
         losses = losses.to(torch.promote_types(hidden.dtype, torch.float32))  # megatron's cross-entropy is float32
         per_token, log_p = self.token_losses(losses, m.exit_gate(hidden))
         self._record(picked, losses.detach(), log_p.detach(), mb.loss_mask)
         return (per_token * mb.loss_mask).sum()
+
+    def pipeline_readouts(self, window) -> list:
+        """Under PP: the last stage reads out these iterations inside the looped schedule (parallel/pipeline.py)."""
+        return self.read_at(window) or list(range(1, window.total + 1))
+
+    def pipeline_readout_loss(self, picked, losses, hidden, mb) -> torch.Tensor:
+        if getattr(self.section, "forward_only", False):  # exit_gate_tune: the readouts are data for the gate
+            losses, hidden = losses.detach(), hidden.detach()
+        return self.readout_loss(unwrap(self.model), picked, losses, hidden, mb)
 
     def _record(self, picked, losses, log_p, mask) -> None:
         p = log_p.exp()

@@ -48,7 +48,10 @@ class NaivePipelineSchedule:
         self.inner = LoopedPipelineSchedule(self.stage, pp_group, tensor_shape, dtype, device, record_timeline,
                                             multi_pass_in_flight)
 
-    def run(self, micro_batches, window: BackpropWindow, loss_fn):
+    def run(self, micro_batches, window: BackpropWindow, loss_fn, readouts=None):
+        if readouts is not None:
+            raise ValueError("the naive split runs every iteration on the first stage: per-iteration readouts need "
+                             "parallel.pipeline_split=looped")
         self.stage.window = window
         return self.inner.run(micro_batches, BackpropWindow(1, 1 if window.with_grad else 0), loss_fn)
 

@@ -153,11 +153,20 @@ class LoopedPipelineSchedule:
             self.timeline = recorded_timeline(recorder.gather(self.group if self.p > 1 else None), self.p)
         return total
 
-    def run(self, micro_batches: list, window: BackpropWindow, loss_fn: Callable[[Tensor, object], Tensor]) -> Tensor:
+    def run(self, micro_batches: list, window: BackpropWindow, loss_fn: Callable[[Tensor, object], Tensor],
+            readouts: Optional[tuple] = None) -> Tensor:
+        """`readouts` = (iterations, readout_loss): the last stage also reads the state out (coda, final norm, head,
+        `stage.head(x, labels, return_hidden=True)`) right after its chunk of each listed iteration, keeping the
+        graph; H, after iteration r, then computes `readout_loss(picked, losses [n, b, s], hidden [n, b, s, h],
+        mb)` over all of them, back-propagates it once, and each grad iteration's readout gradient is added to
+        the gradient B receives for that iteration's state (the adaptive-depth objectives). r must be among the
+        iterations. The op order and the logical timeline are unchanged (readouts cost no schedule time, as H)."""
         m = len(micro_batches)
         orders = self.orders(m, window)
         self.last_orders = orders
-        run = _Run(self, orders, micro_batches, window, loss_fn)
+        if readouts is not None and window.total not in readouts[0]:
+            raise ValueError(f"readouts {readouts[0]} must include the last iteration {window.total}")
+        run = _Run(self, orders, micro_batches, window, loss_fn, readouts)
         total = run.execute()
         if self.record_timeline:
             mine = [(self.rank, op.kind, op.micro_batch, op.iteration, s, e)
@@ -174,8 +183,11 @@ class LoopedPipelineSchedule:
 class _Run:
     """The state of one `LoopedPipelineSchedule.run`."""
 
-    def __init__(self, sched: LoopedPipelineSchedule, orders, micro_batches, window: BackpropWindow, loss_fn):
+    def __init__(self, sched: LoopedPipelineSchedule, orders, micro_batches, window: BackpropWindow, loss_fn,
+                 readouts: Optional[tuple] = None):
         self.s, self.orders, self.mbs, self.window, self.loss_fn = sched, orders, micro_batches, window, loss_fn
+        self.read_at, self.readout_loss = (set(readouts[0]), readouts[1]) if readouts is not None else (None, None)
+        self.reads: dict[int, list] = {}  # mb -> [(j, state leaf, losses [b, s], hidden [b, s, h])] (last stage)
         self.p, self.me = sched.p, sched.rank
         self.order: list[Op] = orders[self.me]
         self.grad = window.with_grad > 0
@@ -196,7 +208,7 @@ class _Run:
         self.sends: list = []
         self.acts: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (mb, j) -> (input leaf, output)
         self.e: dict[int, tuple[Tensor, Tensor]] = {}  # mb -> (e with its graph, e leaf used by the chunks)
-        self.head_grad: dict[int, Tensor] = {}
+        self.head_grad: dict[tuple[int, int], Tensor] = {}  # (mb, j) -> grad of s_j from the head / readouts
         rec = sched.record_timeline
         self.zero_t = torch.zeros((), dtype=torch.float64, device=sched.device) if rec else None
         self.free = self.zero_t
@@ -282,7 +294,7 @@ class _Run:
             getattr(self, "_op_" + ("f" if op.kind in "fF" else op.kind))(op, st)
         for work, _ in self.sends:
             work.wait()
-        leftovers = (self.acts, self.e, self.head_grad, self.local, self.posted)
+        leftovers = (self.acts, self.e, self.head_grad, self.local, self.posted, self.reads)
         assert not any(leftovers), f"stage {self.me}: state left after the run: {[len(x) for x in leftovers]}"
         out = self.total
         return out if self.total_set else out.to(self.s.dtype)
@@ -319,12 +331,19 @@ class _Run:
         end = self._clock(op, arrival)
         if produced_message(op, self.me, self.p, self.window) is not None:
             self._send(op, out, end)
-        if self.me == self.p - 1 and j == self.window.total:
+        if self.me == self.p - 1 and self.read_at is not None and j in self.read_at:
+            leaf = out.detach().requires_grad_(self.grad and it.grad)
+            with torch.set_grad_enabled(self.grad):  # the coda and head learn from every readout
+                losses, hidden = st.head(leaf, self.mbs[mb].labels, return_hidden=True)
+            self.reads.setdefault(mb, []).append((j, leaf, losses, hidden))
+        elif self.me == self.p - 1 and j == self.window.total:
             self.head_input = out
         if self.me == 0 and j == self.window.total and not self.grad:
             del self.e[mb]  # forward only: e is not needed after the last trip
 
     def _op_H(self, op: Op, st) -> None:
+        if self.read_at is not None:
+            return self._readout_H(op)
         mb = self.mbs[op.micro_batch]
         out = self.head_input
         del self.head_input
@@ -333,7 +352,26 @@ class _Run:
             loss = self.loss_fn(st.head(x, mb.labels), mb)
         if self.grad:
             torch.autograd.backward(loss)
-            self.head_grad[op.micro_batch] = x.grad if x.grad is not None else torch.zeros_like(x)
+            self.head_grad[(op.micro_batch, self.window.total)] = x.grad if x.grad is not None else torch.zeros_like(x)
+        self.total = loss.detach() if not self.total_set else self.total + loss.detach()
+        self.total_set = True
+        self._clock(op, None)
+
+    def _readout_H(self, op: Op) -> None:
+        """H with readouts: the objective's loss over every readout of the micro-batch, one backward; the
+        gradients of the grad iterations' states wait for their B's."""
+        reads = self.reads.pop(op.micro_batch)
+        picked = [j for j, *_ in reads]
+        losses = torch.stack([r[2] for r in reads])
+        hidden = torch.stack([r[3] for r in reads])
+        with torch.set_grad_enabled(self.grad):
+            loss = self.readout_loss(picked, losses, hidden, self.mbs[op.micro_batch])
+        if self.grad:
+            torch.autograd.backward(loss)
+            for j, leaf, _, _ in reads:
+                if leaf.requires_grad:
+                    self.head_grad[(op.micro_batch, j)] = leaf.grad if leaf.grad is not None else \
+                        torch.zeros_like(leaf)
         self.total = loss.detach() if not self.total_set else self.total + loss.detach()
         self.total_set = True
         self._clock(op, None)
@@ -341,9 +379,11 @@ class _Run:
     def _op_B(self, op: Op, st) -> None:
         mb, j = op.micro_batch, op.iteration
         if self.me == self.p - 1 and j == self.window.total:
-            grad_out, arrival = self.head_grad.pop(mb), None
+            grad_out, arrival = self.head_grad.pop((mb, j)), None
         else:
             grad_out, arrival = self._receive(op)
+            if self.me == self.p - 1 and (mb, j) in self.head_grad:  # this iteration's readout's gradient too
+                grad_out = grad_out + self.head_grad.pop((mb, j))
         x, out = self.acts.pop((mb, j))
         torch.autograd.backward(out, grad_out)
         if self.me == 0 and self.window.iteration(j).first_grad:  # the micro-batch's last backward trip on stage 0

@@ -66,7 +66,10 @@ def forward_backward(engine, objective, schedule, faults, batches: list, window:
         if objective.multi_pass:
             return schedule.run_multi_pass(lambda: objective.pipeline_run(engine.model, batches, window))
         scale, loss_fn = faults.loss_scale(), objective.pipeline_loss
-        return schedule.run(batches, window, loss_fn if scale == 1.0 else (lambda *a: loss_fn(*a) * scale))
+        scaled = (lambda fn: fn) if scale == 1.0 else (lambda fn: lambda *a: fn(*a) * scale)
+        read_at = objective.pipeline_readouts(window)
+        readouts = None if read_at is None else (read_at, scaled(objective.pipeline_readout_loss))
+        return schedule.run(batches, window, scaled(loss_fn), **({"readouts": readouts} if readouts else {}))
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
     backward = torch.is_grad_enabled()
     for i, mb in enumerate(batches):

@@ -141,11 +141,15 @@ def test_a_model_step_gives_the_restated_loss_and_gate_gradients(model_setup):
                or n.startswith("core."))
 
 
-def test_pipeline_parallelism_is_refused_with_the_reason():
+def test_the_naive_pipeline_split_is_refused_with_the_reason():
+    """Under PP the readouts run inside the looped schedule (tests/objectives/test_objective_layouts.py); the naive
+    split, which runs every iteration inside one trip of the first stage, has no per-iteration state to read."""
     from recurdepth.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="parallel.pipeline=1"):
-        load_config(None, ["objective.kind=ponder", "parallel.pipeline=2", "model.core_layers=2"])
+    load_config(None, ["objective.kind=ponder", "parallel.pipeline=2", "model.core_layers=2"])
+    with pytest.raises(ConfigError, match="parallel.pipeline_split=looped"):
+        load_config(None, ["objective.kind=ponder", "parallel.pipeline=2", "model.core_layers=2",
+                           "parallel.pipeline_split=naive"])
 
 
 def test_the_gate_tuning_loss_equals_ouros_stage_two_restated():

@@ -76,6 +76,7 @@ def one_process(tmp_path_factory, data_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,layout", [("pause", "dp2"), ("pause", "pp2"), ("coconut", "dp2"), ("coconut", "pp2"),
                                          ("exit_gate", "dp2"), ("exit_gate", "tp2"), ("ponder", "tp2"),
+                                         ("exit_gate", "pp2"), ("ponder", "pp2"),
                                          ("deep_supervision", "dp2"), ("deep_supervision", "tp2"),
                                          ("router_expert", "dp2"), ("router_expert", "tp2"), ("router_token", "tp2")])
 def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
