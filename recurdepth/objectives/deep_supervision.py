@@ -17,12 +17,14 @@ ends go through the coda and head in one batched pass. Metrics: `supervision/fir
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 
 from recurdepth.config import require
 from recurdepth.model.depth import segment_windows
 from recurdepth.objectives.base import Objective, ObjectiveSection, TokenMeans
-from recurdepth.parallel.passes import unwrap
+from recurdepth.parallel.passes import pipelined_forward, run_micro_batches, unwrap
 
 
 @dataclass
@@ -39,9 +41,6 @@ class DeepSupervisionSection(ObjectiveSection):
                 f"give one weight per segment ({self.supervision_segments}), or none for 1/S each")
         require(all(isinstance(w, (int, float)) and w >= 0 for w in self.supervision_weights),
                 "objective.supervision_weights", self.supervision_weights, "use weights >= 0")
-        require(cfg.parallel.pipeline == 1, "parallel.pipeline", cfg.parallel.pipeline,
-                "objective.kind=deep_supervision reads every segment out on one stage: it does not run under "
-                "pipeline parallelism yet; use parallel.pipeline=1 (data or tensor parallelism instead)")
 
 
 class DeepSupervisionObjective(Objective):
@@ -85,6 +84,44 @@ class DeepSupervisionObjective(Objective):
         mask = mb.loss_mask.to(losses.dtype)
         self.means.add(mask.sum(), (losses[0] * mask).sum(), (losses[-1] * mask).sum())
         return ((weights * losses).sum(0) * mask).sum()
+
+    def pipeline_run(self, model, batches: list, window) -> torch.Tensor:
+        """Under PP: each segment is one `pipelined_forward` over the stages (its own window), the micro-batches
+        interleaved over the ring (parallel/passes.py)."""
+        return run_micro_batches(model, batches, window, self.passes)
+
+    def passes(self, model, mb, window, link) -> Optional[torch.Tensor]:
+        """The n segments of one micro-batch across the stages: segment j starts on the first stage from the
+        last stage's s^(j-1), detached (sent back without gradient), and re-embeds the tokens (the prelude runs
+        once per segment here; e's gradients add up to the one-stage step's). Its summed loss on the last stage."""
+        m = unwrap(model)
+        k = self.cfg.recurrence.backprop_depth if window.with_grad else 0
+        segments = segment_windows(window.total, self.segments, k)
+        weights = self.weights[-len(segments):]
+        param = next(m.parameters())
+        shape, dtype = (mb.tokens.shape[1], mb.tokens.shape[0], m.config.hidden_size), m.config.params_dtype
+        s0, total, first = None, None, None
+        for j, (segment, w) in enumerate(zip(segments, weights)):
+            out = pipelined_forward(model, segment, link, input_ids=mb.tokens, sample_ids=mb.sample_ids,
+                                    labels=mb.labels, s0=s0, return_state=True)
+            state = None
+            if out is not None:
+                losses, state = out
+                losses = losses.to(torch.promote_types(state.dtype, torch.float32))
+                mask = mb.loss_mask.to(losses.dtype)
+                term = w * (losses * mask).sum()
+                total = term if total is None else total + term
+                if j == 0:
+                    first = (losses.detach() * mask).sum()
+                if j == len(segments) - 1:
+                    self.means.add(mask.sum(), first, (losses.detach() * mask).sum())
+            if j < len(segments) - 1:
+                with torch.no_grad():
+                    s0 = link.last_to_first(None if state is None else state.detach(), shape, dtype, param.device,
+                                            requires_grad=False)
+                if not m.is_first:
+                    s0 = None
+        return total
 
     def metrics(self) -> dict[str, float]:
         return self.means.pop()

@@ -355,7 +355,7 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                       attention_mask: Optional[Tensor] = None, sample_ids: Optional[Sequence[int]] = None,
                       labels: Optional[Tensor] = None, return_hidden: bool = False,
                       batch_shape_: Optional[tuple[int, int]] = None, state_length: Optional[int] = None,
-                      s0: Optional[Tensor] = None, attend_at=None):
+                      s0: Optional[Tensor] = None, attend_at=None, return_state: bool = False):
     """One whole-model forward (`LoopedGPTModel.forward`'s arguments) across the pipeline stages.
 
     Every stage calls it with the same window and with what it has: stage 0 needs `input_ids [b, s]` or
@@ -370,7 +370,7 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
     `attend_at(iteration)` replaces the layers' self-attention (KV caches, block-sparse masks): called with None
     for the prelude and the coda and with the 0-based iteration for each trip through the core, it returns the
     model's `attend_for(name, layer)` hook (see `LoopedGPTModel._blocks`), which replaces every layer's attention
-    (RoPE included: the layers get no RoPE table then)."""
+    (RoPE included: the layers get no RoPE table then). `return_state`: the last stage returns (head output, s_r)."""
     m = unwrap(model)
     link.passes += 1
     b, s = batch_shape(input_ids, inputs_embeds, labels, batch_shape_)
@@ -421,8 +421,9 @@ def pipelined_forward(model, window: BackpropWindow, link: StageLink, *, input_i
                 link.send(state, 0, with_grad)
     if not m.is_last:
         return None
-    return m.head(state, labels, position_ids, attention_mask, return_hidden,
-                  attend_for=None if attend_at is None else attend_at(None))
+    out = m.head(state, labels, position_ids, attention_mask, return_hidden,
+                 attend_for=None if attend_at is None else attend_at(None))
+    return (out, state) if return_state else out
 
 
 _RECORDING: list = []  # what `multi_pass_options` installed (stacks), for run_micro_batches calls inside it

@@ -78,6 +78,7 @@ def one_process(tmp_path_factory, data_cache):
                                          ("exit_gate", "dp2"), ("exit_gate", "tp2"), ("ponder", "tp2"),
                                          ("exit_gate", "pp2"), ("ponder", "pp2"),
                                          ("deep_supervision", "dp2"), ("deep_supervision", "tp2"),
+                                         ("deep_supervision", "pp2"),
                                          ("router_expert", "dp2"), ("router_expert", "tp2"), ("router_token", "tp2")])
 def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
     run_cli([*BASE, *OBJECTIVE[kind], *LAYOUTS[layout], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"],
