@@ -22,8 +22,7 @@ def test_segments_split_r_evenly_and_truncate_each():
 
 
 @pytest.mark.parametrize("bad,needle", [(["objective.supervision_segments=1"], "2 or more"),
-                                        (["objective.supervision_weights=[1, 2, 3]"], "one weight per segment"),
-                                        (["parallel.pipeline=2", "model.core_layers=2"], "parallel.pipeline=1")])
+                                        (["objective.supervision_weights=[1, 2, 3]"], "one weight per segment")])
 def test_bad_options_are_refused_with_the_fix(bad, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, ["objective.kind=deep_supervision", *bad])
