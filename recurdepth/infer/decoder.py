@@ -208,15 +208,11 @@ class LoopedDecoder:
         router, b = self.model.recursion_router, state.shape[1]
         active = torch.arange(b, device=state.device)
         used = torch.zeros(b, dtype=torch.long)
-        if router.mode == "token":
-            _, runs, token_gate = router.token_choice(state, e, self.options.depth)  # [1, b]
+        plan = router.token_choice(state, e, self.options.depth) if router.mode == "token" else None  # [1, b]
         for it in BackpropWindow(self.options.depth, 0).iterations():
             x, ex = state[:, active], e[:, active]
-            if router.mode == "token":
-                go, gate = runs[0, active] >= it.index, token_gate[0, active]
-            else:
-                z = router(x, ex, slice(it.index - 1, it.index))[0, :, 0]
-                go, gate = z >= 0, torch.sigmoid(z)
+            rows_plan = None if plan is None else tuple(t[:, active] for t in plan)
+            go, gate = (t[0] for t in router.causal_choice(it.index, x, ex, rows_plan))
             active, x, ex, gate = active[go], x[:, go], ex[:, go], gate[go]
             if len(active) == 0:
                 break

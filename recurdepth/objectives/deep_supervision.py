@@ -78,7 +78,10 @@ class DeepSupervisionObjective(Objective):
         return losses.to(torch.promote_types(e.dtype, torch.float32))  # megatron's cross-entropy is float32
 
     def loss_sum(self, model, mb, window, collect_health: bool = False) -> torch.Tensor:
-        losses = self.segment_losses(model, mb, window, collect_health)
+        return self.weighted_sum(self.segment_losses(model, mb, window, collect_health), mb)
+
+    def weighted_sum(self, losses: torch.Tensor, mb) -> torch.Tensor:
+        """sum_j w_j L_j over the loss-masked tokens, from the n segment readouts' per-token losses `[n, b, s]`."""
         n = losses.shape[0]
         weights = torch.tensor(self.weights[-n:], dtype=losses.dtype, device=losses.device).reshape(n, 1, 1)
         mask = mb.loss_mask.to(losses.dtype)
@@ -97,31 +100,19 @@ class DeepSupervisionObjective(Objective):
         m = unwrap(model)
         k = self.cfg.recurrence.backprop_depth if window.with_grad else 0
         segments = segment_windows(window.total, self.segments, k)
-        weights = self.weights[-len(segments):]
-        param = next(m.parameters())
         shape, dtype = (mb.tokens.shape[1], mb.tokens.shape[0], m.config.hidden_size), m.config.params_dtype
-        s0, total, first = None, None, None
-        for j, (segment, w) in enumerate(zip(segments, weights)):
+        s0, readouts = None, []
+        for j, segment in enumerate(segments):
             out = pipelined_forward(model, segment, link, input_ids=mb.tokens, sample_ids=mb.sample_ids,
                                     labels=mb.labels, s0=s0, return_state=True)
             state = None
             if out is not None:
                 losses, state = out
-                losses = losses.to(torch.promote_types(state.dtype, torch.float32))
-                mask = mb.loss_mask.to(losses.dtype)
-                term = w * (losses * mask).sum()
-                total = term if total is None else total + term
-                if j == 0:
-                    first = (losses.detach() * mask).sum()
-                if j == len(segments) - 1:
-                    self.means.add(mask.sum(), first, (losses.detach() * mask).sum())
-            if j < len(segments) - 1:
-                with torch.no_grad():
-                    s0 = link.last_to_first(None if state is None else state.detach(), shape, dtype, param.device,
-                                            requires_grad=False)
-                if not m.is_first:
-                    s0 = None
-        return total
+                readouts.append(losses.to(torch.promote_types(state.dtype, torch.float32)))
+            if j < len(segments) - 1:  # s0 is read on the first stage only
+                s0 = link.last_to_first(None if state is None else state.detach(), shape, dtype,
+                                        next(m.parameters()).device, requires_grad=False)
+        return self.weighted_sum(torch.stack(readouts), mb) if readouts else None
 
     def metrics(self) -> dict[str, float]:
         return self.means.pop()

@@ -26,7 +26,8 @@ Token-choice (`objective.router=token`): one router before iteration 1 gives eac
 depths, p = softmax(z) (r logits; `recurrence.sampler=fixed`), depth d = argmax p, the token active at iterations
 i <= d with g = p_d at each of them. Switch Transformer's balancing loss r sum_j f_j P_j (f_j: the fraction of the
 micro-batch's tokens given depth j, P_j: their mean p_j), weighted by `objective.router_balance_weight`, keeps the
-depths used. Rows have different counts of active tokens: padded to the longest, padding masked out.
+depths used. Rows have different counts of active tokens: padded to the longest, the padding after a row's real
+tokens (causality keeps it out of their attention).
 
 Both auxiliary terms are per-token means: they enter the step's loss sum times the micro-batch's loss-masked token
 count. Iterations outside the truncated-backprop window route without autograd (their routers get no gradient:
@@ -120,6 +121,16 @@ class RecursionRouter(torch.nn.Module):
         depth = p.argmax(-1)
         return p, depth + 1, p.gather(-1, depth.unsqueeze(-1))[..., 0]
 
+    def causal_choice(self, index: int, state: torch.Tensor, e: torch.Tensor, token_plan=None) -> tuple:
+        """Before iteration `index` (1-based), the choice a decoder can make for each token: (continue `[...]`,
+        gate `[...]`). Expert-choice: sigmoid(z_i) >= 1/2 (MoR's auxiliary-loss inference); token-choice: its
+        depth reaches `index`, from `token_plan` = `token_choice(...)` made before iteration 1."""
+        if self.mode == "token":
+            _, runs, gate = token_plan
+            return runs >= index, gate
+        z = self(state, e, slice(index - 1, index))[..., 0]
+        return z >= 0, torch.sigmoid(z)
+
     def forward(self, state: torch.Tensor, e: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Logits `[..., n]` of the rows `rows` of the map, from `state` and `e` `[..., h]` (float32 at least)."""
         dtype = torch.promote_types(state.dtype, torch.float32)
@@ -140,8 +151,9 @@ class RouterObjective(Objective):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.section = cfg.objective
-        self.means = TokenMeans("router/mean_depth", "router/aux_loss" if self.section.router == "expert"
-                                else "router/balance_loss", "router/aux_accuracy")
+        expert = self.section.router == "expert"
+        self.means = TokenMeans("router/mean_depth", *(("router/aux_loss", "router/aux_accuracy") if expert
+                                                       else ("router/balance_loss",)))
 
     @classmethod
     def extra_modules(cls, cfg, first_stage: bool, last_stage: bool) -> dict:
@@ -168,7 +180,8 @@ class RouterObjective(Objective):
         losses = m.head(state, mb.labels).to(torch.promote_types(state.dtype, torch.float32))
         mask = mb.loss_mask.to(losses.dtype)
         tokens = mask.sum()
-        self.means.add(tokens, depth * tokens, aux.detach() * tokens, accuracy * tokens)
+        self.means.add(tokens, depth * tokens, aux.detach() * tokens, *(() if accuracy is None else
+                                                                         (accuracy * tokens,)))
         weight = self.section.router_aux_weight if self.section.router == "expert" else \
             self.section.router_balance_weight
         return (losses * mask).sum() + weight * aux.to(losses.dtype) * tokens
@@ -188,7 +201,7 @@ class RouterObjective(Objective):
         counts = expert_counts(window.total, s, self.section.router_capacity)
         active = None  # [b, K] ascending positions of the tokens still active (None: all s)
         aux = torch.zeros((), dtype=torch.promote_types(state.dtype, torch.float32), device=state.device)
-        hits = n = 0
+        hits, n = torch.zeros((), device=state.device), 0
         previous = state
         for it, k in zip(window.iterations(), counts):
             with contextlib.nullcontext() if it.grad else torch.no_grad():
@@ -197,7 +210,7 @@ class RouterObjective(Objective):
                 chosen = torch.topk(z, k, dim=0, sorted=False).indices.sort(dim=0).values  # [k, b]
                 target = torch.zeros_like(z).scatter_(0, chosen, 1.0)
                 aux = aux + torch.nn.functional.binary_cross_entropy_with_logits(z, target)
-                hits += ((z >= 0) == (target > 0)).sum().item()
+                hits = hits + ((z >= 0) == (target > 0)).sum()
                 n += z.numel()
                 gate = torch.sigmoid(z).gather(0, chosen).t()  # [b, k]
                 picked = chosen.t() if active is None else active.gather(1, chosen.t())  # [b, k] positions
@@ -205,7 +218,7 @@ class RouterObjective(Objective):
                 state = self._update(m, it, state, e, rope, None if k == s else picked, gate)
                 active = None if k == s else picked
         depth = sum(counts) / s
-        return state, previous, aux, depth, hits / max(n, 1)
+        return state, previous, aux, depth, float(hits) / max(n, 1)
 
     def _token(self, m, state, e, rope, window):
         """Token-choice: a depth per token from one router before iteration 1; the balancing loss on its use."""
@@ -214,14 +227,14 @@ class RouterObjective(Objective):
         p, runs, gate = m.recursion_router.token_choice(state, e, r)  # [s, b, r], [s, b], [s, b]
         used = torch.nn.functional.one_hot(runs - 1, r).to(p.dtype).reshape(-1, r).mean(0)  # f_j
         balance = r * (used * p.reshape(-1, r).mean(0)).sum()
-        state, previous, depth = self.per_token_loop(m, state, e, rope, window, lambda it, s_, alive: (
+        state, previous, ran = self.per_token_loop(m, state, e, rope, window, lambda it, s_, alive: (
             alive & (runs >= it.index), gate))
-        return state, previous, balance, depth, 0.0
+        return state, previous, balance, float(ran.mean()), None
 
     def per_token_loop(self, m, state, e, rope, window, decide) -> tuple:
         """Iterations whose routed tokens each decide for themselves: `decide(it, state, alive [s, b]) -> (routed
         [s, b], gate [s, b])` before iteration `it` (alive: routed at the iteration before). Rows are gathered and
-        padded to the longest. Returns (s_r, s_{r-1}, mean iterations per token)."""
+        padded to the longest. Returns (s_r, s_{r-1}, iterations each token ran `[s, b]`)."""
         s = state.shape[0]
         positions = torch.arange(s, device=state.device)
         alive = torch.ones(state.shape[:2], dtype=torch.bool, device=state.device)
@@ -243,8 +256,7 @@ class RouterObjective(Objective):
             index, valid = order % s, order < s
             row_gate = None if self.section.router_gating == "none" else gate.t().gather(1, index)
             state = m.routed_iteration(it, state, e, rope, index, row_gate, valid)
-        self.last_runs = runs  # [s, b]: iterations each token ran
-        return state, previous, float(runs.mean())
+        return state, previous, runs
 
     def causal_forward(self, model, tokens: torch.Tensor, window, s0: Optional[torch.Tensor] = None,
                        sample_ids=None, labels: Optional[torch.Tensor] = None) -> tuple:
@@ -257,15 +269,14 @@ class RouterObjective(Objective):
         s0 = m.initial_state(e, sample_ids) if s0 is None else s0
         rope = m.rope(m.full_seq_len(e))
         router = m.recursion_router
-        if self.section.router == "token":
-            _, runs, gate = router.token_choice(s0, e, window.total)
-            decide = lambda it, state, alive: (alive & (runs >= it.index), gate)  # noqa: E731
-        else:
-            def decide(it, state, alive):
-                z = router(state, e, slice(it.index - 1, it.index))[..., 0]
-                return alive & (z >= 0), torch.sigmoid(z)
-        state, _, _ = self.per_token_loop(m, s0, e, rope, window, decide)
-        return m.head(state, labels), self.last_runs
+        plan = router.token_choice(s0, e, window.total) if router.mode == "token" else None
+
+        def decide(it, state, alive):
+            go, gate = router.causal_choice(it.index, state, e, plan)
+            return alive & go, gate
+
+        state, _, runs = self.per_token_loop(m, s0, e, rope, window, decide)
+        return m.head(state, labels), runs
 
     def metrics(self) -> dict[str, float]:
         return self.means.pop()
