@@ -252,7 +252,7 @@ class Config:
                  "model.kind=dense runs without pipeline parallelism (the recurrence-aware schedule drives looped "
                  "stages); use parallel.pipeline=1"),
                 (self.objective.kind == "lm", "objective.kind", self.objective.kind,
-                 "model.kind=dense trains the plain LM objective; thought-token objectives need the looped model"),
+                 "model.kind=dense trains the plain LM objective; the other objectives need the looped model (model.kind=looped)"),
                 (m.num_experts is None, "model.num_experts", m.num_experts,
                  "model.kind=dense builds dense MLPs; use null or model.kind=looped"),
                 (not self.recurrence.checkpoint_iterations, "recurrence.checkpoint_iterations", True,

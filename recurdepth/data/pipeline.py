@@ -313,13 +313,15 @@ def _barrier() -> None:
 @dataclass
 class MicroBatch:
     """One micro-batch: `tokens`, `labels`, `loss_mask` are `[b, s]`; `sample_ids` the global sample indices;
-    `problems` the step-by-step problems of the samples when the data has them (data/stepwise.py)."""
+    `problems` the step-by-step problems of the samples when the data has them (data/stepwise.py); `sizes` their
+    problem sizes when it has them (data/sized.py)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     sample_ids: list
     problems: Optional[list] = None
+    sizes: Optional[list] = None
 
 
 def rank_sample_ids(consumed_samples: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -343,5 +345,6 @@ def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch
             loss_mask=torch.stack([s["loss_mask"] for s in samples]).to(device, non_blocking=True),
             sample_ids=chunk,
             problems=optional_problems(samples),
+            sizes=[s["size"] for s in samples] if samples and "size" in samples[0] else None,
         ))
     return out

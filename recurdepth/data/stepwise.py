@@ -88,27 +88,10 @@ class StepwiseProblems(torch.utils.data.Dataset):
 
         self.ids = require_special_tokens(tokenizer, THOUGHT_SPECIALS, purpose)
         self.tokenizer, self.seq_length, self.pad = tokenizer, seq_length, tokenizer.pad
-        procedural = [s for s in sources if "procedural" in s and float(s.get("weight", 1.0)) > 0]
-        if not procedural or len(procedural) != len([s for s in sources if float(s.get("weight", 1.0)) > 0]):
-            raise DataError(f"{purpose} trains on step-by-step problems: give data.sources as procedural "
-                            "tasks only, e.g. [{procedural: addition, n: 5000}] (tasks with steps: addition, "
-                            "multiplication, program_trace, modular, ...)")
-        self.pools = []
-        for src in procedural:
-            n = int(src.get("n", 10000))
-            count = n if split == "train" else max(1, min(n, size))
-            samples = generate_split(src["procedural"], count, split, src.get("difficulty"),
-                                     int(src.get("seed", 0)), train_n=n if split == "test" else None)
-            self.pools.append([tokenize_problem(s, tokenizer) for s in samples])
-        weights = np.array([float(s.get("weight", 1.0)) for s in procedural])
-        rng = np.random.default_rng([seed, 0xC0C0, split == "test"])
-        self.source = rng.choice(len(self.pools), size=size, p=weights / weights.sum())
-        self.index = np.empty(size, dtype=np.int64)
-        for k, pool in enumerate(self.pools):  # each source's problems in shuffled epochs
-            where = np.flatnonzero(self.source == k)
-            epochs = -(-len(where) // len(pool)) if len(where) else 0
-            order = np.concatenate([rng.permutation(len(pool)) for _ in range(epochs)]) if epochs else []
-            self.index[where] = order[:len(where)]
+        pools, self.source, self.index = procedural_pools(sources, size, seed, split, purpose,
+                                                          "tasks with steps: addition, multiplication, "
+                                                          "program_trace, modular, ...")
+        self.pools = [[tokenize_problem(s, tokenizer) for s in pool] for pool in pools]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -130,6 +113,34 @@ class StepwiseProblems(torch.utils.data.Dataset):
                     n = len(p.question) + 2 + lay.latents + sum(len(s) for s in p.steps[lay.skipped_steps:])
                     most = max(most, n + len(p.answer))
         return most
+
+
+def procedural_pools(sources: list, size: int, seed: int, split: str, purpose: str, which: str) -> tuple:
+    """The procedural `Sample`s of `data.sources` (one pool per source: its n training samples, or for
+    split="test" min(n, size) held-out ones) and, for each of the run's `size` samples, its source and its index in
+    that source's pool: drawn from (seed, split) with the sources' weights, each pool in shuffled epochs (data
+    parallel halves and resumed runs see the same samples). Sources other than procedural ones -> DataError
+    naming `purpose` and `which` tasks suit it."""
+    procedural = [s for s in sources if "procedural" in s and float(s.get("weight", 1.0)) > 0]
+    if not procedural or len(procedural) != len([s for s in sources if float(s.get("weight", 1.0)) > 0]):
+        raise DataError(f"{purpose} trains on one procedural problem per sample: give data.sources as procedural "
+                        f"tasks only, e.g. [{{procedural: addition, n: 5000}}] ({which})")
+    pools = []
+    for src in procedural:
+        n = int(src.get("n", 10000))
+        count = n if split == "train" else max(1, min(n, size))
+        pools.append(generate_split(src["procedural"], count, split, src.get("difficulty"),
+                                    int(src.get("seed", 0)), train_n=n if split == "test" else None))
+    weights = np.array([float(s.get("weight", 1.0)) for s in procedural])
+    rng = np.random.default_rng([seed, 0xC0C0, split == "test"])
+    source = rng.choice(len(pools), size=size, p=weights / weights.sum())
+    index = np.empty(size, dtype=np.int64)
+    for k, pool in enumerate(pools):
+        where = np.flatnonzero(source == k)
+        epochs = -(-len(where) // len(pool)) if len(where) else 0
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(epochs)]) if epochs else []
+        index[where] = order[:len(where)]
+    return pools, source, index
 
 
 def check_fits(dataset: StepwiseProblems, layouts, seq_length: int) -> None:

@@ -235,6 +235,46 @@ class LoopedGPTModel(LanguageModule):
             self.last_health = recurrence_health(previous.detach(), state.detach())
         return state
 
+    def recur_rows(self, state: torch.Tensor, e: torch.Tensor, depths: Sequence[int], backprop_depth: int,
+                   collect_health: bool = False, position_ids: Optional[torch.Tensor] = None,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the core a different number of times per batch row (per-sample depth): row b runs `depths[b]`
+        iterations with its own truncated window (`BackpropWindow.of(depths[b], backprop_depth)`), then keeps
+        its state while longer rows go on. Iteration i runs the core once on the rows still going without grad
+        and once on those in their window, each gathered along the batch (whole sequences, so attention and
+        RoPE are a plain step's); finished rows cost nothing. With every row at one depth this is `recur`."""
+        depths = [int(d) for d in depths]
+        if len(depths) != state.shape[1]:
+            raise RecurdepthError(f"per-sample depth: {len(depths)} depths for a batch of {state.shape[1]} rows")
+        if min(depths) < 1:
+            raise RecurdepthError(f"per-sample depth: every row needs r >= 1, got {min(depths)}")
+        if len(set(depths)) == 1:  # one depth: the plain loop
+            return self.recur(state, e, BackpropWindow.of(depths[0], backprop_depth), collect_health,
+                              position_ids, attention_mask)
+        if attention_mask is not None and attention_mask.shape[0] != 1:
+            raise RecurdepthError("per-sample depth takes an attention mask shared by the batch (or none)")
+        rope = self.rope(self.full_seq_len(e), position_ids)
+        windows = [BackpropWindow.of(d, backprop_depth) for d in depths]
+        previous = state
+        for i in range(1, max(depths) + 1):
+            groups = {}  # the rows that run iteration i, by whether it carries gradients for them
+            for b, w in enumerate(windows):
+                if i <= w.total:
+                    groups.setdefault(w.grad_at(i), []).append(b)
+            before = state
+            for grad, rows in sorted(groups.items()):
+                index = torch.tensor(rows, device=state.device)
+                it = Iteration(i, grad, False, i == max(depths))  # `iteration` reads only whether it has grad
+                out = self.iteration(it, state.index_select(1, index), e.index_select(1, index), rope,
+                                     attention_mask)
+                state = state.index_copy(1, index, out)
+            if collect_health:  # each row's state before its last iteration
+                ran = torch.tensor([b for rows in groups.values() for b in rows], device=state.device)
+                previous = previous.index_copy(1, ran, before.index_select(1, ran))
+        if collect_health:
+            self.last_health = recurrence_health(previous.detach(), state.detach())
+        return state
+
     def readout_forward(self, input_ids: torch.Tensor, labels: torch.Tensor, window: BackpropWindow,
                         sample_ids: Optional[Sequence[int]] = None, read_at: Optional[Sequence[int]] = None,
                         collect_health: bool = False, position_ids: Optional[torch.Tensor] = None) -> tuple:
@@ -293,15 +333,20 @@ class LoopedGPTModel(LanguageModule):
                 window: BackpropWindow = BackpropWindow(4, 4), sample_ids: Optional[Sequence[int]] = None,
                 collect_health: bool = False, *, inputs_embeds: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                return_hidden: bool = False, s0: Optional[torch.Tensor] = None):
+                return_hidden: bool = False, s0: Optional[torch.Tensor] = None,
+                row_depths: Optional[Sequence[int]] = None):
         """The whole model (one pipeline stage holds it all). Optional, for objectives and inference:
         `inputs_embeds [b, s, h]` instead of `input_ids` (see `token_embeddings`); `position_ids [s]` (shared by
         the batch; RoPE positions, default 0..s-1, each < max(s, model.seq_length)); `attention_mask` boolean,
         broadcastable to `[b, 1, s, s]`, True = masked out (default causal); `return_hidden` -> (output, hidden);
-        `s0 [s, b, h]`: the initial state to start from instead of `initial_state`'s draw."""
+        `s0 [s, b, h]`: the initial state to start from instead of `initial_state`'s draw; `row_depths [b]`:
+        each row's own r (`recur_rows`; the window's `with_grad` is then each row's k: 0 for none)."""
         e = self.embed(input_ids, inputs_embeds, position_ids, attention_mask)
-        state = self.recur(self.initial_state(e, sample_ids) if s0 is None else s0, e, window, collect_health,
-                           position_ids, attention_mask)
+        s0 = self.initial_state(e, sample_ids) if s0 is None else s0
+        if row_depths is not None:
+            state = self.recur_rows(s0, e, row_depths, window.with_grad, collect_health, position_ids, attention_mask)
+        else:
+            state = self.recur(s0, e, window, collect_health, position_ids, attention_mask)
         return self.head(state, labels, position_ids, attention_mask, return_hidden)
 
     # ------------------------------------------------------------------ helpers

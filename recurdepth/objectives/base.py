@@ -43,6 +43,7 @@ class Objective:
       `trainable(cfg, name)`                                (classmethod) False freezes parameter `name`;
       `bind(model)`                                         the model it runs through (the trainer calls it once);
       `set_step(step)`                                      the optimizer step about to run (curricula);
+      `sample_depths(dataset, sample_ids)`                  per-sample r (FLOPs, progress line), or None;
       `pipeline_run(model, batches, window)`               overridden: under PP it runs its own passes
                                                             (`multi_pass`), else the looped schedule runs it;
       `metrics()`                                           floats logged with the step.
@@ -137,6 +138,11 @@ class Objective:
         """Multi-pass objectives under PP: forward and backward of this rank's micro-batches; the summed loss on
         the last stage, zero elsewhere."""
         raise NotImplementedError(f"objective {self.kind} is single-pass: the looped schedule runs it")
+
+    def sample_depths(self, dataset, sample_ids) -> Optional[list]:
+        """Per-sample depth: the r each of the samples `sample_ids` of `dataset` runs (the step's FLOPs and
+        progress line count them), or None when the whole step runs the sampler's r."""
+        return None
 
     def metrics(self) -> dict[str, float]:
         """Extra per-step metrics (logged with the step's health values)."""

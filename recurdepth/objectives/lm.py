@@ -6,8 +6,11 @@ from recurdepth.objectives.base import Objective
 
 
 def masked_loss_sum(per_token, loss_mask):
-    """Sum of the per-token losses `[b, s]` where `loss_mask` is 1."""
-    return (per_token.float() * loss_mask).sum()
+    """Sum of the per-token losses `[b, s]` where `loss_mask` is 1, in float32 or better (bf16 losses are summed
+    in float32; float64 ones stay float64)."""
+    import torch
+
+    return (per_token.to(torch.promote_types(per_token.dtype, torch.float32)) * loss_mask).sum()
 
 
 class LMObjective(Objective):

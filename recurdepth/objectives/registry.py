@@ -21,6 +21,7 @@ OBJECTIVES: dict = {
     "exit_gate_tune": "recurdepth.objectives.halting:ExitGateTuneObjective",
     "deep_supervision": "recurdepth.objectives.deep_supervision:DeepSupervisionObjective",
     "recursion_router": "recurdepth.objectives.router:RouterObjective",
+    "depth_by_size": "recurdepth.objectives.sized_depth:DepthBySizeObjective",
 }
 
 

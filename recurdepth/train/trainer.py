@@ -217,6 +217,7 @@ class Trainer:
         cfg, t, start = self.cfg, self.cfg.train, time.perf_counter()
         self.faults.begin(self.state.step + 1)
         window = self.sampler.window(self.state.step)
+        first_sample = self.state.consumed_samples
         collect = bool(cfg.logging.health_interval) and (self.state.step + 1) % cfg.logging.health_interval == 0
         while self.state.consumed_samples in self.state.skipped_batches:  # batches a rollback ruled out
             self.state.consumed_samples += t.global_batch_size
@@ -241,10 +242,18 @@ class Trainer:
         if self.schedule is not None and cfg.parallel.record_timeline:
             health["pipeline_bubble"] = self.schedule.bubble_fraction()  # idle / (p x makespan), logical time
         tokens = t.global_batch_size * cfg.model.seq_length
+        k = cfg.recurrence.backprop_depth
+        depths = self.objective.sample_depths(self.data.train, range(first_sample, first_sample + t.global_batch_size))
+        if depths:  # per-sample depth: the largest r on the progress line, FLOPs per sample
+            flops = cfg.model.seq_length * sum(self.flops.per_token(d, k) for d in depths)
+            window = BackpropWindow.of(max(depths), k)
+            health["depth/mean"] = sum(depths) / len(depths)
+        else:
+            flops = tokens * self.flops.per_token(window.total, k)
         return StepMetrics(
             step=self.state.step, loss=out.loss, lr=self.optimizer.param_groups[0]["lr"], grad_norm=out.grad_norm,
             depth=window.total, backprop_depth=window.with_grad, tokens=tokens, seconds=time.perf_counter() - start,
-            flops=tokens * self.flops.per_token(window.total, cfg.recurrence.backprop_depth),
+            flops=flops,
             peak_flops=self.peak, health=health, guard=out.bad or "")
 
     def forward_backward(self, batches: list, window: BackpropWindow, collect: bool = False) -> torch.Tensor:

@@ -2,8 +2,8 @@
 (1e-5 relative): pause (random pretraining pauses and M pauses before procedural answers; the looped pipeline
 schedule), coconut (its curriculum crosses stages 0..3 in 4 steps, so 1, 3, 5 and 5 passes per micro-batch;
 `pipeline_run` through `pipelined_forward`), the plain LM objective driven through `pipelined_forward`, and the
-learned exits (exit_gate, ponder), deep supervision and the recursion routers under DP=2 and TP=2 (they refuse PP:
-tests/objectives/test_halting.py, test_router.py)."""
+learned exits (exit_gate, ponder) and deep supervision under DP=2, TP=2 and PP=2, the recursion routers and
+per-sample depth under DP=2 and TP=2 (they refuse PP: tests/objectives/test_router.py, test_sized_depth.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ OBJECTIVE = {
                       "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
     "router_token": ["objective.kind=recursion_router", "objective.router=token",
                      "data.sources=[{builtin: stdlib-docs}, {procedural: addition, n: 2000, weight: 0.3}]"],
+    # per-sample depth: hops k = 1..4 -> r = k, each row its own window (k = 2)
+    "depth_by_size": ["objective.kind=depth_by_size",
+                      "data.sources=[{procedural: hops, n: 500, difficulty: {min_hops: 1, max_hops: 4}}]"],
 }
 LAYOUTS = {"dp2": ["train.micro_batch_size=2"], "pp2": ["parallel.pipeline=2", "parallel.record_timeline=true"],
            "tp2": ["parallel.tensor=2"]}
@@ -79,7 +82,8 @@ def one_process(tmp_path_factory, data_cache):
                                          ("exit_gate", "pp2"), ("ponder", "pp2"),
                                          ("deep_supervision", "dp2"), ("deep_supervision", "tp2"),
                                          ("deep_supervision", "pp2"),
-                                         ("router_expert", "dp2"), ("router_expert", "tp2"), ("router_token", "tp2")])
+                                         ("router_expert", "dp2"), ("router_expert", "tp2"), ("router_token", "tp2"),
+                                         ("depth_by_size", "dp2"), ("depth_by_size", "tp2")])
 def test_objective_layout_matches_one_process(one_process, tmp_path, data_cache, kind, layout):
     run_cli([*BASE, *OBJECTIVE[kind], *LAYOUTS[layout], f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"],
             nproc=2)

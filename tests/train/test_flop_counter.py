@@ -253,3 +253,29 @@ def test_router_counts_only_the_tokens_that_run_each_iteration(megatron_single_p
         assert analytic.per_token(r, k) == pytest.approx(plain.per_token(r, k) + router, rel=1e-12)
     else:
         assert counted < 0.9 * plain.per_token(r, k) * tokens.numel()  # routing tokens out saves counted FLOPs
+
+
+def test_per_sample_depth_counts_each_rows_own_iterations(megatron_single_process):
+    """objective.kind=depth_by_size: row b runs r_b iterations (gradients through its last min(r_b, k)) and a finished
+    row costs nothing, so the step's FLOPs are seq x the sum over rows of per_token(r_b, k), the trainer's count."""
+    from types import SimpleNamespace
+
+    from recurdepth.model.build import build_model
+    from recurdepth.objectives import build_objective
+
+    cfg = load_config(TINY, [*SMALL, "objective.kind=depth_by_size", "recurrence.sampler=fixed",
+                             "recurrence.depth=4", "recurrence.backprop_depth=2",
+                             "data.sources=[{procedural: hops, n: 20}]"])
+    model = build_model(cfg, VOCAB)
+    tokens, labels = batch(cfg)
+    sizes = [1, 3]  # one per row (BATCH = 2): r = 1 and 3
+    mb = SimpleNamespace(tokens=tokens, labels=labels, sample_ids=None, loss_mask=torch.ones_like(tokens),
+                         sizes=sizes)
+    objective, analytic, m = build_objective(cfg, None), looped_flops(cfg, model.vocab_size), cfg.model
+    depths, k = [objective.depth(n) for n in sizes], 2
+    counted, ops = counted_flops(lambda: objective.loss_sum(model, mb, BackpropWindow.of(4, k)).backward())
+    s = m.seq_length
+    expected = sum(analytic.per_token(r, k) * s + flash_recompute(
+        cfg, m.prelude_layers + m.coda_layers + min(r, k) * m.core_layers, s) for r in depths)
+    check(counted, expected, ops, f"depth_by_size r={depths} k={k}")
+    assert counted < 0.9 * analytic.per_token(max(depths), k) * tokens.numel()  # finished rows cost nothing

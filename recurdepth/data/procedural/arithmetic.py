@@ -44,6 +44,10 @@ class _TwoOperandTask(Task):
         m = match_prompt(prompt, self._re)
         return str(self.apply(int(m.group(1)), int(m.group(2)))) if m else None
 
+    def size(self, prompt):
+        m = match_prompt(prompt, self._re)
+        return max(len(m.group(1)), len(m.group(2))) if m else None  # digits of the longer operand
+
     def corrupt(self, sample, rng):
         return change_digit(sample.answer, rng)
 

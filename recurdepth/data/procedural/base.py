@@ -75,6 +75,12 @@ class Task(ABC):
     def solve(self, prompt: str) -> Optional[str]:
         """The canonical answer re-derived from the prompt text alone; None if the prompt is malformed."""
 
+    def size(self, prompt: str) -> Optional[int]:
+        """The problem's size as its prompt states it (bits, digits, hops, list length: what its sequential work
+        grows with), for per-sample depth (objective.kind=depth_by_size); None when the task has none or the
+        prompt is not the task's."""
+        return None
+
     def normalize(self, answer: str) -> str:
         """Answer normalisation before comparison (default: surrounding and repeated whitespace)."""
         return " ".join(answer.split())

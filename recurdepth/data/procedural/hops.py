@@ -77,6 +77,10 @@ class HopsTask(Task):
             node = arrow[node]
         return node
 
+    def size(self, prompt):
+        m = match_prompt(prompt, self._re)
+        return int(m.group(2)) if m else None  # hops
+
     def corrupt(self, sample, rng):
         letters = sorted(parse_arrows(self._re.fullmatch(sample.prompt).group(1)))
         return rng.choice([x for x in letters if x != sample.answer])
@@ -164,6 +168,16 @@ class RootTask(Task):
     def solve(self, prompt):
         arrow, node = self._arrows(prompt)
         return None if arrow is None else self._root(arrow, node)
+
+    def size(self, prompt):
+        """Arrows from the asked letter to its root."""
+        arrow, node = self._arrows(prompt)
+        if arrow is None or self._root(arrow, node) is None:
+            return None
+        steps = 0
+        while arrow[node] != node:
+            node, steps = arrow[node], steps + 1
+        return steps
 
     def verify(self, prompt, answer):
         """The first word is the asked letter's root; whatever follows must be further questions about these

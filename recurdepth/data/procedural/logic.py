@@ -41,6 +41,10 @@ class ParityTask(Task):
         m = match_prompt(prompt, self._re)
         return ("odd" if m.group(1).count("1") % 2 else "even") if m else None
 
+    def size(self, prompt):
+        m = match_prompt(prompt, self._re)
+        return len(m.group(1)) if m else None  # bits
+
     def corrupt(self, sample, rng):
         return "even" if sample.answer == "odd" else "odd"
 

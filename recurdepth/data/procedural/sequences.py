@@ -78,6 +78,10 @@ class _SequenceTask(Task):
         m = match_prompt(prompt, self._re_compiled)
         return " ".join(self.transform(m.group(1).split())) if m else None
 
+    def size(self, prompt):
+        m = match_prompt(prompt, self._re_compiled)
+        return len(m.group(1).split()) if m else None  # symbols
+
     def corrupt(self, sample, rng):
         return " ".join(corrupt_tokens(sample.answer.split(), rng, self.SYMBOLS))
 
