@@ -144,16 +144,18 @@ def _eval(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
     require_gate(loaded, options, tuple(depths))
-    sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
     adaptive = options.exit_kl is not None or options.exit_gate is not None or options.exit_router
+    by_size = size_rule(loaded, adaptive) if args.depth_by_size else None
+    sets = task_sets(loaded.cfg, args.task, args.n, args.seed)
     exit_rows = [] if adaptive else None
-    rows = run_eval(loaded, depths, sets, options, args.valid_samples, exit_rows)
+    rows = run_eval(loaded, depths, sets, options, args.valid_samples, exit_rows, by_size)
     out = Path(args.out) if args.out else default_out_dir(loaded.path)
     mode = (f"exit-kl {args.exit_kl:g}" if args.exit_kl is not None else
             f"exit-gate {args.exit_gate:g}" if args.exit_gate is not None else
             "exit-router" if args.exit_router else "fixed depth")
     title = f"{loaded.path} ({mode})"
-    meta = {"checkpoint": str(loaded.path), "depths": depths, "exit_kl": args.exit_kl, "exit_gate": args.exit_gate,
+    meta = {"checkpoint": str(loaded.path), "depths": depths, "depth_by_size": args.depth_by_size,
+            "exit_kl": args.exit_kl, "exit_gate": args.exit_gate,
             "exit_router": args.exit_router, "kv_share": args.kv_share,
             "warm_start": args.warm_start, "init": args.init,
             "task_sets": [{"label": s.label, "task": s.task, "difficulty": s.difficulty, "n": len(s.samples)}
@@ -161,6 +163,21 @@ def _eval(args: argparse.Namespace) -> int:
     written = write_outputs(rows, out, title, meta, exit_rows)
     print("wrote " + ", ".join(str(p) for p in written.values() if p), flush=True)
     return 0
+
+
+def size_rule(loaded, adaptive: bool):
+    """--depth-by-size: the checkpoint's per-sample depth rule (size -> r), or a one-line ConfigError."""
+    kind = loaded.cfg.objective.kind
+    if kind != "depth_by_size":
+        raise ConfigError(f"--depth-by-size scores each problem at the r its size gives, a rule of checkpoints trained "
+                          f"with objective.kind=depth_by_size; {loaded.path} was trained with objective.kind={kind}: "
+                          f"use --depths")
+    if adaptive:
+        raise ConfigError("--depth-by-size sets each problem's r from its size; it does not combine with --exit-kl, "
+                          "--exit-gate or --exit-router (drop one)")
+    from recurdepth.objectives import build_objective
+
+    return build_objective(loaded.cfg, loaded.tokenizer).depth
 
 
 def add_eval_parser(verbs) -> None:
@@ -174,5 +191,8 @@ def add_eval_parser(verbs) -> None:
     e.add_argument("--n", type=int, default=200, help="held-out samples per task and difficulty")
     e.add_argument("--valid-samples", type=int, default=64, help="validation sequences for the loss (0 = skip)")
     e.add_argument("--out", default=None, help="output folder (default <run dir>/eval/<checkpoint name>)")
+    e.add_argument("--depth-by-size", action="store_true",
+                   help="also score every problem at the r its size gives (checkpoints of objective.kind="
+                        "depth_by_size): rows at depth 0")
     add_decode_arguments(e)
     e.set_defaults(func=_eval)

@@ -8,6 +8,10 @@ At each depth r (or maximum depth, with `--exit-kl` or `--exit-gate`):
   disjoint from the training samples) and at a harder difficulty (each `min_X..max_X` range moved past its
   training maximum), or the tasks given with `--task NAME[@key=value,...]`.
 
+With `--depth-by-size` (a checkpoint of objective.kind=depth_by_size), each task set is also scored with every
+problem at the r its size gives (`depth_offset + depth_scale x size`, as trained), and the validation loss with
+each sequence at its own r: rows with depth 0 ("r=size"), their mean r in `mean_depth`.
+
 Writes `eval.json`, `eval.csv`, `depth_sweep.png` (metric vs r, one line per task) and TensorBoard scalars
 (`tensorboard/`, step = r) under `--out` (default `<run dir>/eval/<checkpoint name>`).
 """
@@ -43,7 +47,7 @@ class TaskSet:
 
 @dataclass
 class Row:
-    depth: int
+    depth: int  # 0: each sample at the r of its size (--depth-by-size)
     metric: str  # valid_loss, valid_ppl, or accuracy
     task: str  # "" for validation metrics, else the TaskSet label
     value: float
@@ -153,10 +157,31 @@ def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int
 
 
 @torch.no_grad()
+def task_accuracy_by_size(loaded, samples: list, options: DecodeOptions, rule) -> tuple[float, float]:
+    """`task_accuracy` with every sample at r = rule(its size): (accuracy, mean r over the samples)."""
+    from recurdepth.data.procedural import get_task
+
+    groups = defaultdict(list)
+    for sample in samples:
+        size = get_task(sample.task).size(sample.prompt)
+        if size is None:
+            raise DataError(f"--depth-by-size needs each problem's size, and task {sample.task!r} has none; score it "
+                            "at fixed --depths")
+        groups[rule(size)].append(sample)
+    correct = 0.0
+    for r, group in sorted(groups.items()):
+        acc, _ = task_accuracy(loaded, group, DecodeOptions(**{**asdict(options), "depth": r}))
+        correct += acc * len(group)
+    n = max(len(samples), 1)
+    return correct / n, sum(r * len(g) for r, g in groups.items()) / n
+
+
+@torch.no_grad()
 def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int = 8,
-                    routed: bool = False) -> tuple[float, int]:
+                    routed: bool = False, rule=None) -> tuple[float, int]:
     """Token-mean loss (under the loss mask) over the first `samples` validation samples at depth r; `routed`: a
-    recursion_router model routed as its decoder routes (`RouterObjective.causal_forward`)."""
+    recursion_router model routed as its decoder routes (`RouterObjective.causal_forward`); `rule`: each
+    sequence at r = rule(its size) instead (per-sample depth)."""
     from recurdepth.model.depth import BackpropWindow
 
     if routed:
@@ -174,6 +199,10 @@ def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int =
         if routed:
             per_token, _ = router.causal_forward(loaded.model, x, BackpropWindow(depth, 0), sample_ids=ids,
                                                  labels=labels)
+        elif rule is not None:
+            depths = [rule(s["size"]) for s in items]
+            per_token = loaded.model(x, labels=labels, window=BackpropWindow(max(depths), 0), sample_ids=ids,
+                                     row_depths=depths)
         else:
             per_token = loaded.model(x, labels=labels, window=BackpropWindow(depth, 0), sample_ids=ids)
         total += float((per_token.float() * mask).sum())
@@ -182,9 +211,10 @@ def validation_loss(loaded, dataset, depth: int, samples: int, batch_size: int =
 
 
 def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOptions, valid_samples: int,
-             exit_rows: Optional[list] = None) -> list[Row]:
+             exit_rows: Optional[list] = None, by_size=None) -> list[Row]:
     """The rows of every depth; `exit_rows`, if given, gets {depth, task, exit_depth, tokens} per exit depth used
-    (the exit-depth histogram of each task set at each maximum depth)."""
+    (the exit-depth histogram of each task set at each maximum depth); `by_size` (size -> r): the depth-0 rows,
+    every sample at the r of its size."""
     rows = []
     valid = None
     if valid_samples > 0:
@@ -214,6 +244,16 @@ def run_eval(loaded, depths: list[int], sets: list[TaskSet], options: DecodeOpti
                                   for d, n in sorted(used.items())]
         line = " | ".join(f"{r.task or r.metric} {r.value:.4g}" for r in rows if r.depth == depth)
         print(f"r={depth:3d} | {line}", flush=True)
+    if by_size is not None:
+        if valid is not None:
+            loss, n = validation_loss(loaded, valid, 0, valid_samples, rule=by_size)
+            rows += [Row(0, "valid_loss", "", loss, n, 0.0), Row(0, "valid_ppl", "", math.exp(min(loss, 50.0)), n, 0.0)]
+        for ts in sets:
+            acc, mean_r = task_accuracy_by_size(loaded, ts.samples, options, by_size)
+            rows.append(Row(0, "accuracy", ts.label, acc, len(ts.samples), mean_r))
+        line = " | ".join(f"{r.task or r.metric} {r.value:.4g}" + (f" (mean r {r.mean_depth:.2f})" if r.task else "")
+                          for r in rows if r.depth == 0)
+        print(f"r=size | {line}", flush=True)
     return rows
 
 
@@ -312,9 +352,9 @@ def plot(rows: list[Row], path: Path, title: str) -> Optional[Path]:
         return None
     acc = defaultdict(list)
     for r in rows:
-        if r.metric == "accuracy":
+        if r.metric == "accuracy" and r.depth > 0:  # depth 0 (r by size) has no place on the r axis
             acc[r.task].append((r.depth, r.value))
-    loss = [(r.depth, r.value) for r in rows if r.metric == "valid_loss"]
+    loss = [(r.depth, r.value) for r in rows if r.metric == "valid_loss" and r.depth > 0]
     panels = 1 + bool(loss)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     _accuracy_axes(axes[0][0], acc, "test-time iterations r", log2=True)

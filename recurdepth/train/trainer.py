@@ -101,6 +101,9 @@ class Trainer:
         else:
             core = count(model.core) + count(model.adapter)
             sampler = f"fixed r={r.depth}" if r.sampler == "fixed" else f"{r.sampler} mean r={r.mean:g}"
+            if cfg.objective.kind == "depth_by_size":
+                o = cfg.objective
+                sampler = f"r per sample = {o.depth_scale:g} x size {o.depth_offset:+d}"
             shape = (f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, "
                      f"h={m.hidden_size}")
             depth = f"{sampler}, k={r.backprop_depth}"

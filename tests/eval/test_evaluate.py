@@ -130,6 +130,9 @@ def checkpoints(megatron_single_process, tmp_path_factory):
     cfg = load_config(None, SMALL_MODEL + ["objective.kind=recursion_router", "recurrence.sampler=fixed",
                                            "recurrence.depth=4"])
     write_checkpoint(cfg, build_model(cfg, 264), root / "routed", 264)
+    cfg = load_config(None, SMALL_MODEL + ["objective.kind=depth_by_size", "recurrence.sampler=fixed",
+                                           "data.sources=[{procedural: hops, n: 50}]"])
+    write_checkpoint(cfg, build_model(cfg, 264), root / "sized", 264)
     (root / "foreign").mkdir()
     (root / "foreign" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return root
@@ -165,6 +168,8 @@ def test_bad_input_raises_a_one_line_error(checkpoints, call, error):
     (["generate", "{root}/routed", "--prompt", "a", "--exit-router"], "give --depth N"),
     (["generate", "{root}/routed", "--prompt", "a", "--depth", "4", "--exit-router", "--exit-kl", "0.1"],
      "give one exit rule"),
+    (["eval", "{root}/plain", "--depth-by-size", "--task", "hops"], "trained with objective.kind=depth_by_size"),
+    (["eval", "{root}/sized", "--depth-by-size", "--exit-kl", "0.1", "--task", "hops"], "does not combine"),
 ])
 def test_cli_prints_one_error_line_and_exits_2(checkpoints, args, message):
     out = run_cli([a.format(root=checkpoints) for a in args], check=False, timeout=120)
@@ -191,3 +196,25 @@ def test_generate_with_the_router_routes_and_says_so_without_it(checkpoints):
     plain = run_cli(["generate", str(checkpoints / "routed"), "--prompt", "ab", "--depth", "4", "--max-new-tokens",
                      "4"], timeout=120)
     assert "mean depth 4.00" in plain.stdout and "without --exit-router every token runs every iteration" in plain.stderr
+
+
+def test_depth_by_size_scores_each_problem_at_its_sizes_r(tiny):
+    """Every problem at r = depth_offset + depth_scale x size: a set of one size scores as that r does; a set of
+    several sizes as the sizes' fixed-depth scores weighted by their counts, with their mean r."""
+    from recurdepth.data.procedural import generate_split
+
+    loaded, _ = tiny
+    rule = lambda n: n + 1  # noqa: E731 - depth_offset 1, depth_scale 1
+    one = [TaskSet("hops", {}, "hops k=2", generate_split("hops", 8, "test", {"min_hops": 2, "max_hops": 2}))]
+    rows = run_eval(loaded, [3], one, DecodeOptions(), valid_samples=0, by_size=rule)
+    fixed, by_size = [r for r in rows if r.metric == "accuracy"]
+    assert (fixed.depth, by_size.depth, by_size.mean_depth) == (3, 0, 3.0) and by_size.value == fixed.value
+    mixed = generate_split("hops", 12, "test", {"min_hops": 1, "max_hops": 3})
+    rows = run_eval(loaded, [], [TaskSet("hops", {}, "hops", mixed)], DecodeOptions(), valid_samples=0, by_size=rule)
+    from recurdepth.data.procedural import get_task
+
+    sizes = [get_task("hops").size(x.prompt) for x in mixed]
+    expect = sum(task_accuracy(loaded, [x for x, n in zip(mixed, sizes) if n == k],
+                               DecodeOptions(depth=k + 1))[0] * sizes.count(k) for k in set(sizes)) / len(mixed)
+    assert rows[0].value == pytest.approx(expect, abs=1e-12)
+    assert rows[0].mean_depth == pytest.approx(sum(n + 1 for n in sizes) / len(sizes))
