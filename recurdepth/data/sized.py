@@ -22,6 +22,15 @@ from recurdepth.errors import DataError
 SIZED_TASKS = "tasks with a size: parity, hops, root, addition, multiplication, copy, reverse"
 
 
+def sample_size(sample, purpose: str) -> int:
+    """`Task.size` of a procedural sample; a task without one -> DataError naming `purpose` and the tasks that
+    have one."""
+    n = get_task(sample.task).size(sample.prompt)
+    if n is None:
+        raise DataError(f"{purpose} needs each problem's size, and task {sample.task!r} has none; use {SIZED_TASKS}")
+    return n
+
+
 class SizedProblems(torch.utils.data.Dataset):
     """`size` samples of the procedural `sources`, split "train" or "test" (disjoint from train). Item i:
     `tokens`, `labels`, `loss_mask` `[seq_length]` and `size` (the problem's, an int)."""
@@ -34,12 +43,9 @@ class SizedProblems(torch.utils.data.Dataset):
         for pool in pools:
             encoded = []
             for sample in pool:
-                n = get_task(sample.task).size(sample.prompt)
-                if n is None:
-                    raise DataError(f"{purpose} needs each problem's size, and task {sample.task!r} has none; use "
-                                    f"{SIZED_TASKS}")
+                n = sample_size(sample, purpose)
                 ids, mask = encode_with_mask(sample, tokenizer)
-                if len(ids) + 1 > seq_length + 1:
+                if len(ids) > seq_length:  # with the leading eod, len(ids) + 1 tokens give len(ids) targets
                     raise DataError(f"a {sample.task} problem of size {n} takes {len(ids) + 1} tokens but "
                                     f"model.seq_length={seq_length}; raise model.seq_length to {len(ids)} or lower "
                                     "the task difficulty")

@@ -159,15 +159,11 @@ def task_accuracy(loaded, samples: list, options: DecodeOptions, batch_size: int
 @torch.no_grad()
 def task_accuracy_by_size(loaded, samples: list, options: DecodeOptions, rule) -> tuple[float, float]:
     """`task_accuracy` with every sample at r = rule(its size): (accuracy, mean r over the samples)."""
-    from recurdepth.data.procedural import get_task
+    from recurdepth.data.sized import sample_size
 
     groups = defaultdict(list)
     for sample in samples:
-        size = get_task(sample.task).size(sample.prompt)
-        if size is None:
-            raise DataError(f"--depth-by-size needs each problem's size, and task {sample.task!r} has none; score it "
-                            "at fixed --depths")
-        groups[rule(size)].append(sample)
+        groups[rule(sample_size(sample, "--depth-by-size"))].append(sample)
     correct = 0.0
     for r, group in sorted(groups.items()):
         acc, _ = task_accuracy(loaded, group, DecodeOptions(**{**asdict(options), "depth": r}))
