@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, megatron.core, recurdepth" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, megatron.core, recurdepth, tokenizers, transformers" >/dev/null 2>&1; then
   # torch first and pinned: an unpinned requirement would pull the multi-GB CUDA build from the registry
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   .venv/bin/python -m pip install -q -e ".[test]"

@@ -53,6 +53,16 @@ class ModelConfig:
     initial_state: Literal["trunc_normal", "zeros"] = "trunc_normal"
     initial_state_std: Optional[float] = None  # None = init_std; the state is also scaled by embedding_scale
     rotary_base: float = 10000.0
+    # RoPE frequency scaling as Hugging Face names it (imported Llama 3.x / long-context models): none, linear
+    # (all frequencies / factor) or llama3 (low frequencies / factor, high kept, a smooth ramp between)
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_positions: int = 8192  # llama3 only: the context the unscaled frequencies were trained for
+    # a bias on the attention's input projection: none, qkv (Qwen2) or qk (Huginn: queries and keys only, the
+    # value part held at zero through training)
+    qkv_bias: Literal["none", "qkv", "qk"] = "none"
     num_experts: Optional[int] = None  # MoE feed-forward (megatron MoELayer) with this many experts; None = dense
     moe_layers: Literal["core", "all"] = "core"  # which blocks get experts
     moe_top_k: int = 2
@@ -106,8 +116,8 @@ class DataConfig:
     pads each sample to the sequence length so no window cuts one in two), with an optional `weight` (default 1)."""
 
     sources: list = field(default_factory=lambda: [{"builtin": "stdlib-docs"}])
-    tokenizer: Literal["byte", "sentencepiece"] = "byte"
-    tokenizer_model: Optional[str] = None  # the .model file for tokenizer=sentencepiece
+    tokenizer: Literal["byte", "sentencepiece", "hf"] = "byte"
+    tokenizer_model: Optional[str] = None  # sentencepiece: the .model file; hf: the tokenizer.json or its folder
     builtin_max_mb: float = 4.0  # how much stdlib text to harvest for the builtin corpus
     cache_dir: str = "data/prepared"  # prepared corpora and index caches (data/README.md); relative to the cwd
     split: str = "98,2,0"  # train, validation, test documents per 100
@@ -274,6 +284,14 @@ class Config:
             _require(m.num_query_groups >= 1 and m.num_heads % m.num_query_groups == 0, "model.num_query_groups",
                      m.num_query_groups, f"use a divisor of model.num_heads={m.num_heads}")
         _require(m.seq_length >= 2, "model.seq_length", m.seq_length, "use at least 2")
+        if m.rope_scaling != "none":
+            _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor", m.rope_scaling_factor,
+                     "use a factor >= 1 (1 = unscaled)")
+        if m.rope_scaling == "llama3":
+            _require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "model.rope_low_freq_factor",
+                     m.rope_low_freq_factor, f"use 0 < low < model.rope_high_freq_factor={m.rope_high_freq_factor}")
+            _require(m.rope_original_max_positions >= 1, "model.rope_original_max_positions",
+                     m.rope_original_max_positions, "use the context length the unscaled RoPE was trained for")
         if m.num_experts is not None:
             _require(m.num_experts >= 1, "model.num_experts", m.num_experts, "use >= 1 experts or null for a dense MLP")
             _require(1 <= m.moe_top_k <= m.num_experts, "model.moe_top_k", m.moe_top_k,
@@ -361,6 +379,9 @@ class Config:
         if d.tokenizer == "sentencepiece":
             _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
                      "tokenizer=sentencepiece needs the .model file written by `recurdepth data tokenizer`")
+        if d.tokenizer == "hf":
+            _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
+                     "tokenizer=hf needs a Hugging Face tokenizer.json or the folder holding it")
 
 
 def stop_signal(name) -> "signal.Signals":

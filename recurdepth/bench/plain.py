@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recurdepth.model.rope import rope_inv_freq
+
 
 class _Block(nn.Module):
     def __init__(self, h: int, heads: int, ffn: int, sandwich: bool, eps: float):
@@ -76,7 +78,7 @@ class PlainLoopedModel(nn.Module):
         self.zero_state = m.initial_state == "zeros"
         self.state_std = m.initial_state_std or m.init_std or (2.0 / (5.0 * h)) ** 0.5
         d = h // m.num_heads
-        inv_freq = 1.0 / m.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        inv_freq = rope_inv_freq(m, d)
         angles = torch.outer(torch.arange(m.seq_length, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos(), persistent=False)  # [s, d/2] float64: half-split RoPE; .to(dtype)
         self.register_buffer("sin", angles.sin(), persistent=False)

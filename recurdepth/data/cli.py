@@ -104,7 +104,8 @@ def add_data_parser(verbs) -> argparse.ArgumentParser:
                                      "(megatron-core indexed dataset, one EOD per document) plus PREFIX.json.")
     _common_input_flags(pre)
     pre.add_argument("--tokenizer", default="byte", metavar="MODEL|byte",
-                     help="sentencepiece .model path (or its prefix), or 'byte' (default)")
+                     help="sentencepiece .model path (or its prefix), a Hugging Face tokenizer.json (or the folder "
+                          "holding it), or 'byte' (default)")
     pre.add_argument("--workers", type=int, default=2, help="tokenizer processes (default 2)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_preprocess)
@@ -112,7 +113,7 @@ def add_data_parser(verbs) -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="check indexed datasets (.bin/.idx sizes, tokenizer match)")
     chk.add_argument("prefix", nargs="+", help="dataset prefix (PREFIX.bin, PREFIX.idx)")
     chk.add_argument("--tokenizer", default=None, metavar="MODEL|byte",
-                     help="also check the datasets were made with this tokenizer")
+                     help="also check the datasets were made with this tokenizer (as for preprocess)")
     chk.add_argument("--model-vocab-size", type=int, default=None, help="also check the model vocab holds it")
     chk.set_defaults(func=_check)
     return data

@@ -35,7 +35,7 @@ from recurdepth.data.readers import (FOLDER_SUFFIXES, JSONL_SUFFIXES, TEXT_DOCS,
                                      empty_corpus_error, handle_bad_line, iter_documents, iter_records,
                                      parse_jsonl_line, resolve_inputs)
 from recurdepth.atomic import commit_staged
-from recurdepth.data.tokenizer import tokenizer_from_spec
+from recurdepth.data.tokenizer import HFTokenizer, tokenizer_from_spec
 from recurdepth.errors import DataError
 
 __all__ = [  # this module's own, then the readers' and the checks' (re-exported)
@@ -146,8 +146,9 @@ def preprocess(inputs: Union[PathLike, Sequence[PathLike]], output_prefix: PathL
     `<output_prefix>.json` manifest; returns the manifest, with `seconds`, `tokens_per_s` and `workers`
     of this run added (those three are not written to the file, which stays reproducible).
 
-    `tokenizer_path_or_kind` is "byte", a sentencepiece `.model` path (or its prefix), or a tokenizer
-    object. Bad input raises a one-line DataError and leaves no output (nor temporary) file behind.
+    `tokenizer_path_or_kind` is "byte", a sentencepiece `.model` path (or its prefix), a Hugging Face
+    `tokenizer.json` (or its folder), or a tokenizer object. Bad input raises a one-line DataError and leaves
+    no output (nor temporary) file behind.
     """
     tokenizer = tokenizer_from_spec(tokenizer_path_or_kind)
     if text_docs not in TEXT_DOCS:
@@ -275,7 +276,8 @@ def tokenizer_info(tokenizer) -> dict:
     """What a dataset manifest records about the tokenizer that made it."""
     path = getattr(tokenizer, "model_path", None)
     return {
-        "kind": "sentencepiece" if path else getattr(tokenizer, "unique_description", type(tokenizer).__name__),
+        "kind": ("hf" if isinstance(tokenizer, HFTokenizer) else "sentencepiece" if path
+                 else getattr(tokenizer, "unique_description", type(tokenizer).__name__)),
         "path": str(Path(path).resolve()) if path and Path(path).is_file() else path,
         "fingerprint": tokenizer.fingerprint(),
         "vocab_size": int(tokenizer.vocab_size),

@@ -11,13 +11,15 @@ import os
 import shutil
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.errors import ConfigError
 from recurdepth.model.names import local_name, to_local
 
-FORMATS = ("hf-huginn",)
+FORMATS = ("hf-huginn",)  # export
+IMPORT_FORMATS = ("hf-huginn", "hf-llama")
 _DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names; torch is imported when a command runs
 
 if TYPE_CHECKING:
@@ -87,38 +89,149 @@ def check_import_target(out: Path) -> None:
             newest = f"newest {steps[-1]}" if steps else "a `latest` pointer"
             where = out if folder == out else f"{out} is a run directory: {folder}"
             raise ExportError(f"{where} already holds checkpoints ({newest}); import into an empty or new folder")
-    if (out / TOKENIZER).exists():
-        raise ExportError(f"{out} already holds a {TOKENIZER}; import into an empty or new folder")
+    for name in (TOKENIZER, HF_TOKENIZER_DIR):
+        if (out / name).exists():
+            raise ExportError(f"{out} already holds a {name}; import into an empty or new folder")
 
 
-def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
-    """A huginn_raven directory -> `out_dir/step_00000000` (+ `latest`, and the tokenizer when there is one).
+TOKENIZER = "tokenizer.model"  # hf_huginn.TOKENIZER (that module imports torch; this one does not)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_DIR = "tokenizer"  # where an import puts a Hugging Face tokenizer's files, inside OUT
 
+
+@dataclass
+class Prepared:
+    """What an import writes, all read and checked: the config, its tokenizer, the model weights (recurdepth
+    names, full tensors), the tokenizer files to copy into OUT (name there -> source file) and a summary."""
+
+    cfg: object
+    tokenizer: object
+    weights: dict
+    tokenizer_files: dict
+    summary: str
+
+
+def find_tokenizer(hf_dir: Path, override: Optional[str] = None) -> tuple[Optional[str], Optional[Path]]:
+    """(kind, path) of the tokenizer that goes with `hf_dir`'s weights: `override` (a tokenizer.json, its folder
+    or a sentencepiece .model) else the directory's tokenizer.json (Hugging Face `tokenizers`), else its
+    tokenizer.model (sentencepiece); (None, None) when it has neither."""
+    if override:
+        path = Path(override)
+        if path.is_dir() or path.suffix == ".json":
+            return "hf", path
+        return "sentencepiece", path
+    if (hf_dir / "tokenizer.json").is_file():
+        return "hf", hf_dir
+    if (hf_dir / TOKENIZER).is_file():
+        return "sentencepiece", hf_dir / TOKENIZER
+    return None, None
+
+
+def _tokenizer_files(kind: Optional[str], path: Optional[Path]) -> dict:
+    """The files to copy into OUT for the tokenizer (name inside OUT -> source), and the config path of it."""
+    if kind == "sentencepiece":
+        from recurdepth.data.tokenizer import resolve_model_path
+
+        return {TOKENIZER: resolve_model_path(path)}
+    if kind == "hf":
+        folder = path if path.is_dir() else path.parent
+        main = path if path.is_file() else folder / "tokenizer.json"
+        files = {f"{HF_TOKENIZER_DIR}/tokenizer.json": main}
+        for name in HF_TOKENIZER_FILES[1:]:
+            if (folder / name).is_file():
+                files[f"{HF_TOKENIZER_DIR}/{name}"] = folder / name
+        return files
+    return {}
+
+
+def _prepare_huginn(hf_dir: Path, out: Path, tokenizer: Optional[str]) -> Prepared:
+    from recurdepth.data.tokenizer import build_tokenizer
+    from recurdepth.export.hf_huginn import ExportError, from_huginn_state, read_huginn, recurdepth_config_from_huginn
+
+    config, hf_state = read_huginn(hf_dir)
+    kind, tok_path = find_tokenizer(hf_dir, tokenizer)
+    if kind is None and config.get("recurdepth_tokenizer", "sentencepiece") != "byte":
+        raise ExportError(f"{hf_dir} has no tokenizer (tokenizer.json or {TOKENIZER}); put the tokenizer the weights "
+                          f"were trained with next to them (recurdepth export writes it there) or pass --tokenizer")
+    tok = build_tokenizer(kind, tok_path) if kind else None
+    rows = hf_state["transformer.wte.weight"].shape[0]
+    # the config names the tokenizer where it will be (inside OUT); it is read from where it is now
+    where = None if kind is None else out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
+    cfg = recurdepth_config_from_huginn(config, where, rows, kind, tok.vocab_size if tok else None)
+    if tok is None:
+        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
+    from recurdepth.export.hf_llama import extend_rows
+    from recurdepth.model.vocab import model_vocab_size
+
+    weights = from_huginn_state(hf_state, cfg)
+    wanted = model_vocab_size(cfg, tok.vocab_size)  # more than the file's rows when the tokenizer gained specials
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in weights:
+            weights[name] = extend_rows(weights[name], wanted)
+    added = f"; {wanted - rows} embedding rows added for the tokenizer's new special tokens" if wanted > rows else ""
+    return Prepared(cfg, tok, weights, _tokenizer_files(kind, tok_path),
+                    f"huginn_raven: prelude {cfg.model.prelude_layers}, core {cfg.model.core_layers}, coda "
+                    f"{cfg.model.coda_layers}{added}")
+
+
+def _prepare_llama(hf_dir: Path, out: Path, tokenizer: Optional[str], split_args: dict,
+                   seq_length: Optional[int]) -> Prepared:
+    from recurdepth.config import config_from_dict
+    from recurdepth.data.tokenizer import build_tokenizer
+    from recurdepth.export.hf_huginn import ExportError
+    from recurdepth.export.hf_llama import describe, from_hf_state, model_rows, raw_config, read_llama
+
+    config, hf_state, split = read_llama(hf_dir, seq_length=seq_length, **split_args)
+    kind, tok_path = find_tokenizer(hf_dir, tokenizer)
+    if kind is None:
+        raise ExportError(f"{hf_dir} has no tokenizer.json or {TOKENIZER}; put the source model's tokenizer "
+                          f"next to its weights or pass --tokenizer PATH (a tokenizer.json or its folder)")
+    tok = build_tokenizer(kind, tok_path)
+    rows = model_rows(hf_state, tok.vocab_size)
+    raw = raw_config(config, rows, seq_length, split)
+    where = out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
+    raw["data"] = {"tokenizer": kind, "tokenizer_model": str(where.resolve())}
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        raise ExportError(f"the {config.get('model_type')} config cannot be expressed as a recurdepth config "
+                          f"({exc})") from None
+    added = rows - hf_state["model.embed_tokens.weight"].shape[0]
+    extra = f"; {added} embedding rows added for the tokenizer's new special tokens" if added > 0 else ""
+    return Prepared(cfg, tok, from_hf_state(hf_state, cfg, split, rows), _tokenizer_files(kind, tok_path),
+                    f"{config.get('model_type')}: {describe(split, int(config['num_hidden_layers']))}{extra}")
+
+
+def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokenizer: Optional[str] = None,
+                      core: Optional[str] = None, prelude: Optional[str] = None, coda: Optional[str] = None,
+                      drop: Optional[str] = None, seq_length: Optional[int] = None) -> Path:
+    """A Hugging Face directory -> `out_dir/step_00000000` (+ `latest`, and the tokenizer's files).
+
+    `fmt` hf-huginn: a huginn_raven directory (recurdepth's exports or Huginn's own); hf-llama: a Llama-family
+    model split into prelude / core / coda by `core` (and `prelude`, `coda`, `drop`), see `hf_llama`.
     Everything is read and checked first, then built in a folder beside `out_dir` and moved into place at the
     end, under the run-directory lock of `out_dir`: a refused or failed import leaves `out_dir` as it was."""
-    from recurdepth.data.tokenizer import build_tokenizer
-    from recurdepth.export.hf_huginn import (TOKENIZER, ExportError, Staging, check_imported_shapes,
-                                             from_huginn_state, read_huginn, real_path,
-                                             recurdepth_config_from_huginn)
+    from recurdepth.export.hf_huginn import ExportError, Staging, check_imported_shapes, real_path
     from recurdepth.infer.loading import init_single_process
     from recurdepth.model.build import build_model
     from recurdepth.train.lock import run_dir_lock
 
+    if fmt not in IMPORT_FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not an import format; use one of {', '.join(IMPORT_FORMATS)}")
+    split_args = {"core": core, "prelude": prelude, "coda": coda, "drop": drop}
+    if fmt == "hf-huginn":
+        given = [f"--{k}" for k, v in {**split_args, "seq-length": seq_length}.items() if v is not None]
+        if given:
+            raise ExportError(f"{' '.join(given)} apply to --format hf-llama only: a Huginn model's prelude, core "
+                              f"and coda are in its config.json")
     hf_dir, out = Path(hf_dir), real_path(Path(out_dir))
     check_import_target(out)
-    config, hf_state = read_huginn(hf_dir)
-    tok_src = hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None
-    if tok_src is None and config.get("recurdepth_tokenizer", "sentencepiece") != "byte":
-        raise ExportError(f"{hf_dir} has no {TOKENIZER}; put the sentencepiece model the weights were trained with "
-                          f"next to them (recurdepth export writes it there)")
-    rows = hf_state["transformer.wte.weight"].shape[0]
-    # the config names the tokenizer where it will be (out/tokenizer.model); it is read from where it is now
-    cfg = recurdepth_config_from_huginn(config, out / TOKENIZER if tok_src else None, rows)
-    tok = build_tokenizer(cfg.data.tokenizer, tok_src if tok_src else cfg.data.tokenizer_model)
+    prepared = (_prepare_huginn(hf_dir, out, tokenizer) if fmt == "hf-huginn"
+                else _prepare_llama(hf_dir, out, tokenizer, split_args, seq_length))
+    cfg, tok, weights = prepared.cfg, prepared.tokenizer, prepared.weights
     init_single_process(cfg)
-    dtype = hf_state["transformer.wte.weight"].dtype
+    dtype = weights["embedding.word_embeddings.weight"].dtype
     model = build_model(cfg, tok.vocab_size, dtype)
-    weights = from_huginn_state(hf_state, cfg)
     check_imported_shapes(to_local(model.state_dict()), weights)
     import torch
 
@@ -132,8 +245,9 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
             staging = Staging(out, "import")
             tmp = staging.path
             try:
-                if tok_src is not None:
-                    write_atomically(tmp / TOKENIZER, tok_src.read_bytes())
+                for name, src in prepared.tokenizer_files.items():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    write_atomically(tmp / name, Path(src).read_bytes())
                 path = write_checkpoint(cfg, model, tmp, tok.vocab_size)
                 names = [p.name for p in tmp.iterdir() if p.name != "latest"] + ["latest"]  # the pointer last
                 moved = []
@@ -162,6 +276,7 @@ def import_checkpoint(hf_dir: str, out_dir: str) -> Path:
             except OSError:
                 break
         raise
+    print(f"imported {prepared.summary}", flush=True)
     return out / path.name
 
 
@@ -173,7 +288,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    path = import_checkpoint(args.hf_dir, args.out_dir)
+    path = import_checkpoint(args.hf_dir, args.out_dir, args.format, args.tokenizer, core=args.core,
+                             prelude=args.prelude, coda=args.coda, drop=args.drop, seq_length=args.seq_length)
     print(f"wrote {path}", flush=True)
     return 0
 
@@ -184,14 +300,27 @@ def add_export_parsers(verbs) -> None:
     e.add_argument("out_dir")
     e.add_argument("--format", default="hf-huginn", help="hf-huginn: Huginn-0125's Hugging Face format (default)")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the written weights")
-    e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte' or a .model)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte', a sentencepiece .model or a tokenizer.json)")
     e.add_argument("--overwrite", action="store_true",
                    help="export into a non-empty OUT_DIR, replacing the export's files there (other files are kept)")
     e.add_argument("--no-verify", action="store_true",
                    help="load the checkpoint without checking its files against the sha256 sums written at save")
     e.set_defaults(func=_export)
-    i = verbs.add_parser("import", help="import a Huginn-format directory: recurdepth import HF_DIR OUT_CHECKPOINTS")
+    i = verbs.add_parser("import", help="import a Hugging Face model: recurdepth import [--format F] HF_DIR OUT",
+                         description="Import a Hugging Face model directory as a recurdepth checkpoint (step 0). "
+                                     "hf-huginn: a huginn_raven model (Huginn-0125 or a recurdepth export). "
+                                     "hf-llama: a Llama / Qwen2 / Mistral model retrofitted into a looped one, e.g. "
+                                     "--prelude 0:4 --core 4:12 --coda 12:16 (docs/retrofit.md).")
     i.add_argument("hf_dir")
     i.add_argument("out_dir", help="checkpoint folder to write (step_00000000 and latest); new or empty, never "
                                    "one that holds checkpoints")
+    i.add_argument("--format", default="hf-huginn", choices=IMPORT_FORMATS, help="the directory's format")
+    i.add_argument("--tokenizer", default=None,
+                   help="the tokenizer instead of HF_DIR's own (a tokenizer.json, its folder or a sentencepiece .model)")
+    i.add_argument("--core", default=None, help="hf-llama: source layers to loop, START:STOP (half-open)")
+    i.add_argument("--prelude", default=None, help="hf-llama: source layers before the loop (default: all before --core)")
+    i.add_argument("--coda", default=None, help="hf-llama: source layers after the loop (default: all after --core)")
+    i.add_argument("--drop", default=None, help="hf-llama: source layers left out, START:STOP[,START:STOP...]")
+    i.add_argument("--seq-length", type=int, default=None,
+                   help="hf-llama: model.seq_length (default: the source's max_position_embeddings, at most 4096)")
     i.set_defaults(func=_import)

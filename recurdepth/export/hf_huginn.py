@@ -13,9 +13,13 @@ seal-rg/recurrent-pretraining `raven_modeling_minimal.py`), written from and rea
     adapter.proj.weight  W [s; e]                 transformer.adapter.weight  W [state; embeds]
     final_layernorm.weight                        transformer.ln_f.weight (Huginn applies it to s_r and after the coda)
 
+      self_attention.linear_qkv.bias (qkv_bias: qk)  attn.qk_bias [2, 1, heads, head size]: the q and k parts
+                                                    (same row order as Wqkv; Huginn adds them before RoPE, as
+                                                    megatron's projection bias is); the v part is zero
+
 Huginn's forward fixes some choices that are options in recurdepth; a model exports only with those
-(`huginn_incompatibilities` names the others). Huginn's q/k bias is not a recurdepth option: exported as
-`qk_bias: false`; an import with a non-zero q/k bias is refused.
+(`huginn_incompatibilities` names the others; a value bias, which Huginn has no place for, is refused when
+the weights are written).
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ _BLOCK = {
     "mlp.linear_fc2.weight": "mlp.proj.weight",
     "post_mlp_layernorm.weight": "norm_4.weight",
 }
+QKV_BIAS, QK_BIAS = "self_attention.linear_qkv.bias", "attn.qk_bias"
 _STACKS = {"prelude": "transformer.prelude", "core": "transformer.core_block", "coda": "transformer.coda"}
 _TOP = {"embedding.word_embeddings.weight": "transformer.wte.weight", "adapter.proj.weight": "transformer.adapter.weight",
         "final_layernorm.weight": "transformer.ln_f.weight", "output_layer.weight": "lm_head.weight"}
 
 
 # every file an export may write (config.json last when they are moved into place)
-EXPORT_FILES = (WEIGHTS, "generation_config.json", TOKENIZER, "tokenizer_config.json", "config.json")
+EXPORT_FILES = (WEIGHTS, "generation_config.json", TOKENIZER, "tokenizer.json", "special_tokens_map.json",
+                "tokenizer_config.json", "config.json")
 
 
 class ExportError(RecurdepthError):
@@ -81,6 +87,10 @@ def huginn_incompatibilities(cfg: Config) -> list[str]:
                     f"{math.sqrt(m.hidden_size):.10g})")
     if m.num_experts:
         need.append(f"model.num_experts={m.num_experts} (Huginn: a dense MLP)")
+    if m.qkv_bias == "qkv":
+        need.append("model.qkv_bias='qkv' (Huginn: 'qk' or 'none': it has no value bias)")
+    if m.rope_scaling != "none":
+        need.append(f"model.rope_scaling={m.rope_scaling!r} (Huginn: unscaled RoPE)")
     return need
 
 
@@ -134,7 +144,7 @@ def huginn_config(cfg: Config, vocab_rows: int, ffn: int, dtype: str = "float32"
         "mean_backprop_depth": r.backprop_depth,
         "n_layers_in_prelude": m.prelude_layers,
         "n_layers_in_coda": m.coda_layers,
-        "qk_bias": False,
+        "qk_bias": m.qkv_bias == "qk",
         "activation_checkpoint_impl": "per-iteration",
         "rope_base": m.rotary_base,
         "torch_dtype": dtype,
@@ -167,6 +177,27 @@ def qkv_from_huginn(w: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.stack([q[:, inverse], k[:, inverse], v], dim=1).reshape(3 * heads * d, -1).contiguous()
 
 
+def qk_bias_to_huginn(bias: torch.Tensor, heads: int, name: str = "linear_qkv.bias") -> torch.Tensor:
+    """megatron's q/k/v projection bias `[h0: q k v | ...]` -> Huginn's `qk_bias` `[2, 1, heads, d]` (q, k in
+    interleaved RoPE order); ExportError when the value part is non-zero (Huginn has no value bias)."""
+    d = bias.shape[0] // (3 * heads)
+    q, k, v = bias.view(heads, 3, d).unbind(1)
+    if v.abs().max() > 0:
+        raise ExportError(f"{name} has a non-zero value part; Huginn's format holds a bias on queries and keys only")
+    order = rope_pair_order(d)
+    return torch.stack([q[:, order], k[:, order]])[:, None].contiguous()
+
+
+def qk_bias_from_huginn(qk: torch.Tensor, heads: int, name: str = "attn.qk_bias") -> torch.Tensor:
+    """Huginn's `qk_bias` `[2, 1, heads, d]` -> megatron's projection bias `[h0: q k v | ...]` (value part zero)."""
+    if qk.dim() != 4 or qk.shape[:3] != (2, 1, heads):
+        raise CheckpointError(f"{name} has shape {tuple(qk.shape)}, not [2, 1, {heads} heads, head size]: the "
+                              f"Huginn weights do not fit the model their config describes")
+    inverse = torch.argsort(rope_pair_order(qk.shape[-1]))
+    q, k = qk[0, 0][:, inverse], qk[1, 0][:, inverse]
+    return torch.stack([q, k, torch.zeros_like(q)], dim=1).reshape(-1).contiguous()
+
+
 def huginn_freqs_cis(head_dim: int, block_size: int, base: float) -> torch.Tensor:
     """Huginn's persistent `freqs_cis` buffer `[1, block, 1, d/2, 2]` (cos, sin; float32, as its code computes)."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -187,6 +218,9 @@ def to_huginn_state(state: dict, cfg: Config) -> dict:
         stack, _, rest = name.partition(".")
         if stack in _STACKS:
             index, _, param = rest.partition(".")
+            if param == QKV_BIAS:
+                out[f"{_STACKS[stack]}.{index}.{QK_BIAS}"] = qk_bias_to_huginn(tensor, heads, name)
+                continue
             if param not in _BLOCK:
                 raise ExportError(f"parameter {name} has no place in the Huginn format")
             if param == "self_attention.linear_qkv.weight":
@@ -213,10 +247,15 @@ def from_huginn_state(hf: dict, cfg: Config) -> dict:
             continue
         if name == "lm_head.weight" and cfg.model.tie_embeddings:
             continue
-        if name.endswith("attn.qk_bias"):
-            if tensor.abs().max() > 0:
-                raise ExportError(f"{name} is non-zero: Huginn's q/k bias is not a recurdepth option, so this model "
-                                  f"cannot be imported without changing its outputs")
+        if name.endswith(QK_BIAS):
+            head, index, _ = _split_block_name(name)
+            if head not in back_stack:
+                raise ExportError(f"unexpected parameter {name} in a huginn_raven checkpoint")
+            if cfg.model.qkv_bias == "qk":
+                out[f"{back_stack[head]}.{index}.{QKV_BIAS}"] = qk_bias_from_huginn(tensor, heads, name)
+            elif tensor.abs().max() > 0:
+                raise ExportError(f"{name} is non-zero but config.json says qk_bias: false; set qk_bias: true there "
+                                  f"(the bias is then imported) or remove the tensor")
             continue
         if name in back_top:
             out[back_top[name]] = tensor
@@ -351,12 +390,12 @@ def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None, ov
     check_export_target(out_dir, overwrite)
     cfg = loaded.cfg
     check_exportable(cfg)
-    tok_model = _tokenizer_file(cfg)
+    tok_files = _tokenizer_files(cfg)
     from safetensors import SafetensorError
 
     staging = Staging(out_dir, "export")
     try:
-        _write_export(loaded, cfg, tok_model, staging.path, dtype)
+        _write_export(loaded, cfg, tok_files, staging.path, dtype)
         _publish(staging.path, out_dir)
     except BaseException as exc:
         staging.discard()
@@ -369,7 +408,7 @@ def export_huginn(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None, ov
     return out_dir
 
 
-def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path, dtype: Optional[torch.dtype]) -> None:
+def _write_export(loaded, cfg: Config, tok_files: dict, out_dir: Path, dtype: Optional[torch.dtype]) -> None:
     from safetensors.torch import save_file
 
     state = to_huginn_state(to_local(loaded.model.state_dict()), cfg)
@@ -387,35 +426,44 @@ def _write_export(loaded, cfg: Config, tok_model: Optional[Path], out_dir: Path,
     write_atomically(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     write_atomically(out_dir / "generation_config.json", json.dumps(
         {"eos_token_id": tok.eod, "pad_token_id": tok.pad, "transformers_version": "4.47.1"}, indent=2) + "\n")
-    if tok_model is not None:
-        write_atomically(out_dir / TOKENIZER, Path(tok_model).read_bytes())
+    for name, src in tok_files.items():  # a Hugging Face tokenizer's files as they are; a sentencepiece model
+        write_atomically(out_dir / name, Path(src).read_bytes())
+    if TOKENIZER in tok_files:
         write_atomically(out_dir / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
              "pad_token": "<pad>", "eos_token": "<eod>", "unk_token": "<unk>", "legacy": False}, indent=2) + "\n")
 
 
-def _tokenizer_file(cfg: Config) -> Optional[Path]:
-    """The sentencepiece model to export alongside, or None for the byte tokenizer; missing -> error."""
-    if cfg.data.tokenizer != "sentencepiece":
-        return None
-    from recurdepth.data.tokenizer import resolve_model_path
+def _tokenizer_files(cfg: Config) -> dict:
+    """The tokenizer files to export alongside (name in the export -> file): the sentencepiece model, or a
+    Hugging Face tokenizer's tokenizer.json with the config files beside it; none for the byte tokenizer.
+    A missing file -> ExportError."""
+    kind = cfg.data.tokenizer
+    if kind not in ("sentencepiece", "hf"):
+        return {}
+    from recurdepth.data.tokenizer import HFTokenizer, resolve_hf_path, resolve_model_path
 
     try:
-        return resolve_model_path(cfg.data.tokenizer_model)
+        if kind == "sentencepiece":
+            return {TOKENIZER: resolve_model_path(cfg.data.tokenizer_model)}
+        main = resolve_hf_path(cfg.data.tokenizer_model)
     except RecurdepthError:
         raise ExportError(f"the checkpoint's tokenizer {cfg.data.tokenizer_model!r} is missing; it is exported "
                           f"alongside the weights, so restore it (or train with it) first") from None
+    return {"tokenizer.json": main, **{name: main.parent / name for name in HFTokenizer.FILES[1:]
+                                       if (main.parent / name).is_file()}}
 
 
-def read_huginn(in_dir: Path) -> tuple[dict, dict]:
-    """(config.json, state dict) of a huginn_raven directory (one or sharded safetensors files)."""
-    from safetensors.torch import load_file
-
+def read_config_json(in_dir: Path) -> dict:
+    """A Hugging Face model directory's config.json as a dict; one-line ExportError when it is missing or bad."""
     in_dir = Path(in_dir)
     config_file = in_dir / "config.json"
+    if not in_dir.is_dir():
+        raise ExportError(f"{in_dir} is not a directory; pass a Hugging Face model directory (config.json and "
+                          f"model.safetensors, as save_pretrained writes them)")
     if not config_file.is_file():
-        raise ExportError(f"{in_dir} has no config.json; pass a directory written by `recurdepth export` or a "
-                          f"Hugging Face huginn_raven model directory")
+        raise ExportError(f"{in_dir} has no config.json; pass a directory written by `recurdepth export` or "
+                          f"save_pretrained")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
@@ -425,16 +473,24 @@ def read_huginn(in_dir: Path) -> tuple[dict, dict]:
     if not isinstance(config, dict):
         raise ExportError(f"{config_file} holds a JSON {type(config).__name__}, not an object; pass a Hugging Face "
                           f"model directory")
-    if config.get("model_type") != MODEL_TYPE:
-        raise ExportError(f"{in_dir} holds a {config.get('model_type')!r} model, not {MODEL_TYPE!r}; only Huginn-format "
-                          f"directories can be imported")
+    return config
+
+
+def read_safetensors(in_dir: Path) -> dict:
+    """Every tensor of `in_dir/model.safetensors` (or the shards its `.index.json` names)."""
+    from safetensors.torch import load_file
+
+    in_dir = Path(in_dir)
     index = in_dir / (WEIGHTS + ".index.json")
     files = _weight_files(index) if index.is_file() else [WEIGHTS]
     state = {}
     for name in files:
         path = in_dir / name
         if not path.is_file():
-            raise ExportError(f"{path} is missing; the export is incomplete")
+            other = sorted(p.name for p in in_dir.glob("*.bin"))
+            hint = (f" (it holds {', '.join(other[:2])}: load it with transformers and save_pretrained it with "
+                    f"safe_serialization, the default)") if other else "; the directory is incomplete"
+            raise ExportError(f"{path} is missing{hint}")
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
@@ -442,6 +498,17 @@ def read_huginn(in_dir: Path) -> tuple[dict, dict]:
             raise ExportError(f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; "
                               f"export or download it again") from None
         state.update(tensors)
+    return state
+
+
+def read_huginn(in_dir: Path) -> tuple[dict, dict]:
+    """(config.json, state dict) of a huginn_raven directory (one or sharded safetensors files)."""
+    in_dir = Path(in_dir)
+    config = read_config_json(in_dir)
+    if config.get("model_type") != MODEL_TYPE:
+        raise ExportError(f"{in_dir} holds a {config.get('model_type')!r} model, not {MODEL_TYPE!r}; import it with "
+                          f"--format hf-llama if it is a Llama-family model (recurdepth import --help)")
+    state = read_safetensors(in_dir)
     if "transformer.wte.weight" not in state:
         raise ExportError(f"{in_dir} has no transformer.wte.weight (the embedding); it is not a complete "
                           f"huginn_raven checkpoint")
@@ -461,16 +528,17 @@ def _weight_files(index: Path) -> list[str]:
     return files
 
 
-def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path], rows: int) -> Config:
+def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path], rows: int,
+                                  tokenizer_kind: str = "sentencepiece", tokenizer_vocab: Optional[int] = None) -> Config:
     """The recurdepth config of a huginn_raven model: the stored one when recurdepth exported it, else built
-    from Huginn's keys (with Huginn's fixed choices)."""
+    from Huginn's keys (with Huginn's fixed choices; embedding rows for at least `tokenizer_vocab` ids)."""
     if "recurdepth_config" in config:
         raw = config["recurdepth_config"]
         if not isinstance(raw, dict):
             raise ExportError("config.json's recurdepth_config is not an object; export the checkpoint again")
     else:
         try:
-            raw = _raw_config_from_huginn(config, rows)
+            raw = _raw_config_from_huginn(config, max(rows, tokenizer_vocab or 0))
         except KeyError as exc:
             raise ExportError(f"config.json has no {exc.args[0]!r}, which a huginn_raven config needs; pass a "
                               f"complete Hugging Face huginn_raven directory") from None
@@ -479,7 +547,7 @@ def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path],
                               f"pass a valid huginn_raven directory") from None
     raw = json.loads(json.dumps(raw))  # a private copy
     if tokenizer_model is not None:
-        raw.setdefault("data", {}).update(tokenizer="sentencepiece", tokenizer_model=str(tokenizer_model.resolve()))
+        raw.setdefault("data", {}).update(tokenizer=tokenizer_kind, tokenizer_model=str(tokenizer_model.resolve()))
     for section in ("parallel",):
         raw.pop(section, None)  # the imported checkpoint reshards: the layout is chosen when it is loaded
     try:
@@ -495,17 +563,18 @@ def _raw_config_from_huginn(config: dict, rows: int) -> dict:
         raise KeyError("n_heads")
     h, heads = int(config["n_embd"]), int(heads)
     if config.get("n_kv_heads", heads) != heads or config.get("bias", False):
-        raise ExportError("only Huginn models with one key/value head per head and no linear biases import")
-    divisible = 128 if rows % 128 == 0 else rows
+        raise ExportError("only Huginn models with one key/value head per head and no linear biases (bias: false; "
+                          "the q/k bias, qk_bias: true, imports) import")
+    divisible = 128 if rows % 128 == 0 else rows & -rows  # the rows exactly, divisible by as many TP ranks as can be
     raw = {"model": {"hidden_size": h, "num_heads": heads, "ffn_hidden_size": int(config["intermediate_size"]),
                      "prelude_layers": int(config["n_layers_in_prelude"]),
                      "core_layers": int(config["n_layers_in_recurrent_block"]),
                      "coda_layers": int(config["n_layers_in_coda"]), "seq_length": int(config["block_size"]),
-                     "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
+                     "vocab_size": rows, "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
                      "normalization": "RMSNorm", "norm_eps": float(config.get("norm_eps", 1e-6)),
                      "activation": "swiglu", "tie_embeddings": bool(config.get("tie_embeddings", True)),
                      "embedding_scale": math.sqrt(h), "norm_before_coda": True,
-                     "rotary_base": float(config.get("rope_base", 50000.0)),
+                     "rotary_base": float(config.get("rope_base", 50000.0)), "qkv_bias": "qk" if config.get("qk_bias") else "none",
                      "initial_state": "zeros" if config.get("state_init") == "zero" else "trunc_normal"},
            "recurrence": {"mean": float(config.get("mean_recurrence", 32)),
                           "backprop_depth": int(config.get("mean_backprop_depth", 8))}}

@@ -83,7 +83,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser, depth_required: bool =
     parser.add_argument("--init", choices=INITS, default="zeros", help="initial state s_0 (default zeros)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and a random s_0")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to use instead of the checkpoint's: 'byte' or a sentencepiece .model")
+                        help="tokenizer to use instead of the checkpoint's: 'byte', a sentencepiece .model, "
+                             "or a Hugging Face tokenizer.json (or its folder)")
     parser.add_argument("--no-verify", action="store_true",
                         help="load the checkpoint without checking its files against the sha256 sums written at save")
 

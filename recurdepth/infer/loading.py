@@ -63,18 +63,26 @@ def init_single_process(cfg: Config) -> torch.device:
 
 
 def load_tokenizer(cfg: Config, override: Optional[str] = None):
-    """The checkpoint's tokenizer (`data.tokenizer`, `data.tokenizer_model`) or `override` (byte or a .model)."""
+    """The checkpoint's tokenizer (`data.tokenizer`, `data.tokenizer_model`) or `override` (byte, a .model, or a
+    tokenizer.json or its folder)."""
     from recurdepth.data.tokenizer import build_tokenizer, tokenizer_from_spec
 
     if override:
         return tokenizer_from_spec(override)
-    if cfg.data.tokenizer == "sentencepiece" and cfg.data.tokenizer_model and not (
-            Path(cfg.data.tokenizer_model).is_file() or Path(cfg.data.tokenizer_model + ".model").is_file()):
+    model = cfg.data.tokenizer_model
+    if cfg.data.tokenizer == "sentencepiece" and model and not (
+            Path(model).is_file() or Path(model + ".model").is_file()):
         from recurdepth.errors import DataError
 
-        raise DataError(f"the checkpoint's tokenizer {cfg.data.tokenizer_model!r} is missing; pass --tokenizer "
+        raise DataError(f"the checkpoint's tokenizer {model!r} is missing; pass --tokenizer "
                         f"PATH.model (the sentencepiece model it was trained with)")
-    return build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
+    if cfg.data.tokenizer == "hf" and model and not (
+            Path(model).is_file() or (Path(model) / "tokenizer.json").is_file()):
+        from recurdepth.errors import DataError
+
+        raise DataError(f"the checkpoint's tokenizer {model!r} is missing; pass --tokenizer PATH/tokenizer.json (the "
+                        f"Hugging Face tokenizer it was trained with, or its folder)")
+    return build_tokenizer(cfg.data.tokenizer, model)
 
 
 def require_looped(loaded: "LoadedModel", what: str) -> None:

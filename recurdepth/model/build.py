@@ -73,6 +73,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, o
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias != "none",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=p.tensor,
@@ -159,6 +160,8 @@ def build_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype = torch.
     mark_tensor_parallel_params(model)
     if not on_meta:
         initialize_parameters(model, cfg)
+    if cfg.model.qkv_bias == "qk":
+        hold_value_bias_at_zero(model, cfg)
     if cfg.train.compile:
         compile_blocks(model)
     return model
@@ -186,6 +189,30 @@ def compile_blocks(model: torch.nn.Module) -> None:
     from recurdepth.model.layers import LoopedTransformerLayer
 
     compile_transformer_blocks(model, (LoopedTransformerLayer,))
+
+
+def value_bias_mask(rows: int, cfg: Config) -> torch.Tensor:
+    """1 on the query and key rows of this rank's fused q/k/v bias, 0 on the value rows. megatron's layout is
+    grouped by key/value head, `[g0: q (heads/groups of them) k v | g1: ...]`, each rank holding whole groups."""
+    m = cfg.model
+    groups = m.num_query_groups or m.num_heads
+    d = m.hidden_size // m.num_heads
+    per_group = (m.num_heads // groups + 2) * d
+    mask = torch.ones(rows // per_group, per_group)
+    mask[:, -d:] = 0.0
+    return mask.reshape(rows)
+
+
+def hold_value_bias_at_zero(model: torch.nn.Module, cfg: Config) -> None:
+    """model.qkv_bias=qk (Huginn's q/k bias): the value part of every fused q/k/v bias starts at zero and its
+    gradient is zeroed (a hook on the parameter, before DDP and the optimizer see the gradient), so no step
+    moves it: AdamW with a zero gradient from a zero moment leaves it where it is, and biases get no weight decay."""
+    for name, param in model.named_parameters():
+        if name.endswith("self_attention.linear_qkv.bias"):
+            mask = value_bias_mask(param.shape[0], cfg).to(param)
+            with torch.no_grad():
+                param.mul_(mask)
+            param.register_hook(lambda grad, mask=mask: grad * mask)
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:

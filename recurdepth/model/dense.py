@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from recurdepth.config import Config
 from recurdepth.model.depth import dense_layers
+from recurdepth.model.rope import rope_inv_freq
 
 
 class DenseGPTModel(MegatronModule):
@@ -65,5 +66,7 @@ def build_dense_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype, d
                    vocab_size=model_vocab_size(cfg, vocab_size), max_sequence_length=cfg.model.seq_length,
                    share_embeddings_and_output_weights=cfg.model.tie_embeddings, position_embedding_type="rope",
                    rotary_base=int(cfg.model.rotary_base))
+    if cfg.model.rope_scaling != "none":  # megatron's own table, with the scaled frequencies the looped model uses
+        gpt.rotary_pos_emb.inv_freq = rope_inv_freq(cfg.model, tconfig.kv_channels).to(gpt.rotary_pos_emb.inv_freq)
     model = DenseGPTModel(gpt, model_vocab_size(cfg, vocab_size), layers)
     return model.to(device=device, dtype=params_dtype)

@@ -32,6 +32,7 @@ from recurdepth.errors import RecurdepthError
 from recurdepth.model.depth import BackpropWindow, Iteration
 from recurdepth.seeding import derive_seed, device_generator
 from recurdepth.model.layers import InjectionAdapter, LoopedTransformerLayer, layer_spec_submodules, rope_cos_sin
+from recurdepth.model.rope import rope_inv_freq
 
 _STATE_STREAM = 0x57A7E  # separates the initial-state stream from other per-sample streams
 
@@ -76,7 +77,7 @@ class LoopedGPTModel(LanguageModule):
                                               rotary_base=model_cfg.rotary_base, use_cpu_initialization=True)
         # frequencies in float64: exact angles at any sequence length; cos/sin are cast to the activations' dtype
         d = config.kv_channels
-        self.rotary_pos_emb.inv_freq = 1.0 / model_cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        self.rotary_pos_emb.inv_freq = rope_inv_freq(model_cfg, d)
         outer = moe if model_cfg.moe_layers == "all" else dense
         self.prelude = stack(range(P) if pre_process else (), 0, outer)
         if pre_process:

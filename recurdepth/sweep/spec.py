@@ -174,7 +174,8 @@ def config_hash(cfg: Config) -> str:
 
 
 def tokenizer_id(cfg: Config) -> str:
-    """`byte:<vocab>:<fingerprint>` or `sentencepiece:<vocab>:<sha256 of the model file>`."""
+    """`byte:<vocab>:<fingerprint>`, `sentencepiece:<vocab>:<sha256 of the model file>` or
+    `hf:<vocab>:<fingerprint of tokenizer.json and its config files>` (`hf_fingerprint`)."""
     from recurdepth.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)

@@ -1,7 +1,7 @@
 """An independent float64 re-statement of Huginn's forward (`raven_modeling_minimal.py`, arXiv 2502.05171) from an
-exported huginn_raven state dict: fused Wqkv = [Q; K; V], RoPE on interleaved pairs (complex form), sandwich
-blocks norm_1..norm_4, GatedMLP fc = [gate; up], adapter W [state; embeds], ln_f on s_r and after the coda,
-embeddings scaled by sqrt(n_embd), lm_head tied to wte. Used to check exports without Huginn's own code."""
+exported huginn_raven state dict: fused Wqkv = [Q; K; V], qk_bias (when present) added to q and k before RoPE,
+RoPE on interleaved pairs (complex form), sandwich blocks norm_1..norm_4, GatedMLP fc = [gate; up], adapter
+W [state; embeds], ln_f on s_r and after the coda, embeddings scaled by sqrt(n_embd), lm_head tied to wte. Used to check exports without Huginn's own code."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def block(x, sd, p, c):
     d = h // n
     eps = c["norm_eps"]
     q, k, v = (rms(x, sd[p + "norm_1.weight"], eps) @ sd[p + "attn.Wqkv.weight"].T).split([h, h, h], -1)
-    q, k = (rope_interleaved(t.view(b, s, n, d), c["rope_base"]).transpose(1, 2) for t in (q, k))
+    q, k = q.view(b, s, n, d), k.view(b, s, n, d)
+    if p + "attn.qk_bias" in sd:  # Huginn's qk_bias [2, 1, n, d]: added to q and k before RoPE
+        q, k = q + sd[p + "attn.qk_bias"][0], k + sd[p + "attn.qk_bias"][1]
+    q, k = (rope_interleaved(t, c["rope_base"]).transpose(1, 2) for t in (q, k))
     v = v.view(b, s, n, d).transpose(1, 2)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
