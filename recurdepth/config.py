@@ -116,6 +116,9 @@ class DataConfig:
     pads each sample to the sequence length so no window cuts one in two), with an optional `weight` (default 1)."""
 
     sources: list = field(default_factory=lambda: [{"builtin": "stdlib-docs"}])
+    # a data schedule: [{from_step: N, sources: [...]}, ...]; from optimizer step N on, training reads that
+    # blend instead (a retrofit's corpus phase, then corpus + procedural mix); validation stays on `sources`
+    phases: list = field(default_factory=list)
     tokenizer: Literal["byte", "sentencepiece", "hf"] = "byte"
     tokenizer_model: Optional[str] = None  # sentencepiece: the .model file; hf: the tokenizer.json or its folder
     builtin_max_mb: float = 4.0  # how much stdlib text to harvest for the builtin corpus
@@ -351,37 +354,54 @@ class Config:
 
     def _validate_sources(self) -> None:
         d = self.data
-        _require(len(d.sources) > 0, "data.sources", d.sources, "list at least one source")
-        for i, src in enumerate(d.sources):
-            key = f"data.sources[{i}]"
-            if not isinstance(src, dict):
-                raise ConfigError(f"{key}={src!r} must be a mapping such as {{path: data/corpus, weight: 1.0}}")
-            unknown = set(src) - SOURCE_KEYS
-            if unknown:
-                bad = sorted(unknown)[0]
-                raise ConfigError(f"unknown key {key}.{bad}{_suggest(bad, SOURCE_KEYS, prefix=key + '.')}")
-            kinds = [k for k in ("builtin", "path", "procedural") if k in src]
-            _require(len(kinds) == 1, key, src, "give exactly one of builtin, path or procedural")
-            if "builtin" in src:
-                _require(src["builtin"] == "stdlib-docs", f"{key}.builtin", src["builtin"], "the builtin corpus is stdlib-docs")
-            weight = src.get("weight", 1.0)
-            ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
-            _require(ok and weight >= 0, f"{key}.weight", weight, "use a number >= 0")
-            if "procedural" in src:
-                n = src.get("n", 10000)
-                _require(isinstance(n, int) and n >= 1, f"{key}.n", n, "use a positive number of samples")
-            if "pad" in src:
-                _require("procedural" in src, f"{key}.pad", src["pad"], "pad applies to procedural sources only")
-                _require(isinstance(src["pad"], bool), f"{key}.pad", src["pad"], "use true or false")
-        total = sum(float(s.get("weight", 1.0)) for s in d.sources)
-        _require(total > 0, "data.sources", [s.get("weight", 1.0) for s in d.sources],
-                 "blend weights sum to zero; give at least one source a positive weight")
+        _check_sources(d.sources, "data.sources")
+        last = 0
+        for i, phase in enumerate(d.phases):
+            key = f"data.phases[{i}]"
+            if not isinstance(phase, dict) or set(phase) != {"from_step", "sources"}:
+                raise ConfigError(f"{key}={phase!r} must be a mapping with exactly from_step and sources, e.g. "
+                                  f"{{from_step: 500, sources: [{{builtin: stdlib-docs}}, {{procedural: addition}}]}}")
+            start = phase["from_step"]
+            _require(isinstance(start, int) and not isinstance(start, bool) and last < start < self.train.steps,
+                     f"{key}.from_step", start, f"use a step after the previous phase's ({last}) and before "
+                                                f"train.steps={self.train.steps}")
+            _check_sources(phase["sources"], f"{key}.sources")
+            last = start
         if d.tokenizer == "sentencepiece":
             _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
                      "tokenizer=sentencepiece needs the .model file written by `recurdepth data tokenizer`")
         if d.tokenizer == "hf":
             _require(bool(d.tokenizer_model), "data.tokenizer_model", d.tokenizer_model,
                      "tokenizer=hf needs a Hugging Face tokenizer.json or the folder holding it")
+
+
+def _check_sources(sources, name: str) -> None:
+    """A blend of data sources (data.sources, or a phase's): each a mapping with exactly one kind."""
+    _require(isinstance(sources, list) and len(sources) > 0, name, sources, "list at least one source")
+    for i, src in enumerate(sources):
+        key = f"{name}[{i}]"
+        if not isinstance(src, dict):
+            raise ConfigError(f"{key}={src!r} must be a mapping such as {{path: data/corpus, weight: 1.0}}")
+        unknown = set(src) - SOURCE_KEYS
+        if unknown:
+            bad = sorted(unknown)[0]
+            raise ConfigError(f"unknown key {key}.{bad}{_suggest(bad, SOURCE_KEYS, prefix=key + '.')}")
+        kinds = [k for k in ("builtin", "path", "procedural") if k in src]
+        _require(len(kinds) == 1, key, src, "give exactly one of builtin, path or procedural")
+        if "builtin" in src:
+            _require(src["builtin"] == "stdlib-docs", f"{key}.builtin", src["builtin"], "the builtin corpus is stdlib-docs")
+        weight = src.get("weight", 1.0)
+        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+        _require(ok and weight >= 0, f"{key}.weight", weight, "use a number >= 0")
+        if "procedural" in src:
+            n = src.get("n", 10000)
+            _require(isinstance(n, int) and n >= 1, f"{key}.n", n, "use a positive number of samples")
+        if "pad" in src:
+            _require("procedural" in src, f"{key}.pad", src["pad"], "pad applies to procedural sources only")
+            _require(isinstance(src["pad"], bool), f"{key}.pad", src["pad"], "use true or false")
+    total = sum(float(s.get("weight", 1.0)) for s in sources)
+    _require(total > 0, name, [s.get("weight", 1.0) for s in sources],
+             "blend weights sum to zero; give at least one source a positive weight")
 
 
 def stop_signal(name) -> "signal.Signals":

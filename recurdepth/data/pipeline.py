@@ -7,6 +7,7 @@ ranks, so resuming from `consumed_samples` replays exactly the uninterrupted seq
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -93,6 +94,60 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, is_rank_
     train = objective.transform_dataset(cfg, tokenizer, train, "train")
     valid = objective.transform_dataset(cfg, tokenizer, valid, "valid")
     return Datasets(tokenizer=tokenizer, train=train, valid=valid)
+
+
+# ------------------------------------------------------------------------------------------ data phases
+
+@dataclass
+class Phase:
+    """One phase of the data schedule: from optimizer step `from_step` on, sample `consumed - first_sample` of
+    `train` is the run's next sample (each phase reads its blend from its own start)."""
+
+    from_step: int
+    first_sample: int
+    train: object
+    sources: list
+
+
+@dataclass
+class DataPhases:
+    phases: list
+
+    def at(self, step: int) -> Phase:
+        """The phase of the step taken after `step` steps (0-based: the first step is step 0)."""
+        current = self.phases[0]
+        for phase in self.phases[1:]:
+            if step >= phase.from_step:
+                current = phase
+        return current
+
+
+def describe_sources(sources: list) -> str:
+    """`stdlib-docs + procedural:arithmetic x0.5`: a blend in a few words, for the progress output."""
+    parts = []
+    for src in sources:
+        kind = next(k for k in ("builtin", "path", "procedural") if k in src)
+        name = src[kind] if kind != "procedural" else f"procedural:{src[kind]}"
+        weight = float(src.get("weight", 1.0))
+        parts.append(name if weight == 1.0 else f"{name} x{weight:g}")
+    return " + ".join(parts)
+
+
+def data_phases(cfg, first: Datasets, is_rank_zero: bool) -> DataPhases:
+    """`data.sources` from step 0, then each of `data.phases` from its `from_step`: every phase's training set
+    built now (a bad source fails the run before its first step, not hours in). A phase starts reading its
+    blend at its first sample whatever came before, so the schedule is a function of the step alone: a resumed
+    run reads what the uninterrupted one read."""
+    t = cfg.train
+    phases = [Phase(0, 0, first.train, list(cfg.data.sources))]
+    bounds = [p["from_step"] for p in cfg.data.phases] + [t.steps]
+    for spec, end in zip(cfg.data.phases, bounds[1:]):
+        phase_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=spec["sources"]))
+        built = build_datasets(phase_cfg, (end - spec["from_step"]) * t.global_batch_size, 0, is_rank_zero,
+                               need_valid=False)
+        phases.append(Phase(spec["from_step"], spec["from_step"] * t.global_batch_size, built.train,
+                            list(spec["sources"])))
+    return DataPhases(phases)
 
 
 # ------------------------------------------------------------------------------------------ split planning

@@ -18,7 +18,7 @@ from recurdepth.atomic import fsync_dir, write_atomically
 from recurdepth.errors import ConfigError
 from recurdepth.model.names import local_name, to_local
 
-FORMATS = ("hf-huginn",)  # export
+FORMATS = ("hf-huginn", "hf-llama")  # export: looped models as Huginn, model.kind=dense as Llama
 IMPORT_FORMATS = ("hf-huginn", "hf-llama")
 _DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names; torch is imported when a command runs
 
@@ -61,15 +61,23 @@ def export_checkpoint(checkpoint: str, out_dir: str, fmt: str = "hf-huginn", dty
     non-empty directory without `overwrite`; and when a checkpoint file fails its checksum, unless not `verify`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
-    from recurdepth.export.hf_huginn import check_export_target, check_exportable, export_huginn
+    from recurdepth.export.hf_huginn import ExportError, check_export_target, check_exportable, export_huginn
+    from recurdepth.export.hf_llama import export_llama, llama_incompatibilities
     from recurdepth.infer.loading import checkpoint_config, load_model, resolve_checkpoint
 
     check_export_target(Path(out_dir), overwrite)
-    check_exportable(checkpoint_config(resolve_checkpoint(checkpoint)))  # refuse before building anything
+    cfg = checkpoint_config(resolve_checkpoint(checkpoint))
+    if fmt == "hf-llama":  # refuse before building anything
+        bad = llama_incompatibilities(cfg)
+        if bad:
+            raise ExportError(f"the Llama format cannot represent {'; '.join(bad)}")
+    else:
+        check_exportable(cfg)
     loaded = load_model(checkpoint, tokenizer=tokenizer, verify=verify)
     import torch
 
-    return export_huginn(loaded, Path(out_dir), getattr(torch, dtype), overwrite=overwrite)
+    write = export_llama if fmt == "hf-llama" else export_huginn
+    return write(loaded, Path(out_dir), getattr(torch, dtype), overwrite=overwrite)
 
 
 def check_import_target(out: Path) -> None:
@@ -89,7 +97,7 @@ def check_import_target(out: Path) -> None:
             newest = f"newest {steps[-1]}" if steps else "a `latest` pointer"
             where = out if folder == out else f"{out} is a run directory: {folder}"
             raise ExportError(f"{where} already holds checkpoints ({newest}); import into an empty or new folder")
-    for name in (TOKENIZER, HF_TOKENIZER_DIR):
+    for name in (TOKENIZER, HF_TOKENIZER_DIR, IMPORTED_CONFIG):
         if (out / name).exists():
             raise ExportError(f"{out} already holds a {name}; import into an empty or new folder")
 
@@ -97,6 +105,7 @@ def check_import_target(out: Path) -> None:
 TOKENIZER = "tokenizer.model"  # hf_huginn.TOKENIZER (that module imports torch; this one does not)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HF_TOKENIZER_DIR = "tokenizer"  # where an import puts a Hugging Face tokenizer's files, inside OUT
+IMPORTED_CONFIG = "imported-config.yaml"  # the imported model's whole config, inside OUT
 
 
 @dataclass
@@ -115,6 +124,8 @@ def find_tokenizer(hf_dir: Path, override: Optional[str] = None) -> tuple[Option
     """(kind, path) of the tokenizer that goes with `hf_dir`'s weights: `override` (a tokenizer.json, its folder
     or a sentencepiece .model) else the directory's tokenizer.json (Hugging Face `tokenizers`), else its
     tokenizer.model (sentencepiece); (None, None) when it has neither."""
+    if override == "byte":
+        return "byte", None
     if override:
         path = Path(override)
         if path.is_dir() or path.suffix == ".json":
@@ -156,8 +167,8 @@ def _prepare_huginn(hf_dir: Path, out: Path, tokenizer: Optional[str]) -> Prepar
     tok = build_tokenizer(kind, tok_path) if kind else None
     rows = hf_state["transformer.wte.weight"].shape[0]
     # the config names the tokenizer where it will be (inside OUT); it is read from where it is now
-    where = None if kind is None else out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
-    cfg = recurdepth_config_from_huginn(config, where, rows, kind, tok.vocab_size if tok else None)
+    where = None if kind in (None, "byte") else out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
+    cfg = recurdepth_config_from_huginn(config, where, rows, kind or "sentencepiece", tok.vocab_size if tok else None)
     if tok is None:
         tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
     from recurdepth.export.hf_llama import extend_rows
@@ -189,8 +200,10 @@ def _prepare_llama(hf_dir: Path, out: Path, tokenizer: Optional[str], split_args
     tok = build_tokenizer(kind, tok_path)
     rows = model_rows(hf_state, tok.vocab_size)
     raw = raw_config(config, rows, seq_length, split)
-    where = out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
-    raw["data"] = {"tokenizer": kind, "tokenizer_model": str(where.resolve())}
+    raw["data"] = {"tokenizer": kind}
+    if kind != "byte":
+        where = out / (TOKENIZER if kind == "sentencepiece" else HF_TOKENIZER_DIR)
+        raw["data"]["tokenizer_model"] = str(where.resolve())
     try:
         cfg = config_from_dict(raw)
     except ConfigError as exc:
@@ -249,6 +262,9 @@ def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokeniz
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     write_atomically(tmp / name, Path(src).read_bytes())
                 path = write_checkpoint(cfg, model, tmp, tok.vocab_size)
+                # the model and tokenizer sections to train it with (a run resumes it only with the same model)
+                write_atomically(tmp / IMPORTED_CONFIG, f"# written by recurdepth import ({prepared.summary}); train "
+                                 f"it with this model section (docs/retrofit.md)\n" + cfg.to_yaml())
                 names = [p.name for p in tmp.iterdir() if p.name != "latest"] + ["latest"]  # the pointer last
                 moved = []
                 try:
@@ -283,7 +299,8 @@ def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokeniz
 def _export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out_dir, args.format, args.dtype, args.tokenizer,
                             overwrite=args.overwrite, verify=not args.no_verify)
-    print(f"wrote {out} (huginn_raven: config.json, model.safetensors)", flush=True)
+    what = "transformers Llama" if args.format == "hf-llama" else "huginn_raven"
+    print(f"wrote {out} ({what}: config.json, model.safetensors)", flush=True)
     return 0
 
 
@@ -298,7 +315,9 @@ def add_export_parsers(verbs) -> None:
     e = verbs.add_parser("export", help="export a checkpoint: recurdepth export CKPT --format hf-huginn OUT_DIR")
     e.add_argument("checkpoint", help="a step_* checkpoint directory, its checkpoints folder or the run directory")
     e.add_argument("out_dir")
-    e.add_argument("--format", default="hf-huginn", help="hf-huginn: Huginn-0125's Hugging Face format (default)")
+    e.add_argument("--format", default="hf-huginn", choices=FORMATS,
+                   help="hf-huginn: Huginn-0125's Hugging Face format, for looped models (default); hf-llama: a "
+                        "transformers LlamaForCausalLM (Qwen2 with a q/k/v bias), for model.kind=dense")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the written weights")
     e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte', a sentencepiece .model or a tokenizer.json)")
     e.add_argument("--overwrite", action="store_true",
@@ -316,7 +335,8 @@ def add_export_parsers(verbs) -> None:
                                    "one that holds checkpoints")
     i.add_argument("--format", default="hf-huginn", choices=IMPORT_FORMATS, help="the directory's format")
     i.add_argument("--tokenizer", default=None,
-                   help="the tokenizer instead of HF_DIR's own (a tokenizer.json, its folder or a sentencepiece .model)")
+                   help="the tokenizer instead of HF_DIR's own: a tokenizer.json, its folder, a sentencepiece .model, or "
+                        "byte (recurdepth's byte tokenizer, e.g. for a model it exported from a byte-tokenizer run)")
     i.add_argument("--core", default=None, help="hf-llama: source layers to loop, START:STOP (half-open)")
     i.add_argument("--prelude", default=None, help="hf-llama: source layers before the loop (default: all before --core)")
     i.add_argument("--coda", default=None, help="hf-llama: source layers after the loop (default: all after --core)")

@@ -548,6 +548,8 @@ def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path],
     raw = json.loads(json.dumps(raw))  # a private copy
     if tokenizer_model is not None:
         raw.setdefault("data", {}).update(tokenizer=tokenizer_kind, tokenizer_model=str(tokenizer_model.resolve()))
+    elif tokenizer_kind == "byte":  # --tokenizer byte
+        raw.setdefault("data", {}).update(tokenizer="byte", tokenizer_model=None)
     for section in ("parallel",):
         raw.pop(section, None)  # the imported checkpoint reshards: the layout is chosen when it is loaded
     try:

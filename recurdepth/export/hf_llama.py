@@ -323,3 +323,134 @@ def describe(split: Split, layers: int) -> str:
     return (f"prelude {span(split.prelude)}, core {span(split.core)}, coda {span(split.coda)} of {layers} "
             f"layers{dropped}")
 
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+def llama_incompatibilities(cfg) -> list[str]:
+    """Each option of a model.kind=dense model that a Llama (or, with a q/k/v bias, Qwen2) config cannot hold."""
+    m = cfg.model
+    if m.kind != "dense":
+        return [f"model.kind={m.kind!r} (--format hf-llama writes megatron GPTModels, model.kind=dense; a looped "
+                f"model exports with --format hf-huginn)"]
+    need = []
+    for key, value in (("normalization", "RMSNorm"), ("activation", "swiglu")):
+        if getattr(m, key) != value:
+            need.append(f"model.{key}={getattr(m, key)!r} (Llama: {value!r})")
+    if m.embedding_scale != 1.0:
+        need.append(f"model.embedding_scale={m.embedding_scale:g} (Llama: 1)")
+    if m.num_experts:
+        need.append(f"model.num_experts={m.num_experts} (Llama: a dense MLP)")
+    if m.qkv_bias == "qk":
+        need.append("model.qkv_bias='qk' (Llama/Qwen2: none or qkv)")
+    return need
+
+
+def to_hf_state(state: dict, cfg) -> dict:
+    """A model.kind=dense state dict (`gpt.` + megatron's local-spec names, full tensors) -> transformers'."""
+    m = cfg.model
+    heads, groups = m.num_heads, m.num_query_groups or m.num_heads
+    back = {v: k for k, v in _LAYER.items()}
+    out = {}
+    for name, tensor in state.items():
+        if not torch.is_tensor(tensor) or name.endswith("_extra_state"):
+            continue
+        name = name.removeprefix("gpt.")
+        if name == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = tensor
+        elif name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = tensor
+        elif name == "output_layer.weight":
+            if not m.tie_embeddings:
+                out["lm_head.weight"] = tensor
+        elif name.startswith("decoder.layers."):
+            i, _, param = name.removeprefix("decoder.layers.").partition(".")
+            dst = f"model.layers.{i}."
+            if param in back:
+                out[dst + back[param]] = tensor
+            elif param in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                kind = param.rsplit(".", 1)[1]
+                for proj, part in zip("qkv", qkv_to_hf(tensor, heads, groups)):
+                    out[f"{dst}self_attn.{proj}_proj.{kind}"] = part
+            elif param == "mlp.linear_fc1.weight":
+                gate, up = tensor.chunk(2)
+                out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+            else:
+                raise ExportError(f"parameter {name} has no place in a Llama model")
+        else:
+            raise ExportError(f"parameter {name} has no place in a Llama model")
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def llama_config(cfg, rows: int, layers: int, tok, dtype: str) -> dict:
+    """config.json of the transformers model (LlamaForCausalLM; Qwen2ForCausalLM with a q/k/v bias)."""
+    m = cfg.model
+    qwen = m.qkv_bias == "qkv"
+    rope = {"rope_theta": m.rotary_base}
+    if m.rope_scaling == "linear":
+        rope["rope_scaling"] = {"rope_type": "linear", "factor": m.rope_scaling_factor}
+    elif m.rope_scaling == "llama3":
+        rope["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
+                                "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
+                                "original_max_position_embeddings": m.rope_original_max_positions}
+    from recurdepth.model.layers import default_ffn_hidden_size
+
+    config = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+              "model_type": "qwen2" if qwen else "llama", "hidden_size": m.hidden_size,
+              "intermediate_size": m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation),
+              "num_hidden_layers": layers, "num_attention_heads": m.num_heads,
+              "num_key_value_heads": m.num_query_groups or m.num_heads, "head_dim": m.hidden_size // m.num_heads,
+              "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
+              "tie_word_embeddings": m.tie_embeddings, "vocab_size": rows, "attention_bias": False, "mlp_bias": False,
+              "bos_token_id": None, "eos_token_id": tok.eod, "pad_token_id": tok.pad, "torch_dtype": dtype,
+              "use_cache": True, "recurdepth_config": cfg.to_dict(), **rope}
+    if qwen:
+        config.update(use_sliding_window=False, sliding_window=None)
+        del config["attention_bias"], config["mlp_bias"]
+    return config
+
+
+def export_llama(loaded, out_dir: Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Write a model.kind=dense checkpoint as a transformers directory (config.json, model.safetensors,
+    generation_config.json, the tokenizer's files): staged beside `out_dir`, moved into place at the end."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from recurdepth.atomic import fsync_file, write_atomically
+    from recurdepth.export.hf_huginn import (Staging, _publish, _tokenizer_files, check_export_target, real_path)
+    from recurdepth.model.names import to_local
+
+    out_dir = real_path(Path(out_dir))
+    check_export_target(out_dir, overwrite)
+    cfg = loaded.cfg
+    bad = llama_incompatibilities(cfg)
+    if bad:
+        raise ExportError(f"the Llama format cannot represent {'; '.join(bad)}")
+    tok_files = _tokenizer_files(cfg)
+    state = to_hf_state(to_local(loaded.model.state_dict()), cfg)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    rows = state["model.embed_tokens.weight"].shape[0]
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+    weights_dtype = str(state["model.embed_tokens.weight"].dtype).replace("torch.", "")
+    staging = Staging(out_dir, "export")
+    try:
+        tmp, tok = staging.path, loaded.tokenizer
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fsync_file(tmp / "model.safetensors")
+        write_atomically(tmp / "config.json", json.dumps(llama_config(cfg, rows, layers, tok, weights_dtype),
+                                                         indent=2) + "\n")
+        write_atomically(tmp / "generation_config.json", json.dumps(
+            {"eos_token_id": tok.eod, "pad_token_id": tok.pad}, indent=2) + "\n")
+        for name, src in tok_files.items():
+            write_atomically(tmp / name, Path(src).read_bytes())
+        _publish(tmp, out_dir)
+    except BaseException as exc:
+        staging.discard()
+        if isinstance(exc, OSError):
+            raise ExportError(f"writing the export to {out_dir} failed ({exc.strerror or exc}); removed the partial "
+                              f"export beside it") from None
+        raise
+    staging.discard(parents=False)
+    return out_dir

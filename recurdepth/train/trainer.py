@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from recurdepth.config import Config
-from recurdepth.data.pipeline import build_datasets, micro_batches
+from recurdepth.data.pipeline import build_datasets, data_phases, describe_sources, micro_batches
 from recurdepth.distributed import RankInfo, discover_ranks, init_distributed
 from recurdepth.errors import CheckpointError, RecurdepthError
 from recurdepth.model.build import build_model
@@ -60,6 +60,7 @@ class Trainer:
         # validation always reads the same first `eval_batches` global batches of the validation split
         self.data = build_datasets(cfg, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size,
                                    self.is_logger)
+        self.phases = data_phases(cfg, self.data, self.is_logger)
         model = build_model(cfg, self.data.tokenizer.vocab_size, model_dtype(cfg, self.dtype), self.device)
         self.engine = build_engine(cfg, model, self.dtype, self.device, dp_size=self.dp_size,
                                    local_rank=self.info.local_rank)
@@ -107,10 +108,11 @@ class Trainer:
             shape = (f"(core {core / 1e6:.2f}M) | P{m.prelude_layers}+R{m.core_layers}xr+C{m.coda_layers}, "
                      f"h={m.hidden_size}")
             depth = f"{sampler}, k={r.backprop_depth}"
+        phases = "".join(f", from step {p.from_step}: {describe_sources(p.sources)}" for p in self.phases.phases[1:])
         return (f"recurdepth | world {torch.distributed.get_world_size()} = dp {self.dp_size} x tp "
                 f"{ps.get_tensor_model_parallel_world_size()} x pp {ps.get_pipeline_model_parallel_world_size()} | "
                 f"{self.device.type} {str(self.dtype).replace('torch.', '')} | params {count(model) / 1e6:.2f}M on this rank "
-                f"{shape} | {depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens | "
+                f"{shape} | {depth} | {len(self.data.train):,} train samples of {m.seq_length} tokens{phases} | "
                 f"global batch {cfg.train.global_batch_size} | {self.engine.label()} | run dir {self.run_dir}")
 
     # ------------------------------------------------------------------ resume, start, save
@@ -224,7 +226,8 @@ class Trainer:
         collect = bool(cfg.logging.health_interval) and (self.state.step + 1) % cfg.logging.health_interval == 0
         while self.state.consumed_samples in self.state.skipped_batches:  # batches a rollback ruled out
             self.state.consumed_samples += t.global_batch_size
-        batches = micro_batches(self.data.train, self.state.consumed_samples, t.global_batch_size,
+        phase = self.phases.at(self.state.step)
+        batches = micro_batches(phase.train, self.state.consumed_samples - phase.first_sample, t.global_batch_size,
                                 t.micro_batch_size, self.dp_rank, self.dp_size, self.device)
         self.model.train()
         self.objective.set_step(self.state.step)
@@ -246,7 +249,8 @@ class Trainer:
             health["pipeline_bubble"] = self.schedule.bubble_fraction()  # idle / (p x makespan), logical time
         tokens = t.global_batch_size * cfg.model.seq_length
         k = cfg.recurrence.backprop_depth
-        depths = self.objective.sample_depths(self.data.train, range(first_sample, first_sample + t.global_batch_size))
+        first = first_sample - phase.first_sample  # in the phase's dataset
+        depths = self.objective.sample_depths(phase.train, range(first, first + t.global_batch_size))
         if depths:  # per-sample depth: the largest r on the progress line, FLOPs per sample
             flops = cfg.model.seq_length * sum(self.flops.per_token(d, k) for d in depths)
             window = BackpropWindow.of(max(depths), k)

@@ -185,7 +185,7 @@ def test_import_into_an_empty_folder_moves_a_complete_checkpoint_into_place(made
     (tmp_path / "empty").mkdir()
     path = import_checkpoint(str(made / "hf"), str(tmp_path / "empty"))
     assert path == tmp_path / "empty" / "step_00000000"
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["latest", "step_00000000"]
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["imported-config.yaml", "latest", "step_00000000"]
     assert leftovers(tmp_path) == []
     a = load_model(made / "ckpt").model.state_dict()
     b = load_model(tmp_path / "empty").model.state_dict()
@@ -246,7 +246,8 @@ def test_sentencepiece_import_names_the_tokenizer_where_it_ends_up(made, tmp_pat
     write_checkpoint(cfg, build_model(cfg, 400), tmp_path / "ckpt", 400)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "imported"))
-    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == ["latest", "step_00000000", "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == ["imported-config.yaml", "latest", "step_00000000",
+                                                                        "tokenizer.model"]
     assert leftovers(tmp_path) == []
     saved = checkpoint_config(resolve_checkpoint(tmp_path / "imported"))
     assert Path(saved.data.tokenizer_model) == (tmp_path / "imported" / "tokenizer.model").resolve()

@@ -226,3 +226,60 @@ def test_bad_input_is_one_error_line_and_nothing_written(sources, tmp_path):
         assert result.returncode == 2, (args, result.stderr[-500:])
         assert_one_error(result, needle)
         assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir()), args
+
+
+@pytest.fixture(scope="module")
+def dense_export(megatron_single_process, tmp_path_factory):
+    """A model.kind=dense checkpoint (megatron GPTModel, GQA, perturbed weights) exported as hf-llama."""
+    from recurdepth.config import load_config
+    from recurdepth.export.cli import export_checkpoint, write_checkpoint
+    from recurdepth.model.build import build_model
+
+    root = tmp_path_factory.mktemp("dense")
+    cfg = load_config(None, ["model.kind=dense", "model.num_layers=4", "model.hidden_size=64", "model.num_heads=4",
+                             "model.num_query_groups=2", "model.seq_length=32", "model.rotary_base=20000",
+                             "model.tie_embeddings=false"])
+    model = build_model(cfg, 264)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
+    write_checkpoint(cfg, model, root / "ckpt", 264)
+    return root, export_checkpoint(str(root / "ckpt"), str(root / "hf"), fmt="hf-llama")
+
+
+def test_dense_export_is_a_transformers_llama_with_the_same_logits(dense_export):
+    from recurdepth.infer.loading import load_model
+
+    root, hf = dense_export
+    ids = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = load_model(root / "ckpt").model(ids)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        want = theirs(ids).logits
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
+    assert want.abs().max() > 0.5
+
+
+def test_dense_export_reimports_as_a_looped_model_computing_it(dense_export):
+    """The retrofit path end to end: recurdepth's own dense model -> hf-llama -> looped (core = layers 1:3)."""
+    from recurdepth.infer.loading import load_model
+
+    root, hf = dense_export
+    ckpt = _import(hf, root / "looped", "core=1:3", "tokenizer=byte")
+    ids = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense = load_model(root / "ckpt").model(ids)
+        looped = load_model(ckpt).model(ids, window=BackpropWindow(1, 0))
+    torch.testing.assert_close(looped, dense, rtol=0, atol=1e-5)
+
+
+def test_looped_models_are_refused_by_the_llama_export(megatron_single_process, tmp_path):
+    from recurdepth.config import load_config
+    from recurdepth.export.hf_llama import llama_incompatibilities
+
+    assert "hf-huginn" in llama_incompatibilities(load_config(None, []))[0]
+    bad = llama_incompatibilities(load_config(None, ["model.kind=dense", "model.activation=gelu"]))
+    assert bad == ["model.activation='gelu' (Llama: 'swiglu')"]
