@@ -319,7 +319,8 @@ def add_export_parsers(verbs) -> None:
                    help="hf-huginn: Huginn-0125's Hugging Face format, for looped models (default); hf-llama: a "
                         "transformers LlamaForCausalLM (Qwen2 with a q/k/v bias), for model.kind=dense")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the written weights")
-    e.add_argument("--tokenizer", default=None, help="tokenizer instead of the checkpoint's ('byte', a sentencepiece .model or a tokenizer.json)")
+    e.add_argument("--tokenizer", default=None,
+                   help="tokenizer instead of the checkpoint's ('byte', a sentencepiece .model or a tokenizer.json)")
     e.add_argument("--overwrite", action="store_true",
                    help="export into a non-empty OUT_DIR, replacing the export's files there (other files are kept)")
     e.add_argument("--no-verify", action="store_true",
@@ -335,10 +336,11 @@ def add_export_parsers(verbs) -> None:
                                    "one that holds checkpoints")
     i.add_argument("--format", default="hf-huginn", choices=IMPORT_FORMATS, help="the directory's format")
     i.add_argument("--tokenizer", default=None,
-                   help="the tokenizer instead of HF_DIR's own: a tokenizer.json, its folder, a sentencepiece .model, or "
-                        "byte (recurdepth's byte tokenizer, e.g. for a model it exported from a byte-tokenizer run)")
+                   help="the tokenizer instead of HF_DIR's own: a tokenizer.json, its folder, a sentencepiece .model "
+                        "or byte (recurdepth's byte tokenizer, e.g. for a model it exported from a byte-tokenizer run)")
     i.add_argument("--core", default=None, help="hf-llama: source layers to loop, START:STOP (half-open)")
-    i.add_argument("--prelude", default=None, help="hf-llama: source layers before the loop (default: all before --core)")
+    i.add_argument("--prelude", default=None,
+                   help="hf-llama: source layers before the loop (default: all before --core)")
     i.add_argument("--coda", default=None, help="hf-llama: source layers after the loop (default: all after --core)")
     i.add_argument("--drop", default=None, help="hf-llama: source layers left out, START:STOP[,START:STOP...]")
     i.add_argument("--seq-length", type=int, default=None,

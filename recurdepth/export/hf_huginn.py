@@ -529,7 +529,8 @@ def _weight_files(index: Path) -> list[str]:
 
 
 def recurdepth_config_from_huginn(config: dict, tokenizer_model: Optional[Path], rows: int,
-                                  tokenizer_kind: str = "sentencepiece", tokenizer_vocab: Optional[int] = None) -> Config:
+                                  tokenizer_kind: str = "sentencepiece",
+                                  tokenizer_vocab: Optional[int] = None) -> Config:
     """The recurdepth config of a huginn_raven model: the stored one when recurdepth exported it, else built
     from Huginn's keys (with Huginn's fixed choices; embedding rows for at least `tokenizer_vocab` ids)."""
     if "recurdepth_config" in config:
@@ -572,11 +573,13 @@ def _raw_config_from_huginn(config: dict, rows: int) -> dict:
                      "prelude_layers": int(config["n_layers_in_prelude"]),
                      "core_layers": int(config["n_layers_in_recurrent_block"]),
                      "coda_layers": int(config["n_layers_in_coda"]), "seq_length": int(config["block_size"]),
-                     "vocab_size": rows, "make_vocab_size_divisible_by": divisible, "adapter": "concat", "block_norm": "sandwich",
+                     "vocab_size": rows, "make_vocab_size_divisible_by": divisible, "adapter": "concat",
+                     "block_norm": "sandwich",
                      "normalization": "RMSNorm", "norm_eps": float(config.get("norm_eps", 1e-6)),
                      "activation": "swiglu", "tie_embeddings": bool(config.get("tie_embeddings", True)),
                      "embedding_scale": math.sqrt(h), "norm_before_coda": True,
-                     "rotary_base": float(config.get("rope_base", 50000.0)), "qkv_bias": "qk" if config.get("qk_bias") else "none",
+                     "rotary_base": float(config.get("rope_base", 50000.0)),
+                     "qkv_bias": "qk" if config.get("qk_bias") else "none",
                      "initial_state": "zeros" if config.get("state_init") == "zero" else "trunc_normal"},
            "recurrence": {"mean": float(config.get("mean_recurrence", 32)),
                           "backprop_depth": int(config.get("mean_backprop_depth", 8))}}

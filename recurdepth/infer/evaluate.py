@@ -94,7 +94,9 @@ def task_sets(cfg, specs: Optional[list[str]], n: int, seed: int) -> list[TaskSe
     """Held-out samples per task and difficulty (the test split excludes the training samples)."""
     from recurdepth.data.procedural import generate_split, get_task
 
-    sources = [s for s in cfg.data.sources if "procedural" in s]
+    sources = []  # every procedural source training read: data.sources, then each of data.phases
+    for blend in [cfg.data.sources] + [phase["sources"] for phase in cfg.data.phases]:
+        sources += [s for s in blend if "procedural" in s and s["procedural"] not in {t["procedural"] for t in sources}]
     trained = {s["procedural"]: s for s in sources}
     wanted = []
     if specs:

@@ -611,7 +611,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, model_cfg: Optional
     if verify:
         verify_checkpoint(path, distributed=True)
     loaded = engine.load_state(path, meta)
-    load_scheduler_state(scheduler, loaded["scheduler"])
+    if int(loaded["train_state"]["step"]) == 0:
+        # step 0 (an import): no schedule progress to restore, and the saved hyper-parameters are the importer's
+        # defaults, so the run's own schedule (warmup, peak, decay) starts here, as in a fresh run
+        scheduler.num_steps = 0
+        scheduler.step(increment=0)
+    else:
+        load_scheduler_state(scheduler, loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():
         saved = torch.load(rng_file, weights_only=False)

@@ -1,7 +1,8 @@
 """An independent float64 re-statement of Huginn's forward (`raven_modeling_minimal.py`, arXiv 2502.05171) from an
 exported huginn_raven state dict: fused Wqkv = [Q; K; V], qk_bias (when present) added to q and k before RoPE,
 RoPE on interleaved pairs (complex form), sandwich blocks norm_1..norm_4, GatedMLP fc = [gate; up], adapter
-W [state; embeds], ln_f on s_r and after the coda, embeddings scaled by sqrt(n_embd), lm_head tied to wte. Used to check exports without Huginn's own code."""
+W [state; embeds], ln_f on s_r and after the coda, embeddings scaled by sqrt(n_embd), lm_head tied to wte. Used
+to check exports without Huginn's own code."""
 
 from __future__ import annotations
 

@@ -246,8 +246,8 @@ def test_sentencepiece_import_names_the_tokenizer_where_it_ends_up(made, tmp_pat
     write_checkpoint(cfg, build_model(cfg, 400), tmp_path / "ckpt", 400)
     export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "imported"))
-    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == ["imported-config.yaml", "latest", "step_00000000",
-                                                                        "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == [
+        "imported-config.yaml", "latest", "step_00000000", "tokenizer.model"]
     assert leftovers(tmp_path) == []
     saved = checkpoint_config(resolve_checkpoint(tmp_path / "imported"))
     assert Path(saved.data.tokenizer_model) == (tmp_path / "imported" / "tokenizer.model").resolve()

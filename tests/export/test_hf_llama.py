@@ -283,3 +283,42 @@ def test_looped_models_are_refused_by_the_llama_export(megatron_single_process, 
     assert "hf-huginn" in llama_incompatibilities(load_config(None, []))[0]
     bad = llama_incompatibilities(load_config(None, ["model.kind=dense", "model.activation=gelu"]))
     assert bad == ["model.activation='gelu' (Llama: 'swiglu')"]
+
+
+def test_retrofit_first_step_loss_is_the_dense_models(dense_export, tmp_path, data_cache):
+    """The retrofit recipe's first step (curriculum sampler, truncated backprop, resumed from the import) reports
+    the loss the dense model has on that same batch: the imported looped model computes the dense one."""
+    from recurdepth.config import load_config
+    from recurdepth.data.pipeline import build_datasets, micro_batches
+    from recurdepth.infer.loading import load_model
+    from tests.conftest import read_metrics, run_cli
+
+    root, hf = dense_export
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    _import(hf, ckpt_dir, "core=1:3", "tokenizer=byte")
+    args = ["model.hidden_size=64", "model.ffn_hidden_size=192", "model.num_heads=4", "model.num_query_groups=2",
+            "model.seq_length=32",
+            "model.rotary_base=20000", "model.tie_embeddings=false", "model.prelude_layers=1", "model.core_layers=2",
+            "model.coda_layers=1", "model.vocab_size=384", "model.adapter=concat", "model.block_norm=pre",
+            "model.initial_state=zeros", "recurrence.sampler=curriculum", "recurrence.curriculum_start=3",
+            "recurrence.mean=8", "recurrence.curriculum_steps=4", "recurrence.backprop_depth=2",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=2", "train.eval_interval=0",
+            "data.phases=[]",
+            f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_cache}", "logging.log_interval=1",
+            "logging.peak_tflops=1"]
+    out = run_cli(["train", "configs/retrofit-tiny.yaml", *args])
+    assert "resum" in out.stdout.lower()  # it continued the imported step 0, not a fresh initialisation
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["lr"] == pytest.approx(1e-3 / 30)  # the recipe's warmup (30 steps to 1e-3), not the import's
+    assert first["depth"] > 1  # the loop ran several times, and still computes the dense model
+    cfg = load_config("configs/retrofit-tiny.yaml", args)
+    t = cfg.train
+    data = build_datasets(cfg, t.steps * t.global_batch_size, t.eval_batches * t.global_batch_size)  # the trainer's
+    dense = load_model(root / "ckpt").model
+    total = count = 0.0
+    with torch.no_grad():
+        for mb in micro_batches(data.train, 0, 4, 2, 0, 1):
+            per_token = dense(mb.tokens, labels=mb.labels)
+            total += float((per_token * mb.loss_mask).sum())
+            count += float(mb.loss_mask.sum())
+    assert first["loss"] == pytest.approx(total / count, rel=1e-4)  # the acceptance asks 1%; it is exact

@@ -13,6 +13,10 @@ COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interv
 MOE = ["model.num_experts=4", "model.moe_top_k=2"]
 R1 = ["recurrence.sampler=fixed", "recurrence.depth=1", "recurrence.backprop_depth=1"]
 R4K2 = ["recurrence.sampler=fixed", "recurrence.depth=4", "recurrence.backprop_depth=2"]
+# what an imported model uses (docs/retrofit.md): GQA, Huginn's q/k bias (its value part held at zero, a mask
+# on the gradient that must pick the same rows of every tensor-parallel shard), llama3 RoPE scaling, pre-norm
+IMPORTED = ["model.num_query_groups=2", "model.qkv_bias=qk", "model.rope_scaling=llama3", "model.rope_scaling_factor=4",
+            "model.rope_original_max_positions=16", "model.block_norm=pre", "optimizer.lr=1e-2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,10 @@ def references(tmp_path_factory, data_cache):
     (2, tuple(R4K2), ["parallel.pipeline=2"]),  # the looped schedule: 4 trips around the ring, 2 with grad
     (2, (), ["parallel.pipeline=2"]),  # sampled r (lognormal-Poisson) on every stage
     (4, (), ["parallel.tensor=2", "parallel.pipeline=2"]),
+    (2, tuple(IMPORTED), ["parallel.tensor=2"]),
+    (2, tuple(IMPORTED), ["parallel.pipeline=2"]),
 ], ids=["tp2", "tp2-sp", "dp2xtp2", "ep2-alltoall", "ep2-allgather", "pp2-r1", "pp2-r4k2", "pp2-sampled",
-        "tp2xpp2"])
+        "tp2xpp2", "tp2-imported", "pp2-imported"])
 def test_layout_matches_one_process(references, tmp_path, data_cache, nproc, model, layout):
     run_cli([*COMMON, *model, *layout, f"train.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], nproc=nproc)
     rows = read_metrics(tmp_path)
