@@ -38,7 +38,7 @@ def options_from_args(args: argparse.Namespace) -> DecodeOptions:
                          init=args.init, seed=args.seed)
 
 
-def require_gate(loaded, options: DecodeOptions, depths: tuple = ()) -> None:
+def require_exit_modules(loaded, options: DecodeOptions, depths: tuple = ()) -> None:
     """--exit-gate needs the gate a halting objective trains (`model.exit_gate`), --exit-router the routers of a
     recursion_router run (and depths they were trained for): one line otherwise. A router checkpoint decoded
     without --exit-router runs every token through every iteration: said on stderr."""
@@ -105,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
     require_looped(loaded, "recurdepth generate")
-    require_gate(loaded, options)
+    require_exit_modules(loaded, options)
     tok = loaded.tokenizer
     ids = [tok.eod] + tok.tokenize(args.prompt)  # documents follow an eod in training
     result = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens, options, tok.eod,
@@ -144,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
     args.max_depth = depths[-1]
     options = options_from_args(args)
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, verify=not args.no_verify)
-    require_gate(loaded, options, tuple(depths))
+    require_exit_modules(loaded, options, tuple(depths))
     adaptive = options.exit_kl is not None or options.exit_gate is not None or options.exit_router
     by_size = size_rule(loaded, adaptive) if args.depth_by_size else None
     sets = task_sets(loaded.cfg, args.task, args.n, args.seed)

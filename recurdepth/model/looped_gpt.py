@@ -37,6 +37,12 @@ from recurdepth.model.rope import rope_inv_freq
 _STATE_STREAM = 0x57A7E  # separates the initial-state stream from other per-sample streams
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x [s, b, ...]` at the positions `index [b, K]` -> `[K, b, ...]` (the tokens routed through the core)."""
+    rows = index.t()
+    return x.gather(0, rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
 class LoopedGPTModel(LanguageModule):
     """Embedding -> prelude -> (adapter -> core) x r -> coda -> norm -> head, on megatron-core layers.
 
@@ -205,7 +211,7 @@ class LoopedGPTModel(LanguageModule):
             h = state.shape[-1]
             rows = index.t()  # [K, b]
             spread = rows.unsqueeze(-1).expand(-1, -1, h)
-            x, ex = state.gather(0, spread), e.gather(0, spread)
+            x, ex = gather_rows(state, index), gather_rows(e, index)
             cos, sin = rope_cos_sin(rope, state.dtype)  # [s, 1, 1, d]
             cos, sin = cos[:, 0, 0][rows].unsqueeze(2), sin[:, 0, 0][rows].unsqueeze(2)  # [K, b, 1, d]
             update = self.iteration(it, x, ex, (cos, sin)) - x  # causal over the gathered order

@@ -47,6 +47,7 @@ import torch
 
 from recurdepth.config import require
 from recurdepth.model.depth import max_depth
+from recurdepth.model.looped_gpt import gather_rows
 from recurdepth.objectives.base import Objective, ObjectiveSection, TokenMeans
 from recurdepth.parallel.passes import unwrap
 
@@ -136,12 +137,6 @@ class RecursionRouter(torch.nn.Module):
         dtype = torch.promote_types(state.dtype, torch.float32)
         x = torch.cat([state, e], dim=-1).to(dtype)
         return torch.nn.functional.linear(x, self.weight[rows].to(dtype), self.bias[rows].to(dtype))
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`x [s, b, ...]` at the positions `index [b, K]` -> `[K, b, ...]`."""
-    rows = index.t()
-    return x.gather(0, rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
 class RouterObjective(Objective):

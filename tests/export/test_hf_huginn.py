@@ -28,17 +28,12 @@ def huginn_cfg(*extra):
 @pytest.fixture(scope="module")
 def roundtrip(megatron_single_process, tmp_path_factory):
     """A Huginn-configured model with perturbed weights -> checkpoint -> export -> import."""
-    from recurdepth.export.cli import export_checkpoint, import_checkpoint, write_checkpoint
-    from recurdepth.model.build import build_model
+    from recurdepth.export.cli import export_checkpoint, import_checkpoint
+    from tests.export.perturbed import perturbed_checkpoint
 
     root = tmp_path_factory.mktemp("huginn")
     cfg = huginn_cfg()
-    model = build_model(cfg, 264)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.02))
-    write_checkpoint(cfg, model, root / "ckpt", 264)
+    perturbed_checkpoint(cfg, root / "ckpt", 0.02)
     hf = export_checkpoint(str(root / "ckpt"), str(root / "hf"))
     imported = import_checkpoint(str(hf), str(root / "imported"))
     return root, hf, imported

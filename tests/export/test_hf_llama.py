@@ -232,19 +232,14 @@ def test_bad_input_is_one_error_line_and_nothing_written(sources, tmp_path):
 def dense_export(megatron_single_process, tmp_path_factory):
     """A model.kind=dense checkpoint (megatron GPTModel, GQA, perturbed weights) exported as hf-llama."""
     from recurdepth.config import load_config
-    from recurdepth.export.cli import export_checkpoint, write_checkpoint
-    from recurdepth.model.build import build_model
+    from recurdepth.export.cli import export_checkpoint
+    from tests.export.perturbed import perturbed_checkpoint
 
     root = tmp_path_factory.mktemp("dense")
     cfg = load_config(None, ["model.kind=dense", "model.num_layers=4", "model.hidden_size=64", "model.num_heads=4",
                              "model.num_query_groups=2", "model.seq_length=32", "model.rotary_base=20000",
                              "model.tie_embeddings=false"])
-    model = build_model(cfg, 264)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
-    write_checkpoint(cfg, model, root / "ckpt", 264)
+    perturbed_checkpoint(cfg, root / "ckpt", 0.05)
     return root, export_checkpoint(str(root / "ckpt"), str(root / "hf"), fmt="hf-llama")
 
 
