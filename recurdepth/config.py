@@ -29,6 +29,7 @@ class ModelConfig:
     hidden_size: int = 256
     num_heads: int = 4
     num_query_groups: Optional[int] = None  # grouped-query attention; None = num_heads
+    head_dim: Optional[int] = None  # per-head width; None = hidden_size / num_heads (Qwen3 sets its own)
     ffn_hidden_size: Optional[int] = None  # None = 4h (gelu) or 8h/3 rounded to 64 (swiglu)
     kind: Literal["looped", "dense"] = "looped"  # dense: megatron-core's GPTModel, the baseline `recurdepth compare` needs
     num_layers: Optional[int] = None  # kind=dense only: its layers; None = P + round(mean r) R + C (dense equivalent)
@@ -63,6 +64,7 @@ class ModelConfig:
     # a bias on the attention's input projection: none, qkv (Qwen2) or qk (Huginn: queries and keys only, the
     # value part held at zero through training)
     qkv_bias: Literal["none", "qkv", "qk"] = "none"
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3; megatron's qk_layernorm)
     num_experts: Optional[int] = None  # MoE feed-forward (megatron MoELayer) with this many experts; None = dense
     moe_layers: Literal["core", "all"] = "core"  # which blocks get experts
     moe_top_k: int = 2
@@ -281,8 +283,13 @@ class Config:
         _require(m.core_layers >= 1, "model.core_layers", m.core_layers, "a looped model needs at least 1 core layer")
         for name in ("prelude_layers", "coda_layers"):
             _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "use 0 or more")
-        _require(m.num_heads >= 1 and m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
-                 f"use a divisor of model.hidden_size={m.hidden_size}")
+        if m.head_dim is None:
+            _require(m.num_heads >= 1 and m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+                     f"use a divisor of model.hidden_size={m.hidden_size}, or set model.head_dim")
+        else:
+            _require(m.num_heads >= 1, "model.num_heads", m.num_heads, "use 1 or more heads")
+            _require(m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim,
+                     "use an even width >= 2 (RoPE rotates pairs) or null (= hidden_size / num_heads)")
         if m.num_query_groups is not None:
             _require(m.num_query_groups >= 1 and m.num_heads % m.num_query_groups == 0, "model.num_query_groups",
                      m.num_query_groups, f"use a divisor of model.num_heads={m.num_heads}")

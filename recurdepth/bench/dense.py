@@ -35,7 +35,8 @@ def build_dense_equivalent(trainer, num_layers: int):
     cfg, device, dtype = trainer.cfg, trainer.device, trainer.dtype
     use_te = use_transformer_engine(cfg, device)
     config = dataclasses.replace(transformer_config(cfg, dtype, on_cpu=device.type == "cpu"), num_layers=num_layers)
-    spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(use_te, cfg.model.attention)[0])
+    spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(use_te, cfg.model.attention,
+                                                                                qk_norm=cfg.model.qk_norm)[0])
     model = GPTModel(config, spec, vocab_size=trainer.model.module.vocab_size,
                      max_sequence_length=cfg.model.seq_length, share_embeddings_and_output_weights=cfg.model.tie_embeddings,
                      position_embedding_type="rope", rotary_base=int(cfg.model.rotary_base))

@@ -317,7 +317,8 @@ def add_export_parsers(verbs) -> None:
     e.add_argument("out_dir")
     e.add_argument("--format", default="hf-huginn", choices=FORMATS,
                    help="hf-huginn: Huginn-0125's Hugging Face format, for looped models (default); hf-llama: a "
-                        "transformers LlamaForCausalLM (Qwen2 with a q/k/v bias), for model.kind=dense")
+                        "transformers LlamaForCausalLM (Qwen2 with a q/k/v bias, Qwen3 with q/k norms), for "
+                        "model.kind=dense")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the written weights")
     e.add_argument("--tokenizer", default=None,
                    help="tokenizer instead of the checkpoint's ('byte', a sentencepiece .model or a tokenizer.json)")

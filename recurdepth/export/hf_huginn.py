@@ -89,6 +89,10 @@ def huginn_incompatibilities(cfg: Config) -> list[str]:
         need.append(f"model.num_experts={m.num_experts} (Huginn: a dense MLP)")
     if m.qkv_bias == "qkv":
         need.append("model.qkv_bias='qkv' (Huginn: 'qk' or 'none': it has no value bias)")
+    if m.head_dim not in (None, m.hidden_size // m.num_heads) or m.hidden_size % m.num_heads:
+        need.append(f"model.head_dim={m.head_dim} (Huginn: hidden_size / num_heads)")
+    if m.qk_norm:
+        need.append("model.qk_norm=true (Huginn: no query/key norm)")
     if m.rope_scaling != "none":
         need.append(f"model.rope_scaling={m.rope_scaling!r} (Huginn: unscaled RoPE)")
     return need

@@ -32,7 +32,7 @@ import torch
 
 from recurdepth.export.hf_huginn import ExportError, read_config_json, read_safetensors
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 # architectures whose blocks are not a pre-norm transformer layer: named with the reason they do not map
 UNMAPPED = {
     "olmo2": "OLMo-2 normalises each sublayer's output (post-norm) and its queries and keys over all heads "
@@ -154,13 +154,12 @@ def raw_config(config: dict, rows: int, seq_length: Optional[int], split: Split)
         refuse.append(f"hidden_act={act!r} (recurdepth's gated MLP is SwiGLU: silu)")
     if config.get("mlp_bias"):
         refuse.append("mlp_bias=true (recurdepth's MLP has no biases)")
-    if kind in ("llama", "mistral") and config.get("attention_bias"):
+    if kind in ("llama", "mistral", "qwen3") and config.get("attention_bias"):
         refuse.append("attention_bias=true (it includes a bias on o_proj, which recurdepth's attention output "
                       "projection does not have)")
-    head_dim = config.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != h:
-        refuse.append(f"head_dim={head_dim} (recurdepth's heads are hidden_size / num_attention_heads = "
-                      f"{h // heads if h % heads == 0 else h / heads})")
+    head_dim = int(config.get("head_dim") or 0) or None
+    if head_dim is None and h % heads:
+        refuse.append(f"num_attention_heads={heads} does not divide hidden_size={h} and no head_dim is given")
     if heads % groups:
         refuse.append(f"num_key_value_heads={groups} does not divide num_attention_heads={heads}")
     theta, rope = _rope(config)
@@ -173,6 +172,8 @@ def raw_config(config: dict, rows: int, seq_length: Optional[int], split: Split)
     if refuse:
         raise ExportError(f"this {kind} model cannot be imported exactly: {'; '.join(refuse)}")
     model = {"hidden_size": h, "num_heads": heads, "num_query_groups": groups if groups != heads else None,
+             "head_dim": head_dim if head_dim is not None and head_dim * heads != h else None,
+             "qk_norm": kind == "qwen3",
              "ffn_hidden_size": ffn, "prelude_layers": len(split.prelude), "core_layers": len(split.core),
              "coda_layers": len(split.coda), "seq_length": seq, "vocab_size": rows,
              "make_vocab_size_divisible_by": _row_multiple(rows), "adapter": "concat", "block_norm": "pre",
@@ -212,6 +213,8 @@ def qkv_to_hf(w: torch.Tensor, heads: int, groups: int) -> tuple:
 
 
 _LAYER = {"input_layernorm.weight": "input_layernorm.weight",
+          "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",  # Qwen3 (model.qk_norm)
+          "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
           "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
           "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
           "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
@@ -234,6 +237,9 @@ def from_hf_state(hf: dict, cfg, split: Split, rows: int) -> dict:
         for j, i in enumerate(layers):
             src, dst = f"model.layers.{i}.", f"{stack}.{j}."
             for a, b in _LAYER.items():
+                if "q_layernorm" in b or "k_layernorm" in b:
+                    if not m.qk_norm:
+                        continue
                 out[dst + b] = take(src + a)
             attn = src + "self_attn."
             out[dst + "self_attention.linear_qkv.weight"] = qkv_from_hf(
@@ -386,6 +392,10 @@ def llama_config(cfg, rows: int, layers: int, tok, dtype: str) -> dict:
     """config.json of the transformers model (LlamaForCausalLM; Qwen2ForCausalLM with a q/k/v bias)."""
     m = cfg.model
     qwen = m.qkv_bias == "qkv"
+    if qwen and m.qk_norm:
+        raise ExportError("model.qkv_bias=qkv with model.qk_norm=true is neither Qwen2 (no qk-norm) nor Qwen3 "
+                          "(no bias)")
+    kind = "qwen3" if m.qk_norm else "qwen2" if qwen else "llama"
     rope = {"rope_theta": m.rotary_base}
     if m.rope_scaling == "linear":
         rope["rope_scaling"] = {"rope_type": "linear", "factor": m.rope_scaling_factor}
@@ -395,18 +405,20 @@ def llama_config(cfg, rows: int, layers: int, tok, dtype: str) -> dict:
                                 "original_max_position_embeddings": m.rope_original_max_positions}
     from recurdepth.model.layers import default_ffn_hidden_size
 
-    config = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-              "model_type": "qwen2" if qwen else "llama", "hidden_size": m.hidden_size,
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    config = {"architectures": [arch], "model_type": kind, "hidden_size": m.hidden_size,
               "intermediate_size": m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation),
               "num_hidden_layers": layers, "num_attention_heads": m.num_heads,
-              "num_key_value_heads": m.num_query_groups or m.num_heads, "head_dim": m.hidden_size // m.num_heads,
+              "num_key_value_heads": m.num_query_groups or m.num_heads,
+              "head_dim": m.head_dim or m.hidden_size // m.num_heads,
               "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
               "tie_word_embeddings": m.tie_embeddings, "vocab_size": rows, "attention_bias": False, "mlp_bias": False,
               "bos_token_id": None, "eos_token_id": tok.eod, "pad_token_id": tok.pad, "torch_dtype": dtype,
               "use_cache": True, "recurdepth_config": cfg.to_dict(), **rope}
-    if qwen:
+    if kind != "llama":
         config.update(use_sliding_window=False, sliding_window=None)
-        del config["attention_bias"], config["mlp_bias"]
+        if kind == "qwen2":
+            del config["attention_bias"], config["mlp_bias"]
     return config
 
 

@@ -61,7 +61,8 @@ def build_dense_model(cfg: Config, vocab_size: int, params_dtype: torch.dtype, d
     from recurdepth.model.vocab import model_vocab_size
 
     layers = dense_layers(cfg)
-    spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(use_te, cfg.model.attention)[0])
+    spec = ModuleSpec(module=TransformerLayer, submodules=layer_spec_submodules(use_te, cfg.model.attention,
+                                                                                qk_norm=cfg.model.qk_norm)[0])
     gpt = GPTModel(dataclasses.replace(tconfig, num_layers=layers), spec,
                    vocab_size=model_vocab_size(cfg, vocab_size), max_sequence_length=cfg.model.seq_length,
                    share_embeddings_and_output_weights=cfg.model.tie_embeddings, position_embedding_type="rope",

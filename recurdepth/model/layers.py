@@ -344,7 +344,7 @@ class LocalRowParallelLinear(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def layer_spec_submodules(use_te: bool, attention: str, num_experts: Optional[int] = None
+def layer_spec_submodules(use_te: bool, attention: str, num_experts: Optional[int] = None, qk_norm: bool = False
                           ) -> tuple[TransformerLayerSubmodules, type]:
     """The megatron-core layer spec the looped blocks are made of, and the norm class for sandwich norms:
     TransformerEngine where importable and asked for (its n1/n3 are fused into the following linear), else
@@ -356,9 +356,9 @@ def layer_spec_submodules(use_te: bool, attention: str, num_experts: Optional[in
 
         from megatron.core.extensions.transformer_engine import TENorm
 
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, qk_layernorm=qk_norm)
         return spec.submodules, TENorm
-    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=qk_norm)
     sub: TransformerLayerSubmodules = spec.submodules
     sub.self_attention.module = RotarySelfAttention
     sub.self_attention.submodules.linear_qkv = LocalColumnParallelLinear

@@ -62,8 +62,9 @@ class LoopedGPTModel(LanguageModule):
         self.checkpoint_iterations = recurrence_cfg.checkpoint_iterations
         self.rope_tables = not use_te  # RotarySelfAttention (local spec) takes RoPE as (cos, sin)
         h = config.hidden_size
-        dense, norm = layer_spec_submodules(use_te, model_cfg.attention)
-        moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts)[0] if model_cfg.num_experts else dense
+        dense, norm = layer_spec_submodules(use_te, model_cfg.attention, qk_norm=model_cfg.qk_norm)
+        moe = layer_spec_submodules(use_te, model_cfg.attention, model_cfg.num_experts,
+                                    qk_norm=model_cfg.qk_norm)[0] if model_cfg.num_experts else dense
 
         def stack(indices, first: int, submodules) -> torch.nn.ModuleDict:
             # keyed by the layer's index within its block, so names are the same under every layout

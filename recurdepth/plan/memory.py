@@ -68,7 +68,7 @@ def layer_activation_bytes(cfg: Config, dtype_bytes: int, tp: int, sp: bool, moe
     n_norm = 4 if m.block_norm == "sandwich" else 2
     # each norm keeps its input (+ a per-token statistic): layers.RMSNorm on CPU, torch's fused CUDA and TE norms
     replicated = (n_norm + 2) * h  # norms; QKV and MLP-in inputs
-    attention = 4 * h + 3 * kv  # qkv output, roped q and k, attention output
+    attention = 4 * d["q"] + 3 * kv  # qkv output, roped q and k, attention output (q = h unless model.head_dim)
     if m.attention == "megatron":
         attention += d["a"] * m.seq_length  # softmax probabilities [b, a, s, s]
     if moe:  # top-k copies of each token through an expert MLP, plus router logits/probs (approximate)

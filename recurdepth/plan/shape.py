@@ -72,9 +72,10 @@ def dims(cfg: Config) -> dict:
 
     m = cfg.model
     h = m.hidden_size
-    head_dim = h // m.num_heads
+    head_dim = m.head_dim or h // m.num_heads
     f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
-    return dict(h=h, kv=(m.num_query_groups or m.num_heads) * head_dim, f=f, a=m.num_heads,
+    return dict(h=h, q=m.num_heads * head_dim, kv=(m.num_query_groups or m.num_heads) * head_dim, f=f, a=m.num_heads,
+                qk_norm=2 * head_dim if m.qk_norm else 0,
                 f_moe=m.moe_ffn_hidden_size or f, norm=2 if m.normalization == "LayerNorm" else 1)
 
 
@@ -87,8 +88,8 @@ def layer_params(cfg: Config, tp: int, ep: int, moe: bool) -> tuple[int, int]:
     """(dense, expert) parameters of one transformer block on one rank (TP-sharded; experts E/EP per rank)."""
     m, d = cfg.model, dims(cfg)
     h, kv, f = d["h"], d["kv"], d["f"]
-    norms = (4 if m.block_norm == "sandwich" else 2) * d["norm"] * h
-    attention = h * (h + 2 * kv) // tp + h * h // tp
+    norms = (4 if m.block_norm == "sandwich" else 2) * d["norm"] * h + d["qk_norm"]
+    attention = h * (d["q"] + 2 * kv) // tp + d["q"] * h // tp
     mlp_per = (3 if m.activation == "swiglu" else 2) * h
     if not moe:
         return norms + attention + mlp_per * f // tp, 0

@@ -2,7 +2,8 @@
 
 Per token and forward pass (matmuls only, 2 FLOPs per multiply-add; attention scores counted over the
 full s x s square, megatron's convention):
-    F_layer   = 2h(h + 2 d_kv) + 2h^2 + 4 s h + F_mlp,   F_mlp = (6 h f for swiglu | 4 h f for gelu)
+    F_layer   = 2h(d_q + 2 d_kv) + 2 d_q h + 4 s d_q + F_mlp,   F_mlp = (6 h f for swiglu | 4 h f for gelu)
+    (d_q = heads x head_dim, d_kv = groups x head_dim; d_q = h unless model.head_dim says otherwise)
     with experts (model.num_experts = E, top-k routing, dropless): F_mlp = k_top (6|4) h f_moe + 2 h E (router);
     the core's layers have experts, the prelude's and coda's too with model.moe_layers=all
     F_core    = R F_layer + F_adapter          (F_adapter = 4h^2 for concat/gate, 0 for add)
@@ -124,9 +125,10 @@ def layer_flops(cfg: Config, experts: Optional[bool] = None) -> float:
     its MLP is the MoE layer (default: as the core's blocks are built, i.e. when model.num_experts is set)."""
     m = cfg.model
     h, s = m.hidden_size, m.seq_length
-    kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
+    d = m.head_dim or h // m.num_heads
+    q, kv = m.num_heads * d, (m.num_query_groups or m.num_heads) * d  # q = h unless model.head_dim says otherwise
     experts = bool(m.num_experts) if experts is None else experts
-    return 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h + mlp_flops(cfg, experts)
+    return 2 * h * (q + 2 * kv) + 2 * q * h + 4 * s * q + mlp_flops(cfg, experts)
 
 
 def looped_flops(cfg: Config, vocab_size: int) -> LoopedFlops:

@@ -94,7 +94,8 @@ def test_qkv_layout_and_rope_order():
 def test_export_refuses_options_huginn_cannot_represent(megatron_single_process):
     check_exportable(huginn_cfg())
     for option, value in (("block_norm", "pre"), ("adapter", "gate"), ("num_query_groups", 2),
-                          ("embedding_scale", 1.0), ("norm_before_coda", "false")):
+                          ("embedding_scale", 1.0), ("norm_before_coda", "false"), ("qk_norm", "true"),
+                          ("head_dim", 16), ("qkv_bias", "qkv"), ("rope_scaling", "linear")):
         with pytest.raises(ExportError, match=f"model.{option}"):
             check_exportable(huginn_cfg(f"model.{option}={value}"))
 

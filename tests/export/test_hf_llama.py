@@ -35,7 +35,7 @@ def write_tokenizer(folder: Path, words: int = 150) -> None:
 
 def make_source(folder: Path, kind: str, tie: bool = False, seed: int = 0, **extra) -> None:
     """A random `kind` model (llama: GQA 4 heads / 2 groups, llama3 RoPE scaling, untied; qwen2: q/k/v
-    biases, tied) saved with save_pretrained into `folder`, with its tokenizer."""
+    biases, tied; qwen3: q/k norms and head_dim 24) saved with save_pretrained into `folder`, with its tokenizer."""
     torch.manual_seed(seed)
     common = dict(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie)
@@ -44,9 +44,12 @@ def make_source(folder: Path, kind: str, tie: bool = False, seed: int = 0, **ext
             "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}, **extra)
         model = transformers.LlamaForCausalLM(config)
-    else:
+    elif kind == "qwen2":
         config = transformers.Qwen2Config(**common, rope_theta=20000.0, **extra)
         model = transformers.Qwen2ForCausalLM(config)
+    else:  # qwen3: per-head q/k RMSNorm, and heads wider than hidden / heads (4 x 24 = 96 > 64)
+        config = transformers.Qwen3Config(**common, head_dim=24, rope_theta=20000.0, **extra)
+        model = transformers.Qwen3ForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():  # norms away from 1 and biases away from 0, so that each counts
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
@@ -77,7 +80,7 @@ def source_logits(model, ids: torch.Tensor, keep=None) -> torch.Tensor:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     made = {}
-    for kind, tie in (("llama", False), ("qwen2", True)):
+    for kind, tie in (("llama", False), ("qwen2", True), ("qwen3", False)):
         make_source(root / kind, kind, tie=tie)
         made[kind] = root / kind
     return root, made
@@ -90,7 +93,7 @@ def _import(src: Path, out: Path, *args) -> Path:
     return import_checkpoint(str(src), str(out), "hf-llama", **opts)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_import_at_r1_gives_transformers_logits(megatron_single_process, sources, kind):
     """fp32 both sides (transformers computes norms, softmax and RoPE angles in float32 even for float64
     weights, so float64 would not be tighter); logits are O(1), a wrong mapping is off by O(0.1)."""
@@ -317,3 +320,20 @@ def test_retrofit_first_step_loss_is_the_dense_models(dense_export, tmp_path, da
             total += float((per_token * mb.loss_mask).sum())
             count += float(mb.loss_mask.sum())
     assert first["loss"] == pytest.approx(total / count, rel=1e-4)  # the acceptance asks 1%; it is exact
+
+
+def test_dense_export_with_qk_norm_is_a_transformers_qwen3(megatron_single_process, tmp_path):
+    from recurdepth.config import load_config
+    from recurdepth.export.cli import export_checkpoint
+    from recurdepth.infer.loading import load_model
+    from tests.export.perturbed import perturbed_checkpoint
+
+    cfg = load_config(None, ["model.kind=dense", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+                             "model.head_dim=24", "model.qk_norm=true", "model.seq_length=32"])
+    perturbed_checkpoint(cfg, tmp_path / "ckpt", 0.05)
+    hf = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"), fmt="hf-llama")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM"
+    ids = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ckpt").model(ids), theirs(ids).logits, rtol=0, atol=1e-5)

@@ -48,12 +48,12 @@ def fused_norm_linear():
     return FusedNormColumnLinear
 
 
-def te_shaped_spec(use_te, attention, num_experts=None):
+def te_shaped_spec(use_te, attention, num_experts=None, qk_norm=False):
     from megatron.core.transformer.identity_op import IdentityOp
 
     from recurdepth.model.layers import layer_spec_submodules
 
-    sub, norm = layer_spec_submodules(False, attention, num_experts)
+    sub, norm = layer_spec_submodules(False, attention, num_experts, qk_norm=qk_norm)
     sub = copy.deepcopy(sub)
     sub.self_attention.submodules.linear_qkv = fused_norm_linear()
     sub.mlp.submodules.linear_fc1 = fused_norm_linear()

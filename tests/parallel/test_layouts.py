@@ -13,10 +13,12 @@ COMMON = ["train", str(TINY), *SMALL, f"train.steps={STEPS}", "checkpoint.interv
 MOE = ["model.num_experts=4", "model.moe_top_k=2"]
 R1 = ["recurrence.sampler=fixed", "recurrence.depth=1", "recurrence.backprop_depth=1"]
 R4K2 = ["recurrence.sampler=fixed", "recurrence.depth=4", "recurrence.backprop_depth=2"]
-# what an imported model uses (docs/retrofit.md): GQA, Huginn's q/k bias (its value part held at zero, a mask
-# on the gradient that must pick the same rows of every tensor-parallel shard), llama3 RoPE scaling, pre-norm
-IMPORTED = ["model.num_query_groups=2", "model.qkv_bias=qk", "model.rope_scaling=llama3", "model.rope_scaling_factor=4",
-            "model.rope_original_max_positions=16", "model.block_norm=pre", "optimizer.lr=1e-2"]
+# what an imported model uses (docs/retrofit.md): GQA, heads wider than h / heads with q/k norms (Qwen3; megatron
+# sums their gradients over TP ranks), Huginn's q/k bias (its value part held at zero, a mask on the gradient that
+# must pick the same rows of every tensor-parallel shard), llama3 RoPE scaling, pre-norm
+IMPORTED = ["model.num_query_groups=2", "model.head_dim=24", "model.qk_norm=true", "model.qkv_bias=qk",
+            "model.rope_scaling=llama3", "model.rope_scaling_factor=4", "model.rope_original_max_positions=16",
+            "model.block_norm=pre", "optimizer.lr=1e-2"]
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,9 @@ LOOPED = [
      [(1, 1), (3, 1), (2, 3)]),
     ("swiglu gate gqa sdpa", ["model.adapter=gate", "model.num_query_groups=2"], [(3, 2)]),
     ("checkpointed iterations", ["recurrence.checkpoint_iterations=true"], [(3, 2), (2, 4)]),
+    # an imported Qwen3-style block: 4 heads of 32 on h = 64 (d_q = 128 != h), q/k norms, a q/k/v bias
+    ("wide heads qk-norm qkv-bias", ["model.head_dim=32", "model.qk_norm=true", "model.qkv_bias=qkv",
+                                     "model.num_query_groups=2"], [(3, 2)]),
     # MoE (dropless top-k): each token runs k_top experts and the router; the prelude and coda too with moe_layers=all
     ("moe core top-2", ["model.num_experts=4"], [(3, 2)]),
     ("moe all gelu top-3", ["model.num_experts=4", "model.moe_top_k=3", "model.moe_layers=all",
