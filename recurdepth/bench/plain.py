@@ -63,7 +63,8 @@ class PlainLoopedModel(nn.Module):
         unsupported = [f"model.{k}={getattr(m, k)}" for k, ok in (
             ("activation", m.activation == "swiglu"), ("adapter", m.adapter == "concat"),
             ("normalization", m.normalization == "RMSNorm"), ("num_experts", not m.num_experts),
-            ("num_query_groups", m.num_query_groups in (None, m.num_heads))) if not ok]
+            ("num_query_groups", m.num_query_groups in (None, m.num_heads)), ("qkv_bias", m.qkv_bias == "none"),
+            ("qk_norm", not m.qk_norm), ("head_dim", m.head_dim in (None, m.hidden_size // m.num_heads))) if not ok]
         if unsupported:
             raise ValueError(f"the plain-PyTorch baseline does not implement {', '.join(unsupported)}")
         h, ffn = m.hidden_size, m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)

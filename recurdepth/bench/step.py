@@ -182,14 +182,19 @@ def _interleaved_bench(args, flag: str, column: str, variants: dict, steps: int,
 
 
 def _plain_baseline(trainer):
-    """`run(r, k) -> seconds` of one plain-PyTorch step (bench/plain.py) on this run's first global batch."""
+    """`run(r, k) -> seconds` of one plain-PyTorch step (bench/plain.py) on this run's first global batch, or None
+    (with a note) when the config uses an option the baseline does not implement."""
     import time
 
     from recurdepth.bench.plain import PlainStep
     from recurdepth.data.pipeline import micro_batches
 
     t = trainer.cfg.train
-    step = PlainStep(trainer.cfg, trainer.engine.module.vocab_size, trainer.dtype)
+    try:
+        step = PlainStep(trainer.cfg, trainer.engine.module.vocab_size, trainer.dtype)
+    except ValueError as exc:  # an option the baseline does not have: no ratio, said in one line, not a wrong one
+        print(f"note: no plain-PyTorch baseline in this run: {exc}", flush=True)
+        return None
     step.model.to(trainer.device)
     batches = micro_batches(trainer.data.train, 0, t.global_batch_size, t.micro_batch_size, 0, 1, trainer.device)
 

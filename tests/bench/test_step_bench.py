@@ -72,6 +72,16 @@ def test_step_bench_times_the_plain_pytorch_baseline_in_the_same_run(data_cache)
         assert ours > 0 and plain > 0 and speed > 0
 
 
+def test_step_bench_says_when_the_plain_baseline_lacks_an_option(data_cache):
+    """An option bench/plain.py does not implement: no plain ratio (rather than a ratio against another model),
+    one note line naming the option, and the bench itself still runs."""
+    out = run_cli(["bench", "step", BENCH, "model.qk_norm=true", f"data.cache_dir={data_cache}", "--quick"],
+                  timeout=300)
+    assert "note: no plain-PyTorch baseline in this run: the plain-PyTorch baseline does not implement " \
+           "model.qk_norm=True" in out.stdout
+    assert "MFU = model FLOPs" in out.stdout and "plain-PyTorch baseline (bench/plain.py" not in out.stdout
+
+
 def test_step_bench_times_fp32_and_bf16_interleaved_against_their_own_peaks(data_cache):
     out = run_cli(["bench", "step", "--quick", "--precisions", "fp32,bf16", BENCH, f"data.cache_dir={data_cache}"],
                   timeout=300)
