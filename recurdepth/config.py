@@ -72,6 +72,11 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2  # router load-balancing loss weight
     moe_ffn_hidden_size: Optional[int] = None  # None = ffn_hidden_size
 
+    @property
+    def head_width(self) -> int:
+        """The per-head width of queries, keys and values: model.head_dim, else hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
 
 @dataclass
 class RecurrenceConfig:

@@ -64,7 +64,7 @@ class PlainLoopedModel(nn.Module):
             ("activation", m.activation == "swiglu"), ("adapter", m.adapter == "concat"),
             ("normalization", m.normalization == "RMSNorm"), ("num_experts", not m.num_experts),
             ("num_query_groups", m.num_query_groups in (None, m.num_heads)), ("qkv_bias", m.qkv_bias == "none"),
-            ("qk_norm", not m.qk_norm), ("head_dim", m.head_dim in (None, m.hidden_size // m.num_heads))) if not ok]
+            ("qk_norm", not m.qk_norm), ("head_dim", m.head_width * m.num_heads == m.hidden_size)) if not ok]
         if unsupported:
             raise ValueError(f"the plain-PyTorch baseline does not implement {', '.join(unsupported)}")
         h, ffn = m.hidden_size, m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)

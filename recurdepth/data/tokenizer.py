@@ -152,17 +152,15 @@ class HFTokenizer:
     FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
     def __init__(self, path: Union[str, Path]):
-        tok_file = resolve_hf_path(path)
+        paths = hf_tokenizer_files(path)
         files = {}
-        for name in self.FILES:
-            f = tok_file if name == "tokenizer.json" else tok_file.parent / name
-            if f == tok_file or f.is_file():
-                try:
-                    files[name] = f.read_bytes()
-                except OSError as exc:
-                    raise DataError(f"cannot read {str(f)!r} ({exc.strerror or exc}); make it readable or pass "
-                                    f"another tokenizer.json") from None
-        self._setup(files, str(tok_file))
+        for name, f in paths.items():
+            try:
+                files[name] = f.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read {str(f)!r} ({exc.strerror or exc}); make it readable or pass "
+                                f"another tokenizer.json") from None
+        self._setup(files, str(paths["tokenizer.json"]))
 
     def _setup(self, files: dict, name: str) -> None:
         from tokenizers import AddedToken, Tokenizer
@@ -281,6 +279,22 @@ def _named_tokens(files: dict, key: str, name: str) -> list:
     return found
 
 
+def hf_tokenizer_files(path: Union[str, Path]) -> dict[str, Path]:
+    """The files an `HFTokenizer` at `path` reads (name -> file): the tokenizer.json `path` names, then those of
+    its tokenizer_config.json and special_tokens_map.json that are beside it (what an import or export copies)."""
+    main = resolve_hf_path(path)
+    return {"tokenizer.json": main, **{name: main.parent / name for name in HFTokenizer.FILES[1:]
+                                       if (main.parent / name).is_file()}}
+
+
+def tokenizer_kind(spec: Union[str, Path]) -> str:
+    """The tokenizer a command line names: "byte", "hf" (a path ending in .json, or a folder: the folder of a
+    transformers tokenizer) or "sentencepiece" (a `.model` path or its prefix)."""
+    if str(spec) == "byte":
+        return "byte"
+    return "hf" if str(spec).endswith(".json") or Path(spec).is_dir() else "sentencepiece"
+
+
 def resolve_hf_path(path: Union[str, Path]) -> Path:
     """The tokenizer.json `path` names (the file, or a folder holding it); DataError naming the fix if none."""
     p = Path(path)
@@ -349,10 +363,6 @@ def tokenizer_from_spec(spec: Union[str, Path, ByteTokenizer, SentencePieceToken
     prefix), or an already built tokenizer (returned as is)."""
     if not isinstance(spec, (str, Path)):
         return spec
-    if str(spec) == "byte":
-        return ByteTokenizer()
     if str(spec) in ("sentencepiece", "hf"):
         return build_tokenizer(str(spec))  # raises: a model path is needed
-    if str(spec).endswith(".json") or Path(spec).is_dir():
-        return HFTokenizer(spec)
-    return SentencePieceTokenizer(spec)
+    return build_tokenizer(tokenizer_kind(spec), spec)

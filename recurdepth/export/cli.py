@@ -84,7 +84,7 @@ def check_import_target(out: Path) -> None:
     """Refuse an import into a file, under one, or into a folder that already holds checkpoints (its `latest`
     would be repointed at the imported step 0, and the next `train` there would overwrite the run's own steps)
     or a tokenizer.model."""
-    from recurdepth.export.hf_huginn import TOKENIZER, ExportError, check_output_path
+    from recurdepth.export.hf_huginn import ExportError, check_output_path
 
     check_output_path(out, "import")
     if not out.is_dir():
@@ -103,7 +103,6 @@ def check_import_target(out: Path) -> None:
 
 
 TOKENIZER = "tokenizer.model"  # hf_huginn.TOKENIZER (that module imports torch; this one does not)
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HF_TOKENIZER_DIR = "tokenizer"  # where an import puts a Hugging Face tokenizer's files, inside OUT
 IMPORTED_CONFIG = "imported-config.yaml"  # the imported model's whole config, inside OUT
 
@@ -121,16 +120,14 @@ class Prepared:
 
 
 def find_tokenizer(hf_dir: Path, override: Optional[str] = None) -> tuple[Optional[str], Optional[Path]]:
-    """(kind, path) of the tokenizer that goes with `hf_dir`'s weights: `override` (a tokenizer.json, its folder
-    or a sentencepiece .model) else the directory's tokenizer.json (Hugging Face `tokenizers`), else its
+    """(kind, path) of the tokenizer that goes with `hf_dir`'s weights: `override` (byte, a tokenizer.json, its
+    folder or a sentencepiece .model; `tokenizer_kind`) else the directory's tokenizer.json (Hugging Face `tokenizers`), else its
     tokenizer.model (sentencepiece); (None, None) when it has neither."""
-    if override == "byte":
-        return "byte", None
     if override:
-        path = Path(override)
-        if path.is_dir() or path.suffix == ".json":
-            return "hf", path
-        return "sentencepiece", path
+        from recurdepth.data.tokenizer import tokenizer_kind
+
+        kind = tokenizer_kind(override)
+        return kind, None if kind == "byte" else Path(override)
     if (hf_dir / "tokenizer.json").is_file():
         return "hf", hf_dir
     if (hf_dir / TOKENIZER).is_file():
@@ -139,19 +136,13 @@ def find_tokenizer(hf_dir: Path, override: Optional[str] = None) -> tuple[Option
 
 
 def _tokenizer_files(kind: Optional[str], path: Optional[Path]) -> dict:
-    """The files to copy into OUT for the tokenizer (name inside OUT -> source), and the config path of it."""
-    if kind == "sentencepiece":
-        from recurdepth.data.tokenizer import resolve_model_path
+    """The files to copy into OUT for the tokenizer (name inside OUT -> source)."""
+    from recurdepth.data.tokenizer import hf_tokenizer_files, resolve_model_path
 
+    if kind == "sentencepiece":
         return {TOKENIZER: resolve_model_path(path)}
     if kind == "hf":
-        folder = path if path.is_dir() else path.parent
-        main = path if path.is_file() else folder / "tokenizer.json"
-        files = {f"{HF_TOKENIZER_DIR}/tokenizer.json": main}
-        for name in HF_TOKENIZER_FILES[1:]:
-            if (folder / name).is_file():
-                files[f"{HF_TOKENIZER_DIR}/{name}"] = folder / name
-        return files
+        return {f"{HF_TOKENIZER_DIR}/{name}": f for name, f in hf_tokenizer_files(path).items()}
     return {}
 
 
@@ -171,18 +162,9 @@ def _prepare_huginn(hf_dir: Path, out: Path, tokenizer: Optional[str]) -> Prepar
     cfg = recurdepth_config_from_huginn(config, where, rows, kind or "sentencepiece", tok.vocab_size if tok else None)
     if tok is None:
         tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
-    from recurdepth.export.hf_llama import extend_rows
-    from recurdepth.model.vocab import model_vocab_size
-
-    weights = from_huginn_state(hf_state, cfg)
-    wanted = model_vocab_size(cfg, tok.vocab_size)  # more than the file's rows when the tokenizer gained specials
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if name in weights:
-            weights[name] = extend_rows(weights[name], wanted)
-    added = f"; {wanted - rows} embedding rows added for the tokenizer's new special tokens" if wanted > rows else ""
-    return Prepared(cfg, tok, weights, _tokenizer_files(kind, tok_path),
+    return Prepared(cfg, tok, from_huginn_state(hf_state, cfg), _tokenizer_files(kind, tok_path),
                     f"huginn_raven: prelude {cfg.model.prelude_layers}, core {cfg.model.core_layers}, coda "
-                    f"{cfg.model.coda_layers}{added}")
+                    f"{cfg.model.coda_layers}")
 
 
 def _prepare_llama(hf_dir: Path, out: Path, tokenizer: Optional[str], split_args: dict,
@@ -209,10 +191,8 @@ def _prepare_llama(hf_dir: Path, out: Path, tokenizer: Optional[str], split_args
     except ConfigError as exc:
         raise ExportError(f"the {config.get('model_type')} config cannot be expressed as a recurdepth config "
                           f"({exc})") from None
-    added = rows - hf_state["model.embed_tokens.weight"].shape[0]
-    extra = f"; {added} embedding rows added for the tokenizer's new special tokens" if added > 0 else ""
-    return Prepared(cfg, tok, from_hf_state(hf_state, cfg, split, rows), _tokenizer_files(kind, tok_path),
-                    f"{config.get('model_type')}: {describe(split, int(config['num_hidden_layers']))}{extra}")
+    return Prepared(cfg, tok, from_hf_state(hf_state, cfg, split), _tokenizer_files(kind, tok_path),
+                    f"{config.get('model_type')}: {describe(split, int(config['num_hidden_layers']))}")
 
 
 def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokenizer: Optional[str] = None,
@@ -225,8 +205,10 @@ def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokeniz
     Everything is read and checked first, then built in a folder beside `out_dir` and moved into place at the
     end, under the run-directory lock of `out_dir`: a refused or failed import leaves `out_dir` as it was."""
     from recurdepth.export.hf_huginn import ExportError, Staging, check_imported_shapes, real_path
+    from recurdepth.export.hf_llama import extend_rows
     from recurdepth.infer.loading import init_single_process
     from recurdepth.model.build import build_model
+    from recurdepth.model.vocab import model_vocab_size
     from recurdepth.train.lock import run_dir_lock
 
     if fmt not in IMPORT_FORMATS:
@@ -242,6 +224,13 @@ def import_checkpoint(hf_dir: str, out_dir: str, fmt: str = "hf-huginn", tokeniz
     prepared = (_prepare_huginn(hf_dir, out, tokenizer) if fmt == "hf-huginn"
                 else _prepare_llama(hf_dir, out, tokenizer, split_args, seq_length))
     cfg, tok, weights = prepared.cfg, prepared.tokenizer, prepared.weights
+    # the source's embedding (and head) rows, extended when the tokenizer gained special tokens past them
+    rows, source_rows = model_vocab_size(cfg, tok.vocab_size), weights["embedding.word_embeddings.weight"].shape[0]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in weights:
+            weights[name] = extend_rows(weights[name], rows)
+    if rows > source_rows:
+        prepared.summary += f"; {rows - source_rows} embedding rows added for the tokenizer's new special tokens"
     init_single_process(cfg)
     dtype = weights["embedding.word_embeddings.weight"].dtype
     model = build_model(cfg, tok.vocab_size, dtype)

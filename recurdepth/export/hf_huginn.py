@@ -89,7 +89,7 @@ def huginn_incompatibilities(cfg: Config) -> list[str]:
         need.append(f"model.num_experts={m.num_experts} (Huginn: a dense MLP)")
     if m.qkv_bias == "qkv":
         need.append("model.qkv_bias='qkv' (Huginn: 'qk' or 'none': it has no value bias)")
-    if m.head_dim not in (None, m.hidden_size // m.num_heads) or m.hidden_size % m.num_heads:
+    if m.head_width * m.num_heads != m.hidden_size:
         need.append(f"model.head_dim={m.head_dim} (Huginn: hidden_size / num_heads)")
     if m.qk_norm:
         need.append("model.qk_norm=true (Huginn: no query/key norm)")
@@ -445,17 +445,15 @@ def _tokenizer_files(cfg: Config) -> dict:
     kind = cfg.data.tokenizer
     if kind not in ("sentencepiece", "hf"):
         return {}
-    from recurdepth.data.tokenizer import HFTokenizer, resolve_hf_path, resolve_model_path
+    from recurdepth.data.tokenizer import hf_tokenizer_files, resolve_model_path
 
     try:
         if kind == "sentencepiece":
             return {TOKENIZER: resolve_model_path(cfg.data.tokenizer_model)}
-        main = resolve_hf_path(cfg.data.tokenizer_model)
+        return hf_tokenizer_files(cfg.data.tokenizer_model)
     except RecurdepthError:
         raise ExportError(f"the checkpoint's tokenizer {cfg.data.tokenizer_model!r} is missing; it is exported "
                           f"alongside the weights, so restore it (or train with it) first") from None
-    return {"tokenizer.json": main, **{name: main.parent / name for name in HFTokenizer.FILES[1:]
-                                       if (main.parent / name).is_file()}}
 
 
 def read_config_json(in_dir: Path) -> dict:

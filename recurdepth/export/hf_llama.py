@@ -134,14 +134,20 @@ def _rope(config: dict) -> tuple[float, dict]:
                       f"this model cannot be imported without changing its outputs")
 
 
-def raw_config(config: dict, rows: int, seq_length: Optional[int], split: Split) -> dict:
-    """The recurdepth config sections (model, recurrence) of a Llama-family config.json."""
+def check_architecture(config: dict) -> str:
+    """The config's model_type when --format hf-llama imports it; ExportError naming why not otherwise."""
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         why = UNMAPPED.get(kind)
         raise ExportError(f"model_type {kind!r} cannot be imported with --format hf-llama: "
                           + (f"{why}" if why else f"supported are {', '.join(SUPPORTED)} (the Llama family: "
                                                   f"pre-norm RMSNorm blocks, SwiGLU, RoPE)"))
+    return kind
+
+
+def raw_config(config: dict, rows: int, seq_length: Optional[int], split: Split) -> dict:
+    """The recurdepth config sections (model, recurrence) of a Llama-family config.json."""
+    kind = check_architecture(config)
     try:
         h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         groups = int(config.get("num_key_value_heads") or heads)
@@ -220,9 +226,9 @@ _LAYER = {"input_layernorm.weight": "input_layernorm.weight",
           "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
 
 
-def from_hf_state(hf: dict, cfg, split: Split, rows: int) -> dict:
-    """transformers state dict -> recurdepth model state dict (full tensors; adapter `[0 | I]`; embedding and
-    head rows extended to `rows` with the mean of the source's rows)."""
+def from_hf_state(hf: dict, cfg, split: Split) -> dict:
+    """transformers state dict -> recurdepth model state dict (full tensors; adapter `[0 | I]`; the embedding
+    and head with the source's rows: the import extends them, `extend_rows`, when the tokenizer gained some)."""
     m = cfg.model
     heads, groups = m.num_heads, m.num_query_groups or m.num_heads
     out = {}
@@ -250,10 +256,10 @@ def from_hf_state(hf: dict, cfg, split: Split, rows: int) -> dict:
             out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"),
                                                             take(src + "mlp.up_proj.weight")])
     emb = take("model.embed_tokens.weight")
-    out["embedding.word_embeddings.weight"] = extend_rows(emb, rows)
+    out["embedding.word_embeddings.weight"] = emb
     out["final_layernorm.weight"] = take("model.norm.weight")
     if not m.tie_embeddings:
-        out["output_layer.weight"] = extend_rows(take("lm_head.weight"), rows)
+        out["output_layer.weight"] = take("lm_head.weight")
     h = m.hidden_size
     out["adapter.proj.weight"] = torch.cat([torch.zeros(h, h, dtype=emb.dtype), torch.eye(h, dtype=emb.dtype)], 1)
     return out
@@ -292,12 +298,10 @@ def read_llama(hf_dir: Path, core: str, prelude: Optional[str], coda: Optional[s
     config = read_config_json(hf_dir)
     if config.get("model_type") == "huginn_raven":
         raise ExportError(f"{hf_dir} holds a huginn_raven model; import it with --format hf-huginn")
+    kind = check_architecture(config)
     try:
         layers = int(config["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
-        kind = config.get("model_type")
-        if kind not in SUPPORTED:
-            raw_config(config, 0, seq_length, Split((), (0,), (), ()))  # names the unsupported architecture
         raise ExportError(f"config.json has no usable num_hidden_layers; pass a complete {kind} directory") from None
     if core is None:
         raise ExportError("--format hf-llama needs --core START:STOP: the source layers to loop (e.g. --core 4:12 of "
@@ -410,7 +414,7 @@ def llama_config(cfg, rows: int, layers: int, tok, dtype: str) -> dict:
               "intermediate_size": m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation),
               "num_hidden_layers": layers, "num_attention_heads": m.num_heads,
               "num_key_value_heads": m.num_query_groups or m.num_heads,
-              "head_dim": m.head_dim or m.hidden_size // m.num_heads,
+              "head_dim": m.head_width,
               "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
               "tie_word_embeddings": m.tie_embeddings, "vocab_size": rows, "attention_bias": False, "mlp_bias": False,
               "bos_token_id": None, "eos_token_id": tok.eod, "pad_token_id": tok.pad, "torch_dtype": dtype,

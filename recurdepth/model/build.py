@@ -67,7 +67,7 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype = torch.float32, o
         num_attention_heads=m.num_heads,
         num_query_groups=m.num_query_groups,
         ffn_hidden_size=ffn,
-        kv_channels=head_dim(m),
+        kv_channels=m.head_width,
         qk_layernorm=m.qk_norm,
         normalization=m.normalization,
         layernorm_epsilon=m.norm_eps,
@@ -192,17 +192,12 @@ def compile_blocks(model: torch.nn.Module) -> None:
     compile_transformer_blocks(model, (LoopedTransformerLayer,))
 
 
-def head_dim(m) -> int:
-    """The per-head width of `m` (a ModelConfig): model.head_dim, else hidden_size / num_heads."""
-    return m.head_dim or m.hidden_size // m.num_heads
-
-
 def value_bias_mask(rows: int, cfg: Config) -> torch.Tensor:
     """1 on the query and key rows of this rank's fused q/k/v bias, 0 on the value rows. megatron's layout is
     grouped by key/value head, `[g0: q (heads/groups of them) k v | g1: ...]`, each rank holding whole groups."""
     m = cfg.model
     groups = m.num_query_groups or m.num_heads
-    d = head_dim(m)
+    d = m.head_width
     per_group = (m.num_heads // groups + 2) * d
     mask = torch.ones(rows // per_group, per_group)
     mask[:, -d:] = 0.0

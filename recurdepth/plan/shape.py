@@ -72,7 +72,7 @@ def dims(cfg: Config) -> dict:
 
     m = cfg.model
     h = m.hidden_size
-    head_dim = m.head_dim or h // m.num_heads
+    head_dim = m.head_width
     f = m.ffn_hidden_size or default_ffn_hidden_size(h, m.activation)
     return dict(h=h, q=m.num_heads * head_dim, kv=(m.num_query_groups or m.num_heads) * head_dim, f=f, a=m.num_heads,
                 qk_norm=2 * head_dim if m.qk_norm else 0,

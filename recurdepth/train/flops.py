@@ -125,7 +125,7 @@ def layer_flops(cfg: Config, experts: Optional[bool] = None) -> float:
     its MLP is the MoE layer (default: as the core's blocks are built, i.e. when model.num_experts is set)."""
     m = cfg.model
     h, s = m.hidden_size, m.seq_length
-    d = m.head_dim or h // m.num_heads
+    d = m.head_width
     q, kv = m.num_heads * d, (m.num_query_groups or m.num_heads) * d  # q = h unless model.head_dim says otherwise
     experts = bool(m.num_experts) if experts is None else experts
     return 2 * h * (q + 2 * kv) + 2 * q * h + 4 * s * q + mlp_flops(cfg, experts)
